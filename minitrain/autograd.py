@@ -1,0 +1,185 @@
+"""The autograd engine: a small Tensor, Functions that remember what backward needs, and a
+topological backward pass. Read docs/autograd.md for a worked example traced by hand.
+
+A `Tensor` wraps an array (`.data`) and, if it requires grad, receives `.grad` from `backward()`.
+A `Function` is one differentiable op. `Fn.apply(*args)` runs `forward` on the raw arrays and,
+when any input needs a gradient (and grad mode is on), returns a Tensor whose `.ctx` is the
+Function instance: that instance holds the inputs and the arrays it saved, which is the graph.
+
+`loss.backward()` visits the graph in reverse topological order (every consumer of a tensor
+before the tensor itself), so when a tensor is reached its gradient is complete: the sum over all
+its uses. A weight used twice (tied embeddings: lookup and lm_head) therefore gets the sum of
+both contributions. Each Function is released as soon as its backward has run, so activations
+are freed during the pass, and a second backward through the same graph is an error.
+"""
+
+from contextlib import contextmanager
+
+from minitrain import backend
+
+_grad_enabled = True
+
+
+@contextmanager
+def no_grad():
+    """Within this block no graph is recorded (evaluation, optimizer updates, checks)."""
+    global _grad_enabled
+    saved, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = saved
+
+
+class Tensor:
+    __slots__ = ("data", "grad", "requires_grad", "ctx", "name")
+
+    def __init__(self, data, requires_grad=False, name=None, ctx=None):
+        self.data = data  # an xp array
+        self.grad = None  # same shape as data, filled by backward()
+        self.requires_grad = requires_grad
+        self.ctx = ctx  # the Function that produced this tensor; None for a leaf
+        self.name = name
+
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+
+    def __repr__(self):
+        label = f" {self.name}" if self.name else ""
+        return f"Tensor{label}(shape={tuple(self.shape)}, dtype={self.dtype}, requires_grad={self.requires_grad})"
+
+    def zero_grad(self):
+        self.grad = None
+
+    def backward(self, grad=None):
+        """Accumulate d(self)/d(leaf) * grad into every leaf's `.grad`.
+
+        `grad` defaults to 1 for a scalar. Leaf gradients ADD to what `.grad` already holds
+        (this is how gradient accumulation over micro-batches works; call `zero_grad` between
+        optimizer steps).
+        """
+        if grad is None:
+            if self.data.size != 1:
+                raise ValueError(f"backward() without a gradient needs a scalar, got shape {self.shape}")
+            grad = backend.xp.ones_like(self.data)
+        if grad.shape != self.data.shape:
+            raise ValueError(f"backward(): gradient shape {grad.shape} != tensor shape {self.shape}")
+        grads = {id(self): grad}
+        handed_out = set()  # ids of arrays already stored in some leaf's .grad during this pass
+        for t in reversed(_topological_order(self)):
+            g = grads.pop(id(t), None)
+            if g is None:
+                continue
+            fn = t.ctx
+            if fn is None:
+                _accumulate_leaf(t, g, handed_out)
+                continue
+            if fn.inputs is None:
+                raise RuntimeError("backward through a graph that was already released "
+                                   "(each forward can be differentiated once)")
+            input_grads = fn.backward(g)
+            for inp, ig in zip(fn.inputs, input_grads):
+                if ig is None or not (isinstance(inp, Tensor) and inp.requires_grad):
+                    continue
+                if ig.shape != inp.shape:
+                    raise RuntimeError(f"{type(fn).__name__}.backward returned a gradient of shape "
+                                       f"{ig.shape} for an input of shape {inp.shape}")
+                prev = grads.get(id(inp))
+                grads[id(inp)] = ig if prev is None else prev + ig  # out of place: ig may be shared
+            fn.inputs = fn.saved = None  # release the graph and its saved activations
+
+    # Operator sugar for the few ops the models write inline; defined in minitrain.ops.basic.
+    def __add__(self, other):
+        return _basic.add(self, other)
+
+    def __mul__(self, other):
+        return _basic.mul(self, other)
+
+    __radd__ = __add__
+    __rmul__ = __mul__
+
+    def reshape(self, *shape):
+        return _basic.reshape(self, shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape)
+
+    def transpose(self, *axes):
+        return _basic.transpose(self, axes)
+
+    def sum(self, axis=None, keepdims=False):
+        return _basic.sum(self, axis, keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        return _basic.mean(self, axis, keepdims)
+
+
+def _accumulate_leaf(t, g, handed_out):
+    """Add g into t.grad. A stored array must be owned by this leaf alone: an optimizer may
+    later scale it in place, which must not touch another leaf's gradient (Add hands the same
+    array to both inputs; Reshape hands out views)."""
+    if t.grad is None:
+        if g.base is not None or id(g) in handed_out:
+            g = g.copy()
+        handed_out.add(id(g))
+        t.grad = g
+    else:
+        t.grad += g
+
+
+def _topological_order(root):
+    """Tensors that need a gradient, each after all tensors it was computed from (iterative
+    depth-first post-order: deep graphs do not hit Python's recursion limit)."""
+    order, seen = [], set()
+    stack = [(root, False)]
+    while stack:
+        t, children_done = stack.pop()
+        if children_done:
+            order.append(t)
+            continue
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        stack.append((t, True))
+        if t.ctx is not None and t.ctx.inputs is not None:
+            for inp in t.ctx.inputs:
+                if isinstance(inp, Tensor) and inp.requires_grad and id(inp) not in seen:
+                    stack.append((inp, False))
+    return order
+
+
+class Function:
+    """One differentiable op. Subclasses implement, side by side:
+
+    forward(self, *arrays, **options) -> array       (may call self.save(...))
+    backward(self, grad) -> tuple of arrays or None, one per positional input of forward
+
+    `self.needs_grad[i]` is known before forward runs, so forward saves only what the needed
+    gradients use. backward must not modify `grad` in place (it can be shared with other
+    tensors) and returns None for inputs that are not differentiable (token ids) or not
+    needed (`self.needs_grad[i]` is False).
+    """
+
+    inputs = None  # the positional arguments of apply(); None once released
+    saved = ()
+    needs_grad = ()
+
+    def save(self, *arrays):
+        self.saved = arrays
+
+    @classmethod
+    def apply(cls, *args, **options):
+        fn = cls()
+        fn.needs_grad = tuple(_grad_enabled and isinstance(a, Tensor) and a.requires_grad for a in args)
+        out = fn.forward(*(a.data if isinstance(a, Tensor) else a for a in args), **options)
+        if any(fn.needs_grad):
+            fn.inputs = args
+            return Tensor(out, requires_grad=True, ctx=fn)
+        return Tensor(out)  # no graph: fn and what it saved are dropped here
+
+    def forward(self, *args, **options):
+        raise NotImplementedError
+
+    def backward(self, grad):
+        raise NotImplementedError
+
+
+from minitrain.ops import basic as _basic  # noqa: E402  (ops.basic needs Tensor and Function above)

@@ -1,0 +1,71 @@
+"""The one place that chooses the array module and the dtype policy.
+
+Model and op code never import numpy or cupy for array work: they use ``backend.xp``.
+`use("cpu")` (the default) makes ``xp`` NumPy; `use("cuda")` makes it CuPy, imported only then,
+so everything imports and runs with CuPy absent.
+
+Dtype policy: parameters and activations are created in ``backend.dtype`` -- float32 for
+training, float64 for gradient checks (`precision("fp64")`). Ops keep the dtype of their inputs
+and accumulate statistics (RMSNorm mean square, softmax sums) in at least float32: see
+`acc_dtype`.
+"""
+
+from contextlib import contextmanager
+
+import numpy
+
+xp = numpy
+dtype = numpy.dtype(numpy.float32)
+
+DTYPES = {"fp32": numpy.dtype(numpy.float32), "fp64": numpy.dtype(numpy.float64)}
+
+
+def use(device: str) -> None:
+    """Choose the array module once, before any array is made: 'cpu' or 'cuda'."""
+    global xp
+    if device == "cpu":
+        xp = numpy
+    elif device == "cuda":
+        try:
+            import cupy
+        except ImportError as e:
+            raise RuntimeError("--device cuda needs CuPy: pip install 'minitrain[gpu]'") from e
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            raise RuntimeError("--device cuda: CuPy is installed but sees no CUDA device")
+        xp = cupy
+    else:
+        raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda'")
+
+
+def set_dtype(name: str) -> None:
+    """Set the dtype new parameters and inputs are created in: 'fp32' or 'fp64'."""
+    global dtype
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: expected one of {sorted(DTYPES)}")
+    dtype = DTYPES[name]
+
+
+@contextmanager
+def precision(name: str):
+    """Temporarily create arrays in another dtype (gradient checks run in 'fp64')."""
+    saved = dtype
+    set_dtype(name)
+    try:
+        yield
+    finally:
+        globals()["dtype"] = saved
+
+
+def acc_dtype(dt) -> "numpy.dtype":
+    """Accumulation dtype for reductions over an array of dtype `dt`: at least float32."""
+    return numpy.dtype(numpy.float64) if numpy.dtype(dt) == numpy.float64 else numpy.dtype(numpy.float32)
+
+
+def asarray(a, dt=None):
+    """`a` as an array of the chosen module, in `dt` (default: the policy dtype)."""
+    return xp.asarray(a, dtype=dtype if dt is None else dt)
+
+
+def to_numpy(a):
+    """A host (NumPy) copy of an array of either module."""
+    return a.get() if hasattr(a, "get") and xp is not numpy else numpy.asarray(a)

@@ -1,0 +1,237 @@
+"""Float64 central-difference checks of every op's backward (the Chainer `check_backward` standard).
+
+For a case y = f(x_1, ..., x_k) pick a random output gradient gy and let L(x) = sum(y * gy).
+Backward gives the analytic grad_i = dL/dx_i. Two numerical checks compare it with L itself:
+
+1. Random direction: for random d_i,
+       (L(x + eps d) - L(x - eps d)) / (2 eps)   ~=   sum_i <grad_i, d_i>
+2. Element by element (small shapes): every element's own central difference ~= grad_i[element].
+
+Both pass when |analytic - numeric| <= ATOL + RTOL * |numeric| everywhere. The reported relative
+error is max|analytic - numeric| / max(max|numeric|, ATOL): relative to the gradient's scale, and
+not blown up where a gradient is exactly zero (e.g. dq of attention at T = 1). Inputs are fed as
+non-contiguous views (every stride doubled) to catch code that assumes a memory layout, and the
+check fails if a backward modifies its inputs.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy
+
+from minitrain import backend, ops
+from minitrain.autograd import Tensor, no_grad
+from minitrain.ops.activations import SiLU, SwiGLU
+from minitrain.ops.attention import Attention
+from minitrain.ops.basic import Add, Mean, Mul, Reshape, Sum, Transpose
+from minitrain.ops.cross_entropy import CrossEntropy
+from minitrain.ops.embedding import Embedding
+from minitrain.ops.linear import Linear
+from minitrain.ops.rmsnorm import RMSNorm
+from minitrain.ops.rope import RoPE
+
+EPS, ATOL, RTOL = 1e-3, 1e-5, 1e-4
+ELEMENTWISE_MAX = 2000  # differentiable elements up to which the element-by-element check runs
+
+
+@dataclass
+class Case:
+    op: str
+    fn: Callable  # fn(*inputs) -> Tensor; float inputs arrive as Tensors, integer arrays as they are
+    make_inputs: Callable  # rng -> dict name -> array; float arrays are differentiated
+    functions: tuple  # the Function classes the case exercises
+    note: str = ""
+
+    def inputs(self, seed):
+        with backend.precision("fp64"):
+            return self.make_inputs(numpy.random.default_rng(seed))
+
+
+@dataclass
+class Result:
+    case: Case
+    shapes: str
+    max_abs: float
+    max_rel: float
+    passed: bool
+    failure: str = ""
+
+
+def noncontiguous(a):
+    """The same values as a view with every stride doubled (never C-contiguous for ndim >= 1)."""
+    if a.ndim == 0:
+        return a
+    buf = backend.xp.zeros(a.shape + (2,), dtype=a.dtype)
+    buf[..., 0] = a
+    return buf[..., 0]
+
+
+def check(case, seed=0, elementwise=True):
+    """Run both checks of one case; returns a Result with the worst errors seen."""
+    xp = backend.xp
+    rng = numpy.random.default_rng(seed + 1000)
+    named = case.inputs(seed)
+    names = list(named)
+    arrays = [xp.asarray(a) for a in named.values()]
+    shapes = " ".join(f"{n}{tuple(a.shape)}" for n, a in zip(names, arrays))
+    diff = [i for i, a in enumerate(arrays) if a.dtype.kind == "f"]
+
+    def run(arrs, grad):
+        args = [Tensor(noncontiguous(a), requires_grad=grad) if i in diff else noncontiguous(a)
+                for i, a in enumerate(arrs)]
+        return args, case.fn(*args)
+
+    args, y = run(arrays, grad=True)
+    gy = xp.asarray(rng.standard_normal(y.shape))
+    raw = [a.data if isinstance(a, Tensor) else a for a in args]
+    before = [a.copy() for a in raw]
+    y.backward(gy)
+    analytic = [args[i].grad if args[i].grad is not None else xp.zeros(arrays[i].shape) for i in diff]
+    for n, b, a in zip(names, before, raw):
+        if not bool(xp.array_equal(b, a)):
+            return Result(case, shapes, float("inf"), float("inf"), False, f"backward modified input {n}")
+
+    def loss(arrs):
+        with no_grad():
+            return float((run(arrs, grad=False)[1].data * gy).sum())
+
+    # 1. random direction
+    dirs = [xp.asarray(rng.standard_normal(arrays[i].shape)) for i in diff]
+
+    def shifted(sign):
+        out = list(arrays)
+        for i, d in zip(diff, dirs):
+            out[i] = arrays[i] + sign * EPS * d
+        return out
+
+    numeric = (loss(shifted(1)) - loss(shifted(-1))) / (2 * EPS)
+    exact = float(sum(float((a * d).sum()) for a, d in zip(analytic, dirs)))
+    max_abs = abs(exact - numeric)
+    max_rel = max_abs / max(abs(numeric), ATOL)
+    if max_abs > ATOL + RTOL * abs(numeric):
+        return Result(case, shapes, max_abs, max_rel, False,
+                      f"random direction: analytic {exact:.9g} vs numeric {numeric:.9g}")
+
+    # 2. element by element
+    if elementwise and sum(arrays[i].size for i in diff) <= ELEMENTWISE_MAX:
+        for i, a in zip(diff, analytic):
+            x = arrays[i] = arrays[i].copy()
+            num = xp.zeros(x.shape)
+            for idx in numpy.ndindex(*x.shape):
+                orig = float(x[idx])
+                x[idx] = orig + EPS
+                up = loss(arrays)
+                x[idx] = orig - EPS
+                down = loss(arrays)
+                x[idx] = orig
+                num[idx] = (up - down) / (2 * EPS)
+            err = xp.abs(a - num)
+            max_abs = max(max_abs, float(err.max()))
+            max_rel = max(max_rel, float(err.max()) / max(float(xp.abs(num).max()), ATOL))
+            bad = err > ATOL + RTOL * xp.abs(num)
+            if bool(bad.any()):
+                where = tuple(int(j) for j in numpy.argwhere(backend.to_numpy(bad))[0])
+                return Result(case, shapes, max_abs, max_rel, False,
+                              f"d/d{names[i]}{list(where)}: analytic {float(a[where]):.9g} vs numeric {float(num[where]):.9g}")
+    return Result(case, shapes, max_abs, max_rel, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cases: every op, with the edge cases that break real implementations.
+
+
+def _normal(rng, *shape, scale=1.0):
+    return rng.standard_normal(shape) * scale
+
+
+def _ints(rng, high, *shape):
+    return rng.integers(0, high, size=shape)
+
+
+def cases():
+    """Every op's gradient-check cases (used by the tests and by `minitrain gradcheck`)."""
+    C = Case
+    return [
+        # glue ops, with broadcasting both ways
+        C("add", ops.add, lambda r: {"a": _normal(r, 2, 3, 4), "b": _normal(r, 4)}, (Add,)),
+        C("add", ops.add, lambda r: {"a": _normal(r, 2, 1, 4), "b": _normal(r, 3, 1)}, (Add,)),
+        C("mul", ops.mul, lambda r: {"a": _normal(r, 2, 3, 4), "b": _normal(r, 3, 1)}, (Mul,)),
+        C("mul", lambda a: ops.mul(a, 0.37), lambda r: {"a": _normal(r, 3, 5)}, (Mul,), "times a constant"),
+        C("sum", lambda x: ops.sum(x, axis=1), lambda r: {"x": _normal(r, 2, 3, 4)}, (Sum,), "axis=1"),
+        C("sum", lambda x: ops.sum(x, axis=(0, 2), keepdims=True), lambda r: {"x": _normal(r, 2, 3, 4)}, (Sum,),
+          "axis=(0,2) keepdims"),
+        C("sum", ops.sum, lambda r: {"x": _normal(r, 3, 4)}, (Sum,), "all"),
+        C("mean", lambda x: ops.mean(x, axis=-1), lambda r: {"x": _normal(r, 2, 3, 4)}, (Mean,), "axis=-1"),
+        C("mean", ops.mean, lambda r: {"x": _normal(r, 2, 5)}, (Mean,), "all"),
+        C("reshape", lambda x: ops.reshape(x, (6, 4)), lambda r: {"x": _normal(r, 2, 3, 4)}, (Reshape,)),
+        C("transpose", lambda x: ops.transpose(x, (0, 2, 1, 3)), lambda r: {"x": _normal(r, 2, 3, 4, 2)},
+          (Transpose,), "(0,2,1,3)"),
+        C("transpose", ops.transpose, lambda r: {"x": _normal(r, 3, 5)}, (Transpose,), "reverse"),
+        # linear: any leading dims, with and without bias, a single token
+        C("linear", ops.linear, lambda r: {"x": _normal(r, 2, 3, 5), "W": _normal(r, 4, 5), "b": _normal(r, 4)},
+          (Linear,)),
+        C("linear", ops.linear, lambda r: {"x": _normal(r, 7, 5), "W": _normal(r, 3, 5)}, (Linear,), "no bias"),
+        C("linear", ops.linear, lambda r: {"x": _normal(r, 1, 1, 4), "W": _normal(r, 6, 4), "b": _normal(r, 6)},
+          (Linear,), "T=1"),
+        # embedding: repeated ids must accumulate
+        C("embedding", ops.embedding,
+          lambda r: {"W": _normal(r, 10, 4), "ids": numpy.array([[1, 3, 3, 0, 9], [3, 1, 1, 1, 7]])},
+          (Embedding,), "repeated ids"),
+        C("embedding", ops.embedding, lambda r: {"W": _normal(r, 6, 3), "ids": numpy.array([[5]])}, (Embedding,), "T=1"),
+        # RMSNorm: weights away from 1 so a dropped term shows
+        C("rmsnorm", lambda x, w: ops.rmsnorm(x, w, 1e-6),
+          lambda r: {"x": _normal(r, 2, 3, 8), "w": 1 + _normal(r, 8, scale=0.5)}, (RMSNorm,), "eps=1e-6"),
+        C("rmsnorm", lambda x, w: ops.rmsnorm(x, w, 1e-5),
+          lambda r: {"x": _normal(r, 1, 1, 5), "w": _normal(r, 5)}, (RMSNorm,), "T=1, eps=1e-5"),
+        # RoPE: rotate_half layout, both thetas, explicit positions
+        C("rope", lambda x: ops.rope(x, 10000.0), lambda r: {"x": _normal(r, 2, 5, 3, 8)}, (RoPE,), "theta=1e4"),
+        C("rope", lambda x: ops.rope(x, 1e6), lambda r: {"x": _normal(r, 1, 1, 2, 4)}, (RoPE,), "theta=1e6, T=1"),
+        C("rope", lambda x: ops.rope(x, 10000.0, positions=numpy.array([3, 7, 8, 100])),
+          lambda r: {"x": _normal(r, 1, 4, 2, 6)}, (RoPE,), "positions 3,7,8,100"),
+        # causal GQA attention: ratios 1:1, 4:1, 7:1, batch > 1, T = 1 (only the masked corner)
+        C("attention", ops.attention, lambda r: _qkv(r, B=2, T=5, nH=2, nKV=2, hd=4), (Attention,), "GQA 1:1"),
+        C("attention", ops.attention, lambda r: _qkv(r, B=2, T=5, nH=8, nKV=2, hd=4), (Attention,), "GQA 4:1"),
+        C("attention", ops.attention, lambda r: _qkv(r, B=2, T=4, nH=7, nKV=1, hd=4), (Attention,), "GQA 7:1"),
+        C("attention", ops.attention, lambda r: _qkv(r, B=1, T=1, nH=4, nKV=1, hd=4), (Attention,), "T=1"),
+        C("attention", ops.attention, lambda r: _qkv(r, B=1, T=33, nH=14, nKV=2, hd=8), (Attention,),
+          "GQA 7:1 T=33 (direction only)"),
+        # activations
+        C("silu", ops.silu, lambda r: {"x": _normal(r, 3, 7, scale=4.0)}, (SiLU,)),
+        C("swiglu", ops.swiglu, lambda r: {"a": _normal(r, 2, 3, 6, scale=3.0), "u": _normal(r, 2, 3, 6)},
+          (SwiGLU,)),
+        # cross-entropy: mean over tokens, repeated targets, T=1, huge logits (stability)
+        C("cross_entropy", ops.cross_entropy,
+          lambda r: {"logits": _normal(r, 2, 3, 11, scale=2.0), "targets": numpy.array([[1, 1, 10], [0, 1, 5]])},
+          (CrossEntropy,)),
+        C("cross_entropy", ops.cross_entropy,
+          lambda r: {"logits": _normal(r, 1, 1, 5), "targets": numpy.array([[4]])}, (CrossEntropy,), "T=1"),
+        C("cross_entropy", ops.cross_entropy,
+          lambda r: {"logits": 1000 + _normal(r, 4, 9), "targets": _ints(r, 9, 4)}, (CrossEntropy,),
+          "logits near 1000"),
+    ]
+
+
+def _qkv(rng, B, T, nH, nKV, hd):
+    return {"q": _normal(rng, B, T, nH, hd), "k": _normal(rng, B, T, nKV, hd), "v": _normal(rng, B, T, nKV, hd)}
+
+
+def op_names():
+    return sorted({c.op for c in cases()})
+
+
+def run_all(selected=None):
+    """Check every case of the selected ops (all when None); returns the list of Results."""
+    return [check(c) for c in cases() if not selected or c.op in selected]
+
+
+def format_table(results):
+    rows = [("op", "case", "inputs", "max abs err", "max rel err", "result")]
+    for r in results:
+        rows.append((r.case.op, r.case.note or "-", r.shapes, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}",
+                     "PASS" if r.passed else "FAIL"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    for r in results:
+        if not r.passed:
+            lines.append(f"FAIL {r.case.op} ({r.case.note or r.shapes}): {r.failure}")
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+"""RMSNorm, as in Llama and Qwen2: no mean subtraction, no bias."""
+
+from minitrain import backend
+from minitrain.autograd import Function
+
+
+class RMSNorm(Function):
+    """y = w * xhat,  xhat = x * r,  r = (mean(x^2) + eps)^(-1/2)   over the last axis.
+    x (..., H), w (H,). Statistics in at least fp32, xhat cast back to x's dtype before the
+    weight multiplies it (what Hugging Face does).
+
+    Backward, with dxhat = dy * w:
+      dw   = sum over all leading positions of dy * xhat
+      dx_j = r * (dxhat_j - xhat_j * mean_i(dxhat_i * xhat_i))
+    because dr/dx_j = -r^3 x_j / H, so
+      dx_j = sum_i dxhat_i (r [i == j] - x_i r^3 x_j / H) = r dxhat_j - r xhat_j mean_i(dxhat_i xhat_i).
+    """
+
+    def forward(self, x, w, eps):
+        acc = backend.acc_dtype(x.dtype)
+        xf = x.astype(acc, copy=False)
+        r = 1.0 / backend.xp.sqrt((xf * xf).mean(axis=-1, keepdims=True) + eps)  # (..., 1)
+        xhat = (xf * r).astype(x.dtype, copy=False)  # (..., H)
+        self.save(xhat, r, w)
+        return xhat * w
+
+    def backward(self, g):
+        xhat, r, w = self.saved
+        acc = backend.acc_dtype(g.dtype)
+        dxhat = (g * w).astype(acc, copy=False)  # (..., H)
+        xh = xhat.astype(acc, copy=False)
+        dx = r * (dxhat - xh * (dxhat * xh).mean(axis=-1, keepdims=True)) if self.needs_grad[0] else None
+        dw = (g * xhat).reshape(-1, w.shape[0]).sum(axis=0) if self.needs_grad[1] else None
+        return (None if dx is None else dx.astype(g.dtype, copy=False)), dw
+
+
+def rmsnorm(x, w, eps):
+    return RMSNorm.apply(x, w, eps=eps)

@@ -1,0 +1,72 @@
+"""Rotary position embedding (RoPE), Hugging Face "rotate_half" layout (APR rope_type 2, NEOX).
+
+Element i of a head (i < hd/2) is paired with element i + hd/2 -- NOT with its neighbour i+1 --
+and the pair is rotated by the angle  pos * inv_freq[i],  inv_freq[i] = theta^(-2i/hd).
+Using the adjacent-pair layout on pretrained weights silently ruins them.
+"""
+
+import functools
+
+from minitrain import backend
+from minitrain.autograd import Function
+
+
+@functools.lru_cache(maxsize=32)
+def _tables(xp, T, hd, theta, dtype):
+    """cos and sin of pos * inv_freq for pos = 0..T-1: each (T, hd/2), read-only."""
+    angles = _angles(xp, xp.arange(T), hd, theta, dtype)
+    cos, sin = xp.cos(angles), xp.sin(angles)
+    return cos, sin
+
+
+def _angles(xp, positions, hd, theta, dtype):
+    # Computed in the working dtype the way Hugging Face does: fp32 for fp32 models.
+    exponent = xp.arange(0, hd, 2).astype(dtype) / dtype.type(hd)  # 2i/hd, i < hd/2
+    inv_freq = 1.0 / (dtype.type(theta) ** exponent)  # (hd/2,)
+    return positions.astype(dtype)[:, None] * inv_freq[None, :]  # (T, hd/2)
+
+
+def rope_tables(T, hd, theta, dtype, positions=None):
+    xp = backend.xp
+    dtype = backend.acc_dtype(dtype)
+    if positions is None:
+        return _tables(xp, T, hd, float(theta), dtype)
+    angles = _angles(xp, xp.asarray(positions), hd, theta, dtype)
+    return xp.cos(angles), xp.sin(angles)
+
+
+class RoPE(Function):
+    """Rotate x (B, T, nH, hd) by position:  y = x * cos + rotate_half(x) * sin,
+    rotate_half([x1, x2]) = [-x2, x1], i.e. per pair (x1_i, x2_i) with angle a = pos * inv_freq[i]:
+        y1 = x1 cos a - x2 sin a
+        y2 = x2 cos a + x1 sin a
+    A rotation is orthogonal, so its Jacobian's transpose is the inverse rotation (a -> -a):
+        dx1 = dy1 cos a + dy2 sin a
+        dx2 = dy2 cos a - dy1 sin a
+    `positions` (T,) defaults to 0..T-1 (every training window starts at position 0).
+    """
+
+    def forward(self, x, theta, positions=None):
+        B, T, nH, hd = x.shape
+        cos, sin = rope_tables(T, hd, theta, x.dtype, positions)  # (T, hd/2) each
+        cos = cos.astype(x.dtype, copy=False)[:, None, :]  # (T, 1, hd/2): broadcast over heads
+        sin = sin.astype(x.dtype, copy=False)[:, None, :]
+        self.save(cos, sin)
+        return _rotate(x, cos, sin)
+
+    def backward(self, g):
+        cos, sin = self.saved
+        return (_rotate(g, cos, -sin),)
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]  # (B, T, nH, hd/2) each
+    y = backend.xp.empty(x.shape, dtype=x.dtype)
+    y[..., :half] = x1 * cos - x2 * sin
+    y[..., half:] = x2 * cos + x1 * sin
+    return y
+
+
+def rope(x, theta, positions=None):
+    return RoPE.apply(x, theta=theta, positions=positions)

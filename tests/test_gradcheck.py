@@ -1,0 +1,101 @@
+"""Every op's backward against float64 central differences, and proof that the check can fail."""
+
+import importlib
+
+import numpy as np
+import pytest
+
+from minitrain import gradcheck as G
+from minitrain.ops.attention import Attention
+from minitrain.ops.cross_entropy import CrossEntropy
+from minitrain.ops.embedding import Embedding
+from minitrain.ops.rope import RoPE, _rotate
+
+CASES = G.cases()
+IDS = [f"{c.op}-{c.note or i}".replace(" ", "_") for i, c in enumerate(CASES)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_backward_matches_finite_differences(case):
+    result = G.check(case)
+    assert result.passed, result.failure
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_one_wrong_gradient_element_is_caught(case, monkeypatch):
+    """Corrupt one element of one returned gradient: the check must fail."""
+    for fn_cls in case.functions:
+        original = fn_cls.backward
+
+        def broken(self, g, original=original):
+            grads = list(original(self, g))
+            i = next(j for j, x in enumerate(grads) if x is not None)
+            bad = grads[i].copy()
+            bad.reshape(-1)[bad.size // 2] += 0.05
+            grads[i] = bad
+            return tuple(grads)
+
+        monkeypatch.setattr(fn_cls, "backward", broken)
+    assert not G.check(case).passed
+
+
+def _cases(op):
+    return [c for c in CASES if c.op == op]
+
+
+def _all_fail(op):
+    return all(not G.check(c).passed for c in _cases(op))
+
+
+def test_realistic_bug_embedding_assignment_instead_of_scatter_add(monkeypatch):
+    def assign(self, g):
+        ids, (V, H) = self.saved
+        dW = np.zeros((V, H))
+        dW[ids.reshape(-1)] = g.reshape(-1, H)  # repeated ids keep only one gradient
+        return dW, None
+
+    monkeypatch.setattr(Embedding, "backward", assign)
+    assert not G.check(_cases("embedding")[0]).passed  # the case with repeated ids
+
+
+def test_realistic_bug_rmsnorm_without_the_mean_term(rmsnorm_without_mean_term):
+    assert _all_fail("rmsnorm")
+
+
+def test_realistic_bug_rope_backward_rotates_forward(monkeypatch):
+    def same_direction(self, g):
+        cos, sin = self.saved
+        return (_rotate(g, cos, sin),)
+
+    monkeypatch.setattr(RoPE, "backward", same_direction)
+    assert not G.check(_cases("rope")[0]).passed
+
+
+def test_realistic_bug_cross_entropy_summed_not_averaged(monkeypatch):
+    original = CrossEntropy.backward
+
+    def summed(self, g):
+        dz, _ = original(self, g)
+        return dz * self.saved[0].shape[0], None
+
+    monkeypatch.setattr(CrossEntropy, "backward", summed)
+    assert not G.check(_cases("cross_entropy")[0]).passed
+
+
+def test_realistic_bug_attention_mask_missing_in_backward(monkeypatch):
+    original = Attention.backward
+    module = importlib.import_module("minitrain.ops.attention")  # `ops.attention` is the function
+
+    def unmasked(self, g):
+        with monkeypatch.context() as m:
+            m.setattr(module, "_causal_scores", lambda q, k, c: (q @ k.swapaxes(-1, -2)) * c)
+            return original(self, g)
+
+    monkeypatch.setattr(Attention, "backward", unmasked)
+    assert all(not G.check(c).passed for c in _cases("attention") if c.note != "T=1")
+
+
+def test_gradcheck_reports_every_op_of_the_issue():
+    needed = {"linear", "embedding", "rmsnorm", "rope", "attention", "silu", "swiglu", "cross_entropy",
+              "add", "mul", "sum", "mean", "reshape", "transpose"}
+    assert needed <= set(G.op_names())

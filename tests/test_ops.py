@@ -1,0 +1,127 @@
+"""Numerical properties of the ops beyond their gradients: layouts, stability, dtypes, errors."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from minitrain import ops
+from minitrain.autograd import Tensor
+
+
+def test_cross_entropy_full_qwen_vocab_fp32_is_stable_and_lean():
+    N, V = 8, 151_936
+    rng = np.random.default_rng(0)
+    z = (rng.standard_normal((N, V)) * 3 + 40).astype(np.float32)  # large logits: exp would overflow
+    t = rng.integers(0, V, N)
+    x = Tensor(z, requires_grad=True)
+    tracemalloc.start()
+    loss = ops.cross_entropy(x, t)
+    loss.backward()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    z64 = z.astype(np.float64)
+    m = z64.max(axis=-1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(z64 - m).sum(axis=-1))
+    assert abs(float(loss.data) - (lse - z64[np.arange(N), t]).mean()) < 1e-5 * abs(float(loss.data))
+    assert x.grad.dtype == np.float32 and np.isfinite(x.grad).all()
+    np.testing.assert_allclose(x.grad.sum(axis=-1), 0, atol=1e-6)  # softmax - onehot sums to 0 per row
+    # one logits-sized fp32 temporary at a time (+ the gradient itself): an fp64 upcast would be > 2x
+    assert peak < 2.5 * z.nbytes, f"peak {peak / z.nbytes:.2f} x logits bytes"
+
+
+def test_cross_entropy_is_a_mean_over_all_tokens():
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((2, 3, 7))
+    t = rng.integers(0, 7, (2, 3))
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    expected = -np.mean([logp[b, i, t[b, i]] for b in range(2) for i in range(3)])
+    assert float(ops.cross_entropy(Tensor(z), t).data) == pytest.approx(expected, rel=1e-13)
+
+
+def test_cross_entropy_rejects_out_of_range_targets():
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        ops.cross_entropy(Tensor(np.zeros((2, 5))), np.array([1, 5]))
+
+
+def test_rmsnorm_statistics_in_fp32_for_half_inputs():
+    x = np.full((2, 16), 300.0, dtype=np.float16)  # x^2 = 90000 overflows float16 (max 65504)
+    x[1] = np.linspace(-300, 300, 16)
+    w = np.linspace(0.5, 1.5, 16).astype(np.float16)
+    y = ops.rmsnorm(Tensor(x), Tensor(w), 1e-6).data
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64**2).mean(axis=-1, keepdims=True) + 1e-6) * w
+    assert y.dtype == np.float16 and np.isfinite(y).all()
+    np.testing.assert_allclose(y, ref, rtol=2e-3)
+
+
+def test_rmsnorm_matches_formula_with_eps():
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal((3, 8)) * 1e-3, rng.standard_normal(8)  # eps matters at this scale
+    y = ops.rmsnorm(Tensor(x), Tensor(w), 1e-5).data
+    np.testing.assert_allclose(y, x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-5) * w, rtol=1e-13)
+
+
+def _hf_rope(x, theta, positions):
+    """Hugging Face's formulation, written independently: emb = cat(freqs, freqs), rotate_half."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / theta ** (np.arange(0, hd, 2) / hd)
+    emb = np.concatenate([np.outer(positions, inv_freq)] * 2, axis=-1)[:, None, :]  # (T, 1, hd)
+    rotate_half = np.concatenate([-x[..., hd // 2:], x[..., : hd // 2]], axis=-1)
+    return x * np.cos(emb) + rotate_half * np.sin(emb)
+
+
+@pytest.mark.parametrize("theta", [10_000.0, 1_000_000.0])
+def test_rope_matches_the_hf_rotate_half_formulation(theta):
+    x = np.random.default_rng(3).standard_normal((2, 11, 3, 16))
+    np.testing.assert_allclose(ops.rope(Tensor(x), theta).data, _hf_rope(x, theta, np.arange(11)), atol=1e-12)
+    positions = np.array([0, 5, 6, 7, 100, 2, 3, 4, 9, 1, 4096])
+    np.testing.assert_allclose(ops.rope(Tensor(x), theta, positions).data, _hf_rope(x, theta, positions),
+                               atol=1e-10)
+
+
+def test_rope_pairs_element_i_with_i_plus_half_not_its_neighbour():
+    hd = 8
+    x = np.zeros((1, 2, 1, hd))
+    x[..., 0] = 1.0
+    y = ops.rope(Tensor(x), 10_000.0).data
+    np.testing.assert_allclose(y[0, 0, 0], x[0, 0, 0])  # position 0: no rotation
+    assert abs(y[0, 1, 0, hd // 2]) > 0.5  # position 1, pair (0, hd/2) rotated by 1 radian
+    assert y[0, 1, 0, 1] == 0.0
+
+
+def test_rope_fp32_tables_follow_the_input_dtype():
+    x = np.random.default_rng(4).standard_normal((1, 300, 2, 64)).astype(np.float32)
+    y = ops.rope(Tensor(x), 1_000_000.0).data
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, _hf_rope(x.astype(np.float64), 1e6, np.arange(300)), atol=5e-5)
+
+
+def test_embedding_rejects_ids_outside_the_vocabulary():
+    W = Tensor(np.zeros((5, 2)))
+    for bad in (5, -1):
+        with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):
+            ops.embedding(W, np.array([[0, bad]]))
+
+
+def test_embedding_repeated_ids_accumulate():
+    W = Tensor(np.zeros((4, 2)), requires_grad=True)
+    ops.embedding(W, np.array([2, 2, 2, 0])).backward(np.ones((4, 2)))
+    np.testing.assert_array_equal(W.grad, [[1, 1], [0, 0], [3, 3], [0, 0]])
+
+
+def test_silu_and_swiglu_do_not_overflow_in_fp32():
+    x = np.array([-1000.0, -90.0, 0.0, 90.0, 1000.0], dtype=np.float32)
+    with np.errstate(all="raise"):
+        y = ops.silu(Tensor(x)).data
+        z = ops.swiglu(Tensor(x), Tensor(np.ones_like(x))).data
+    np.testing.assert_allclose(y, [0.0, 0.0, 0.0, 90.0, 1000.0], atol=1e-30)
+    np.testing.assert_array_equal(y, z)
+
+
+def test_linear_any_leading_dims():
+    rng = np.random.default_rng(5)
+    x, W, b = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((6, 5)), rng.standard_normal(6)
+    y = ops.linear(Tensor(x), Tensor(W), Tensor(b)).data
+    assert y.shape == (2, 3, 4, 6)
+    np.testing.assert_allclose(y, np.einsum("abcd,ed->abce", x, W) + b, rtol=1e-12)
