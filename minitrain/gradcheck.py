@@ -3,7 +3,7 @@
 For a case y = f(x_1, ..., x_k) pick a random output gradient gy and let L(x) = sum(y * gy).
 Backward gives the analytic grad_i = dL/dx_i. Two numerical checks compare it with L itself:
 
-1. Random direction: for random d_i,
+1. Random direction: for a random d (unit norm over all inputs together),
        (L(x + eps d) - L(x - eps d)) / (2 eps)   ~=   sum_i <grad_i, d_i>
 2. Element by element (small shapes): every element's own central difference ~= grad_i[element].
 
@@ -21,6 +21,8 @@ import numpy
 
 from minitrain import backend, ops
 from minitrain.autograd import Tensor, no_grad
+from minitrain.config import ModelConfig, tensor_table
+from minitrain.model import Model
 from minitrain.ops.activations import SiLU, SwiGLU
 from minitrain.ops.attention import Attention
 from minitrain.ops.basic import Add, Mean, Mul, Reshape, Sum, Transpose
@@ -31,7 +33,7 @@ from minitrain.ops.rmsnorm import RMSNorm
 from minitrain.ops.rope import RoPE
 
 EPS, ATOL, RTOL = 1e-3, 1e-5, 1e-4
-ELEMENTWISE_MAX = 2000  # differentiable elements up to which the element-by-element check runs
+ELEMENTWISE_MAX = 3000  # differentiable elements up to which the element-by-element check runs
 
 
 @dataclass
@@ -73,8 +75,11 @@ def check(case, seed=0, elementwise=True):
     named = case.inputs(seed)
     names = list(named)
     arrays = [xp.asarray(a) for a in named.values()]
-    shapes = " ".join(f"{n}{tuple(a.shape)}" for n, a in zip(names, arrays))
     diff = [i for i, a in enumerate(arrays) if a.dtype.kind == "f"]
+    shapes = " ".join(f"{n}{tuple(a.shape)}" for i, (n, a) in enumerate(zip(names, arrays))
+                      if len(diff) <= 4 or i not in diff)
+    if len(diff) > 4:  # a whole model: summarize its parameters
+        shapes = f"{len(diff)} tensors ({sum(arrays[i].size for i in diff)} values) {shapes}"
 
     def run(arrs, grad):
         args = [Tensor(noncontiguous(a), requires_grad=grad) if i in diff else noncontiguous(a)
@@ -95,8 +100,10 @@ def check(case, seed=0, elementwise=True):
         with no_grad():
             return float((run(arrs, grad=False)[1].data * gy).sum())
 
-    # 1. random direction
+    # 1. random direction, scaled to unit norm over all inputs together (as Chainer does)
     dirs = [xp.asarray(rng.standard_normal(arrays[i].shape)) for i in diff]
+    norm = sum(float((d * d).sum()) for d in dirs) ** 0.5
+    dirs = [d / norm for d in dirs]
 
     def shifted(sign):
         out = list(arrays)
@@ -208,7 +215,37 @@ def cases():
         C("cross_entropy", ops.cross_entropy,
           lambda r: {"logits": 1000 + _normal(r, 4, 9), "targets": _ints(r, 9, 4)}, (CrossEntropy,),
           "logits near 1000"),
+        # whole tiny models of each family: every parameter, embedding to loss
+        _model_case(ModelConfig(family="llama", hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=1, head_dim=4, intermediate_size=12, vocab_size=13,
+                                max_position_embeddings=16, rope_theta=10000.0, rms_norm_eps=1e-5,
+                                tie_word_embeddings=False), "llama GQA 4:1 untied"),
+        _model_case(ModelConfig(family="qwen2", hidden_size=14, num_hidden_layers=1, num_attention_heads=7,
+                                num_key_value_heads=1, head_dim=2, intermediate_size=10, vocab_size=11,
+                                max_position_embeddings=16, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                tie_word_embeddings=True), "qwen2 GQA 7:1 bias tied"),
     ]
+
+
+def _model_case(cfg, note):
+    """The loss of a whole model as a function of every parameter. Non-trivial weights: std 0.3
+    matrices, biases and norm weights away from 0 and 1."""
+    table = tensor_table(cfg)
+
+    def make(rng):
+        arrays = {name: (1 + 0.3 * _normal(rng, *shape) if name.endswith("norm.weight")
+                         else _normal(rng, *shape, scale=0.3))
+                  for name, shape in table.items()}
+        arrays["ids"] = _ints(rng, cfg.vocab_size, 2, 5)
+        arrays["targets"] = _ints(rng, cfg.vocab_size, 2, 5)
+        return arrays
+
+    def loss(*args):
+        *params, ids, targets = args
+        return Model(cfg, dict(zip(table, params))).loss(ids, targets)
+
+    return Case("model", loss, make, (Embedding, RMSNorm, Linear, Reshape, RoPE, Attention, Add, SwiGLU,
+                                     CrossEntropy), note)
 
 
 def _qkv(rng, B, T, nH, nKV, hd):

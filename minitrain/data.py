@@ -1,0 +1,66 @@
+"""Token data: little-endian u32 ids in `.bin` shards, read as non-overlapping windows.
+
+Window k of a shard holds tokens [k*(T+1), (k+1)*(T+1)): input = the first T, target = the last
+T (each input token's next token). A shard's tail shorter than T+1 is dropped. Windows are
+numbered across shards in lexical file order. Shards are memory-mapped, never read whole.
+"""
+
+from pathlib import Path
+
+import numpy
+
+from minitrain.errors import InputError
+
+
+def token_files(path):
+    """One .bin file, or every .bin in a directory (lexical order)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.bin"))
+        if not files:
+            raise InputError(f"{p}: directory has no .bin token shards")
+        return files
+    if not p.exists():
+        raise InputError(f"{p}: no such file or directory")
+    return [p]
+
+
+class TokenWindows:
+    def __init__(self, path, seq_len, vocab_size):
+        if seq_len < 1:
+            raise InputError(f"--seq-len must be at least 1, got {seq_len}")
+        self.seq_len, self.vocab_size = seq_len, vocab_size
+        self.files = token_files(path)
+        self.shards, self.first_window = [], []  # first_window[i]: global index of shard i's window 0
+        total = 0
+        for f in self.files:
+            size = f.stat().st_size
+            if size % 4:
+                raise InputError(f"{f}: size {size} bytes is not a multiple of 4 (u32 token ids)")
+            shard = numpy.memmap(f, dtype="<u4", mode="r") if size else numpy.zeros(0, dtype="<u4")
+            self.shards.append(shard)
+            self.first_window.append(total)
+            total += len(shard) // (seq_len + 1)
+        self.num_windows = total
+        if total == 0:
+            raise InputError(f"{path}: no window of {seq_len + 1} tokens (--seq-len {seq_len} + 1) in the data")
+
+    def __len__(self):
+        return self.num_windows
+
+    def window(self, k):
+        """Window k as (T+1,) int64, checked against the vocabulary."""
+        i = int(numpy.searchsorted(self.first_window, k, side="right")) - 1
+        start = (k - self.first_window[i]) * (self.seq_len + 1)
+        w = numpy.asarray(self.shards[i][start: start + self.seq_len + 1], dtype=numpy.int64)
+        bad = numpy.flatnonzero(w >= self.vocab_size)
+        if bad.size:
+            pos = start + int(bad[0])
+            raise InputError(f"{self.files[i]}: token id {int(w[bad[0]])} at position {pos} (byte {4 * pos}) "
+                             f"is >= the model's vocab_size {self.vocab_size}")
+        return w
+
+    def batch(self, indices):
+        """Windows `indices` -> (inputs, targets), each (B, T) int64."""
+        w = numpy.stack([self.window(k) for k in indices])  # (B, T+1)
+        return w[:, :-1], w[:, 1:]

@@ -1,0 +1,161 @@
+"""Hugging Face checkpoint directories: config.json + model.safetensors (or shards with an index).
+
+Strict, as ../shared/docs/reference.md section 2 asks: the architecture comes from config.json,
+with no silent defaults for what matters (a missing rope_theta is an error, not 10 000); every
+tensor of the architecture must be present with exactly its shape; nothing unexpected; weights
+in F32, F16 or BF16 are widened to F32.
+"""
+
+import json
+from pathlib import Path
+
+import numpy
+
+from minitrain import safetensors_io
+from minitrain.config import FAMILIES, ModelConfig
+from minitrain.errors import InputError
+from minitrain.model import check_tensors
+
+ENCODERS = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",
+            "t5", "mt5", "bart", "mbart", "modernbert"}
+INDEX = "model.safetensors.index.json"
+
+
+def _load_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+
+
+def config_from_hf(d, source):
+    """A ModelConfig from a parsed config.json; InputError naming the field on anything we can
+    not honour exactly."""
+    model_type = d.get("model_type")
+    if model_type in ENCODERS or d.get("is_encoder_decoder"):
+        raise InputError(f"{source}: model_type {model_type!r} is an encoder model; minitrain trains "
+                         f"decoder-only Llama/Qwen2 models")
+    if model_type == "qwen3":
+        raise InputError(f"{source}: model_type 'qwen3' (q_norm/k_norm) is not supported; supported: llama, qwen2")
+    if model_type not in FAMILIES:
+        raise InputError(f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
+
+    def need(key):
+        if d.get(key) is None:
+            raise InputError(f"{source}: field {key} is missing")
+        return d[key]
+
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise InputError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported "
+                         f"(only plain RoPE)")
+    theta = d.get("rope_theta", rope.get("rope_theta"))
+    if theta is None:
+        raise InputError(f"{source}: rope_theta is missing (neither top-level rope_theta nor "
+                         f"rope_parameters.rope_theta); it has no safe default (10 000 Llama, 1 000 000 Qwen2)")
+    if d.get("hidden_act", "silu") != "silu":
+        raise InputError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
+    if (model_type == "llama" and d.get("attention_bias")) or d.get("mlp_bias"):
+        raise InputError(f"{source}: attention_bias/mlp_bias on a llama model is not supported")
+    if d.get("use_sliding_window"):
+        raise InputError(f"{source}: use_sliding_window is true; only full causal attention is supported")
+
+    heads = need("num_attention_heads")
+    hidden = need("hidden_size")
+    try:
+        return ModelConfig(
+            family=model_type,
+            hidden_size=hidden,
+            num_hidden_layers=need("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,  # transformers: absent = MHA
+            head_dim=d.get("head_dim") or hidden // heads,
+            intermediate_size=need("intermediate_size"),
+            vocab_size=need("vocab_size"),
+            max_position_embeddings=need("max_position_embeddings"),
+            rope_theta=float(theta),
+            rms_norm_eps=float(need("rms_norm_eps")),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),  # transformers' default for both
+        )
+    except ValueError as e:
+        raise InputError(f"{source}: {e}") from None
+
+
+def config_to_hf(cfg):
+    """config.json fields for transformers (classic top-level rope_theta: v4 and v5 read it)."""
+    d = {
+        "architectures": [cfg.hf_class],
+        "model_type": cfg.family,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
+    d.update({"attention_bias": False, "mlp_bias": False} if cfg.family == "llama" else {"use_sliding_window": False})
+    return d
+
+
+def _shard_files(directory):
+    index = directory / INDEX
+    if index.exists():
+        weight_map = _load_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index}: no weight_map")
+        return sorted({directory / f for f in weight_map.values()})
+    single = directory / "model.safetensors"
+    if not single.exists():
+        raise InputError(f"{directory}: no model.safetensors and no {INDEX}")
+    return [single]
+
+
+def load_dir(path):
+    """(ModelConfig, name -> float32 array) from a Hugging Face checkpoint directory."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise InputError(f"{directory}: not a directory (expected a Hugging Face checkpoint directory)")
+    cfg = config_from_hf(_load_json(directory / "config.json"), str(directory / "config.json"))
+    arrays, origin = {}, {}
+    for f in _shard_files(directory):
+        if not f.exists():
+            raise InputError(f"{f}: shard listed in {INDEX} does not exist")
+        for name, a in safetensors_io.load(f).items():
+            if name in arrays:
+                raise InputError(f"{f}: tensor {name} is also in {origin[name]}")
+            arrays[name], origin[name] = a, f.name
+    if _head_is_tied(cfg, arrays, directory):
+        arrays.pop("lm_head.weight", None)
+    check_tensors(cfg, {n: a.shape for n, a in arrays.items()}, str(directory))
+    return cfg, arrays
+
+
+def _head_is_tied(cfg, arrays, directory):
+    """True when the head is the embedding. A stored lm_head.weight must then be bit-identical to
+    it; an untied config needs its own lm_head.weight (checked by the tensor table)."""
+    head = arrays.get("lm_head.weight")
+    if not cfg.tie_word_embeddings or head is None:
+        return cfg.tie_word_embeddings
+    embed = arrays.get("model.embed_tokens.weight")
+    if embed is None or head.shape != embed.shape or not numpy.array_equal(head, embed):
+        raise InputError(f"{directory}: config says tie_word_embeddings but lm_head.weight differs from "
+                         f"model.embed_tokens.weight")
+    return True
+
+
+def save_dir(path, cfg, arrays):
+    """Write config.json + model.safetensors (F32) that transformers' from_pretrained loads."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+    safetensors_io.save(directory / "model.safetensors", {n: numpy.asarray(a, dtype=numpy.float32)
+                                                         for n, a in arrays.items()})

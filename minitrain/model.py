@@ -1,0 +1,114 @@
+"""The decoder of the Llama and Qwen2 families, written out explicitly.
+
+Both are decoder-only and pre-norm. For token ids (B, T):
+
+    x = embed[ids]                                                  (B, T, H)
+    per layer:
+        h = rmsnorm(x) ;  q, k, v = h Wq^T (+bq), h Wk^T (+bk), h Wv^T (+bv)   biases: Qwen2 only
+        q, k = rope(q), rope(k)                                     (B, T, nH|nKV, hd)
+        x = x + attention(q, k, v) Wo^T                             causal, GQA
+        h = rmsnorm(x)
+        x = x + (silu(h Wgate^T) * (h Wup^T)) Wdown^T               SwiGLU MLP
+    logits = rmsnorm(x) Whead^T                                     Whead = embed when tied
+
+Parameters live in one dict keyed by Hugging Face tensor names; the expected names and shapes
+come from `config.tensor_table`, and the constructor checks the dict against it.
+"""
+
+import numpy
+
+from minitrain import backend, ops
+from minitrain.autograd import Tensor
+from minitrain.config import parameter_count, tensor_table
+from minitrain.errors import InputError
+
+INIT_STD = 0.02
+
+
+class Model:
+    def __init__(self, config, params):
+        """`params`: name -> Tensor, exactly the names and shapes of tensor_table(config)."""
+        check_tensors(config, {name: tuple(t.shape) for name, t in params.items()}, "model parameters")
+        self.config = config
+        self.params = params
+
+    @classmethod
+    def from_arrays(cls, config, arrays, dtype=None):
+        """Wrap arrays (name -> array, any float dtype) as trainable parameters in `dtype`
+        (default: the backend's policy dtype)."""
+        dt = backend.dtype if dtype is None else dtype
+        return cls(config, {name: Tensor(backend.xp.asarray(a, dtype=dt), requires_grad=True, name=name)
+                            for name, a in arrays.items()})
+
+    @classmethod
+    def from_scratch(cls, config, seed=0, dtype=None):
+        """N(0, 0.02) for the embedding and every linear weight, zero biases, RMSNorm weights 1.
+        Drawn tensor by tensor in table order from one seeded generator: same seed, same model."""
+        rng = numpy.random.default_rng(seed)
+        arrays = {}
+        for name, shape in tensor_table(config).items():
+            if name.endswith("norm.weight"):
+                arrays[name] = numpy.ones(shape, dtype=numpy.float32)
+            elif name.endswith(".bias"):
+                arrays[name] = numpy.zeros(shape, dtype=numpy.float32)
+            else:
+                arrays[name] = rng.standard_normal(shape, dtype=numpy.float32) * numpy.float32(INIT_STD)
+        return cls.from_arrays(config, arrays, dtype)
+
+    def parameters(self):
+        """Every trainable tensor once (a tied head is the embedding)."""
+        return list(self.params.values())
+
+    def num_parameters(self):
+        return parameter_count(self.config)
+
+    @property
+    def head(self):
+        return self.params["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
+
+    def forward(self, ids):
+        """ids (B, T) integer -> logits (B, T, V)."""
+        c, P = self.config, self.params
+        B, T = ids.shape
+        nH, nKV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        x = ops.embedding(P["model.embed_tokens.weight"], ids)  # (B, T, H)
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            # attention block
+            h = ops.rmsnorm(x, P[p + "input_layernorm.weight"], c.rms_norm_eps)  # (B, T, H)
+            q = ops.linear(h, P[p + "self_attn.q_proj.weight"], P.get(p + "self_attn.q_proj.bias"))  # (B, T, nH*hd)
+            k = ops.linear(h, P[p + "self_attn.k_proj.weight"], P.get(p + "self_attn.k_proj.bias"))  # (B, T, nKV*hd)
+            v = ops.linear(h, P[p + "self_attn.v_proj.weight"], P.get(p + "self_attn.v_proj.bias"))  # (B, T, nKV*hd)
+            q = ops.rope(q.reshape(B, T, nH, hd), c.rope_theta)  # (B, T, nH, hd)
+            k = ops.rope(k.reshape(B, T, nKV, hd), c.rope_theta)  # (B, T, nKV, hd)
+            a = ops.attention(q, k, v.reshape(B, T, nKV, hd)).reshape(B, T, nH * hd)  # (B, T, nH*hd)
+            x = x + ops.linear(a, P[p + "self_attn.o_proj.weight"])  # (B, T, H)
+            # MLP block
+            h = ops.rmsnorm(x, P[p + "post_attention_layernorm.weight"], c.rms_norm_eps)  # (B, T, H)
+            gate = ops.linear(h, P[p + "mlp.gate_proj.weight"])  # (B, T, I)
+            up = ops.linear(h, P[p + "mlp.up_proj.weight"])  # (B, T, I)
+            x = x + ops.linear(ops.swiglu(gate, up), P[p + "mlp.down_proj.weight"])  # (B, T, H)
+        x = ops.rmsnorm(x, P["model.norm.weight"], c.rms_norm_eps)  # (B, T, H)
+        return ops.linear(x, self.head)  # (B, T, V)
+
+    def loss(self, ids, targets):
+        """Mean cross-entropy over all B*T target tokens."""
+        return ops.cross_entropy(self.forward(ids), targets)
+
+
+def check_tensors(config, found, source):
+    """Compare name -> shape against the architecture's tensor table; raise InputError naming
+    every missing, unexpected and mis-shaped tensor (the first few of each, with counts)."""
+    expected = tensor_table(config)
+    problems = []
+    missing = [n for n in expected if n not in found]
+    unexpected = [n for n in found if n not in expected]
+    wrong = [f"{n} expected {list(expected[n])} found {list(found[n])}"
+             for n in expected if n in found and tuple(found[n]) != tuple(expected[n])]
+    for label, items in (("missing tensor", missing), ("unexpected tensor", unexpected), ("wrong shape", wrong)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            problems.append(f"{label}{'s' if len(items) > 1 else ''} {', '.join(items[:3])}{more}")
+    if problems:
+        raise InputError(f"{source}: {'; '.join(problems)} (for a {config.family} model with "
+                         f"{config.num_hidden_layers} layers, hidden {config.hidden_size})")

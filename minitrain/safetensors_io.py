@@ -1,0 +1,67 @@
+"""Reading safetensors files into float32 NumPy arrays, memory-mapped.
+
+The format: an 8-byte little-endian header length n, n bytes of JSON
+{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the data;
+offsets are relative to the end of the header. We read it ourselves (rather than through the
+`safetensors` package) because NumPy has no bfloat16: BF16 is widened to F32 here by shifting
+its 16 bits into the high half of a 32-bit float. Writing uses the `safetensors` package.
+"""
+
+import json
+import math
+import os
+
+import numpy
+import safetensors.numpy
+
+from minitrain.errors import InputError
+
+_DTYPES = {"F32": numpy.float32, "F16": numpy.float16, "BF16": numpy.uint16, "F64": numpy.float64}
+
+
+def bf16_to_f32(raw_u16):
+    return (raw_u16.astype(numpy.uint32) << 16).view(numpy.float32)
+
+
+def read_header(path):
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InputError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            raise InputError(f"{path}: truncated safetensors header ({n} header bytes announced, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n, size
+
+
+def load(path, names=None):
+    """name -> float32 array for every tensor in the file (or those in `names`)."""
+    header, base, size = read_header(path)
+    data = numpy.memmap(path, dtype=numpy.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        if names is not None and name not in names:
+            continue
+        dtype, shape = info.get("dtype"), tuple(info.get("shape", ()))
+        if dtype not in _DTYPES:
+            raise InputError(f"{path}: tensor {name} has dtype {dtype}; supported: F32, F16, BF16, F64")
+        begin, end = info["data_offsets"]
+        nbytes = math.prod(shape) * numpy.dtype(_DTYPES[dtype]).itemsize
+        if end - begin != nbytes or base + end > size:
+            raise InputError(f"{path}: tensor {name} {dtype}{list(shape)} needs {nbytes} bytes at "
+                             f"[{begin}, {end}), the file has {size - base} data bytes (truncated or corrupt)")
+        raw = data[base + begin: base + end].view(_DTYPES[dtype]).reshape(shape)
+        out[name] = bf16_to_f32(raw) if dtype == "BF16" else raw.astype(numpy.float32)
+    return out
+
+
+def save(path, arrays):
+    """Write name -> array as a safetensors file that transformers loads (format "pt")."""
+    safetensors.numpy.save_file({n: numpy.ascontiguousarray(a) for n, a in arrays.items()}, str(path),
+                                metadata={"format": "pt"})
