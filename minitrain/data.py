@@ -44,21 +44,28 @@ class TokenWindows:
         self.num_windows = total
         if total == 0:
             raise InputError(f"{path}: no window of {seq_len + 1} tokens (--seq-len {seq_len} + 1) in the data")
+        self._check_vocab()
+
+    def _check_vocab(self, chunk=1 << 24):
+        """Every token any window can read must be < vocab_size: checked once, up front, so bad
+        data fails before the first step, naming the file and the token's position."""
+        for f, shard in zip(self.files, self.shards):
+            used = len(shard) // (self.seq_len + 1) * (self.seq_len + 1)
+            for start in range(0, used, chunk):
+                part = shard[start: min(start + chunk, used)]
+                if int(part.max()) >= self.vocab_size:
+                    pos = start + int(numpy.argmax(part >= self.vocab_size))
+                    raise InputError(f"{f}: token id {int(shard[pos])} at position {pos} (byte {4 * pos}) "
+                                     f"is >= the model's vocab_size {self.vocab_size}")
 
     def __len__(self):
         return self.num_windows
 
     def window(self, k):
-        """Window k as (T+1,) int64, checked against the vocabulary."""
+        """Window k as (T+1,) int64."""
         i = int(numpy.searchsorted(self.first_window, k, side="right")) - 1
         start = (k - self.first_window[i]) * (self.seq_len + 1)
-        w = numpy.asarray(self.shards[i][start: start + self.seq_len + 1], dtype=numpy.int64)
-        bad = numpy.flatnonzero(w >= self.vocab_size)
-        if bad.size:
-            pos = start + int(bad[0])
-            raise InputError(f"{self.files[i]}: token id {int(w[bad[0]])} at position {pos} (byte {4 * pos}) "
-                             f"is >= the model's vocab_size {self.vocab_size}")
-        return w
+        return numpy.asarray(self.shards[i][start: start + self.seq_len + 1], dtype=numpy.int64)
 
     def batch(self, indices):
         """Windows `indices` -> (inputs, targets), each (B, T) int64."""

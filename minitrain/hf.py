@@ -47,11 +47,13 @@ def config_from_hf(d, source):
             raise InputError(f"{source}: field {key} is missing")
         return d[key]
 
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise InputError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported "
-                         f"(only plain RoPE)")
-    theta = d.get("rope_theta", rope.get("rope_theta"))
+    for key in ("rope_parameters", "rope_scaling"):
+        kind = (d.get(key) or {}).get("rope_type", (d.get(key) or {}).get("type", "default"))
+        if kind != "default":
+            raise InputError(f"{source}: {key} rope type {kind!r} is not supported (only plain RoPE)")
+    theta = d.get("rope_theta")
+    if theta is None:
+        theta = (d.get("rope_parameters") or {}).get("rope_theta")
     if theta is None:
         raise InputError(f"{source}: rope_theta is missing (neither top-level rope_theta nor "
                          f"rope_parameters.rope_theta); it has no safe default (10 000 Llama, 1 000 000 Qwen2)")
