@@ -11,7 +11,7 @@ import sys
 import click
 
 from minitrain import __version__
-from minitrain.errors import InputError
+from minitrain.errors import InputError, TrainingAborted
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,6 +93,116 @@ def evaluate(init_path, data_path, seq_len, batch_size, batches, as_json):
     click.echo(json.dumps(result) if as_json else f"loss {loss:.6f}  ppl {result['ppl']:.3f}  tokens {tokens}")
 
 
+@cli.command(context_settings={"max_content_width": 100})
+@click.option("--arch", help="Architecture preset (llama-370m, qwen2.5-0.5b, tiny-llama, tiny-qwen2). With "
+              "--init it must match the file, field by field.")
+@click.option("--init", help="Start from this checkpoint (a Hugging Face directory or an .apr file).")
+@click.option("--mode", type=click.Choice(["finetune", "from-scratch"]),
+              help="Hyperparameter defaults: finetune (lr 5e-5, warmup 100; the default with --init) or "
+                   "from-scratch (lr 3e-4, warmup 1000).")
+@click.option("--data", help="Training tokens: a .bin file or a directory of .bin shards (u32 LE).")
+@click.option("--val-data", help="Validation tokens; without it the last --val-windows windows of --data are held out.")
+@click.option("--val-windows", type=click.IntRange(min=0), help="Windows of --data held out for validation (default 16; 0 = none).")
+@click.option("--seq-len", type=click.IntRange(min=1), help="Tokens per window (default 256).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Windows per micro-batch (default 8).")
+@click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-batches per step (default 1).")
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (default 1000).")
+@click.option("--data-order", type=click.Choice(["sequential", "shuffle"]), help="Window order (default sequential).")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), help="adamw (default) or plain sgd.")
+@click.option("--lr", type=float, help="Peak learning rate (default by --mode).")
+@click.option("--min-lr", type=float, help="Cosine floor (default lr/10).")
+@click.option("--warmup-steps", type=click.IntRange(min=0), help="Linear warmup steps (default by --mode).")
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), help="After warmup (default cosine).")
+@click.option("--weight-decay", type=float, help="AdamW decoupled weight decay (default 0.1).")
+@click.option("--decay-1d/--no-decay-1d", default=None, help="Also decay 1-D tensors: norms, biases (default no).")
+@click.option("--beta1", type=float, help="AdamW beta1 (default 0.9).")
+@click.option("--beta2", type=float, help="AdamW beta2 (default 0.999).")
+@click.option("--eps", type=float, help="AdamW epsilon (default 1e-8).")
+@click.option("--grad-clip", type=click.FloatRange(min=0), help="Clip the global gradient norm (default 1.0; 0 = off).")
+@click.option("--eval-every", type=click.IntRange(min=0), help="Validate every N steps (default 100; 0 = only at the end).")
+@click.option("--eval-windows", type=click.IntRange(min=1), help="Validation windows per eval (default all).")
+@click.option("--save-every", type=click.IntRange(min=0), help="Checkpoint OUT/step-N every N steps (default 0 = never).")
+@click.option("--seed", type=int, help="Seed of the from-scratch init and the shuffle order (default 0).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default cpu.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp64", "bf16"]), help="Default fp32.")
+@click.option("--out", help="Run directory: final.apr, metrics.jsonl, run.json, step-N/ (default runs/<date-time>).")
+@click.option("--resume", help="Continue exactly from a checkpoint OUT/step-N.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
+@click.pass_context
+def pretrain(ctx, as_json, **options):
+    """Train a model: from scratch (--arch) or from a checkpoint (--init). With no options at all,
+    the embedded demo: a small Llama trained on the Python standard library's own source."""
+    from click.core import ParameterSource
+
+    from minitrain.train import Run, configure
+
+    given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    if given:
+        report = Run(*configure(given)).run()
+    else:
+        from minitrain.demo import run_demo
+
+        report = run_demo()
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        for key, value in report.items():
+            click.echo(f"{key}: {value}")
+
+
+@cli.command()
+@click.option("--init", "init_path", required=True, metavar="PATH", help="A model: .apr file or Hugging Face directory.")
+@click.option("--tokenizer", "tokenizer_path", required=True, metavar="PATH", help="tokenizer.json")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
+              help="0 = greedy (always the most likely token).")
+@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0 = no top-k cut.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def generate(init_path, tokenizer_path, prompt, max_new_tokens, temperature, top_k, seed):
+    """Continue a prompt with a trained model; prints the prompt and the continuation."""
+    from minitrain.generate import generate as sample
+    from minitrain.sources import load_model
+    from minitrain.tokenize import find_eos, load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    model = load_model(init_path)
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise InputError(f"{tokenizer_path}: tokenizer vocabulary {tokenizer.get_vocab_size()} is larger than "
+                         f"the model's vocab_size {model.config.vocab_size}")
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    if not prompt_ids:
+        raise InputError("--prompt is empty")
+    ids = sample(model, prompt_ids, max_new_tokens, temperature, top_k, seed, stop_id=find_eos(tokenizer, tokenizer_path))
+    click.echo(tokenizer.decode(ids))
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN_DIR")
+@click.option("-o", "--output", metavar="FILE.png", help="Default: RUN_DIR/loss.png.")
+def plot(run_dir, output):
+    """Training and validation loss and the learning rate of a run, as a PNG."""
+    from minitrain.plot import plot as draw
+
+    click.echo(str(draw(run_dir, output)))
+
+
+@cli.command()
+@click.option("--tokenizer", "tokenizer_path", required=True, metavar="PATH", help="tokenizer.json")
+@click.option("--out", "out_dir", required=True, metavar="DIR", help="Where shard-NNNNN.bin and manifest.json go.")
+@click.option("--content-field", default="content", show_default=True, help="The text field of JSONL records.")
+@click.option("--shard-tokens", type=click.IntRange(min=1), default=10_000_000, show_default=True)
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUTS...")
+def tokenize(tokenizer_path, out_dir, content_field, shard_tokens, inputs):
+    """Text, .py and JSONL files (or directories of them) -> u32 token shards + manifest.json,
+    EOS between documents."""
+    from minitrain.tokenize import tokenize_to_shards
+
+    m = tokenize_to_shards(tokenizer_path, out_dir, inputs, content_field=content_field, shard_tokens=shard_tokens)
+    click.echo(f"{m['total_documents']:,} documents -> {m['total_tokens']:,} tokens in {m['shard_count']} shard(s) "
+               f"under {out_dir} (vocab {m['vocab_size']:,}, EOS {m['eos_token_id']} between documents)")
+
+
 def main():
     """Console entry point: one-line errors with the contract's exit codes."""
     try:
@@ -102,6 +212,9 @@ def main():
     except InputError as e:
         click.echo(f"minitrain: error: {e}", err=True)
         code = 2
+    except TrainingAborted as e:
+        click.echo(f"minitrain: training aborted: {e}", err=True)
+        code = 3
     except click.ClickException as e:  # usage errors and bad parameters
         click.echo(f"minitrain: error: {e.format_message()}", err=True)
         code = e.exit_code

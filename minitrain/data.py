@@ -71,3 +71,38 @@ class TokenWindows:
         """Windows `indices` -> (inputs, targets), each (B, T) int64."""
         w = numpy.stack([self.window(k) for k in indices])  # (B, T+1)
         return w[:, :-1], w[:, 1:]
+
+
+class TrainStream:
+    """Training windows 0..n-1 of `windows`, consumed as an endless stream of samples.
+
+    Sample k belongs to epoch e = k // n, position k % n. Sequential order reads window k % n;
+    shuffle reads window perm_e[k % n] with perm_e a fresh permutation drawn from
+    numpy.random.default_rng([seed, e]). The whole data position is therefore one number, the
+    next sample index, and the stream never reaches window n or beyond: windows held out for
+    validation after the first n are never trained on, however often the stream wraps around.
+    """
+
+    def __init__(self, windows, n, order, seed):
+        if order not in ("sequential", "shuffle"):
+            raise InputError(f"--data-order {order!r}: expected sequential or shuffle")
+        if n < 1:
+            raise InputError("no training windows left after the validation hold-out")
+        self.windows, self.n, self.order, self.seed = windows, n, order, seed
+        self._perm = (None, None)  # (epoch, permutation) cache
+
+    def window_ids(self, start, count):
+        ids = []
+        for k in range(start, start + count):
+            epoch, pos = divmod(k, self.n)
+            if self.order == "sequential":
+                ids.append(pos)
+                continue
+            if self._perm[0] != epoch:
+                self._perm = (epoch, numpy.random.default_rng([self.seed, epoch]).permutation(self.n))
+            ids.append(int(self._perm[1][pos]))
+        return ids
+
+    def batch(self, start, count):
+        """Samples start..start+count-1 as (inputs, targets), each (count, T)."""
+        return self.windows.batch(self.window_ids(start, count))

@@ -1,6 +1,9 @@
-"""Errors users read. An InputError is bad usage or bad input: the CLI prints its one-line
-message and exits 2, before any training step."""
+"""Errors users read: each message is one line naming the file, field or value at fault."""
 
 
 class InputError(Exception):
-    pass
+    """Bad usage or bad input, found before any training step: exit 2."""
+
+
+class TrainingAborted(Exception):
+    """Training stopped on a non-finite loss or gradient, or a diverging validation loss: exit 3."""

@@ -1,8 +1,35 @@
-"""Optimizers: plain SGD and AdamW (decoupled weight decay), updating parameters in place."""
+"""Optimizers (plain SGD, AdamW with decoupled weight decay) and global-norm gradient clipping.
+
+Both update parameters in place from `p.grad`; the learning rate is an attribute the training
+loop sets at every step from the schedule. `state()` / `load_state()` carry what a resumed run
+needs to continue exactly.
+"""
 
 import math
 
 from minitrain import backend
+
+
+def global_grad_norm(params):
+    """sqrt(sum over every parameter of sum(g^2)), accumulated in float64: the true global L2 norm.
+    (A pairwise sum, not a BLAS dot: its result does not depend on the arrays' memory alignment,
+    so a resumed run clips by exactly the same factor.)"""
+    total = 0.0
+    for p in params:
+        if p.grad is not None:
+            g = p.grad.astype(backend.xp.float64)
+            total += float((g * g).sum())
+    return math.sqrt(total)
+
+
+def clip_grads(params, norm, max_norm):
+    """Scale every gradient by max_norm / norm when the global norm exceeds max_norm (the
+    direction of the update is kept; its length is capped)."""
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for p in params:
+            if p.grad is not None:
+                p.grad *= p.grad.dtype.type(scale)
 
 
 class SGD:
@@ -14,7 +41,13 @@ class SGD:
     def step(self):
         for p in self.params:
             if p.grad is not None:
-                p.data -= self.lr * p.grad
+                p.data -= p.data.dtype.type(self.lr) * p.grad
+
+    def state(self):
+        return {}, {}
+
+    def load_state(self, scalars, arrays):
+        pass
 
 
 class AdamW:
@@ -45,7 +78,7 @@ class AdamW:
             if g is None:
                 continue
             if self.weight_decay and (p.data.ndim >= 2 or self.decay_1d):
-                p.data *= 1 - lr * self.weight_decay
+                p.data *= p.data.dtype.type(1 - lr * self.weight_decay)
             m *= b1
             m += (1 - b1) * g
             v *= b2
@@ -54,3 +87,16 @@ class AdamW:
             denom /= bc2_sqrt
             denom += self.eps
             p.data -= step_size * m / denom
+
+    def state(self):
+        """(scalars, arrays): the step count, and both moments of every parameter by name."""
+        arrays = {}
+        for p, m, v in zip(self.params, self.m, self.v):
+            arrays[f"m.{p.name}"], arrays[f"v.{p.name}"] = m, v
+        return {"t": self.t}, arrays
+
+    def load_state(self, scalars, arrays):
+        self.t = int(scalars["t"])
+        for i, p in enumerate(self.params):
+            self.m[i] = backend.xp.asarray(arrays[f"m.{p.name}"], dtype=p.data.dtype)
+            self.v[i] = backend.xp.asarray(arrays[f"v.{p.name}"], dtype=p.data.dtype)

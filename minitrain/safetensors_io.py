@@ -24,6 +24,8 @@ def bf16_to_f32(raw_u16):
 
 
 def read_header(path):
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -41,7 +43,7 @@ def read_header(path):
 
 
 def load(path, names=None):
-    """name -> float32 array for every tensor in the file (or those in `names`)."""
+    """name -> float32 array (float64 for F64) for every tensor in the file (or those in `names`)."""
     header, base, size = read_header(path)
     data = numpy.memmap(path, dtype=numpy.uint8, mode="r")
     out = {}
@@ -57,7 +59,10 @@ def load(path, names=None):
             raise InputError(f"{path}: tensor {name} {dtype}{list(shape)} needs {nbytes} bytes at "
                              f"[{begin}, {end}), the file has {size - base} data bytes (truncated or corrupt)")
         raw = data[base + begin: base + end].view(_DTYPES[dtype]).reshape(shape)
-        out[name] = bf16_to_f32(raw) if dtype == "BF16" else raw.astype(numpy.float32)
+        if dtype == "BF16":
+            out[name] = bf16_to_f32(raw)
+        else:  # F64 stays F64 (a float64 run resumes exactly); F16 is widened
+            out[name] = raw.astype(numpy.float64 if dtype == "F64" else numpy.float32)
     return out
 
 

@@ -67,7 +67,6 @@ class Attention(Function):
     def backward(self, g_out):
         qh, kh, vh, oh, lse, scale = self.saved
         B, T, nH, hd = g_out.shape
-        nKV = kh.shape[1]
         xp = backend.xp
         do = xp.ascontiguousarray(g_out.transpose(0, 2, 1, 3)).reshape(oh.shape)  # (B, nKV, g*T, hd)
         p = _causal_scores(qh, kh, scale)

@@ -1,0 +1,66 @@
+"""Training checkpoints: `OUT/step-N/` holds everything a run needs to continue exactly.
+
+    model.safetensors      every parameter, by Hugging Face name, in the training dtype
+    optimizer.safetensors  AdamW's two moments per parameter ("m.NAME", "v.NAME"); absent for SGD
+    state.json             step, next data sample, optimizer step count, init_loss, the last
+                           val_loss (the divergence gate's reference), the model config and the
+                           resolved run configuration
+
+A save is atomic: everything is written into a hidden temporary directory next to the target,
+flushed to disk, then renamed to `step-N` in one step. A run killed mid-save leaves only the
+temporary directory, which `load` never accepts (it needs state.json, written last).
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from minitrain import backend, safetensors_io
+from minitrain.errors import InputError
+
+FORMAT = "minitrain-checkpoint-v1"
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(directory, model, optimizer, state):
+    directory = Path(directory)
+    tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    safetensors_io.save(tmp / "model.safetensors", {n: backend.to_numpy(t.data) for n, t in model.params.items()})
+    scalars, arrays = optimizer.state()
+    if arrays:
+        safetensors_io.save(tmp / "optimizer.safetensors", {n: backend.to_numpy(a) for n, a in arrays.items()})
+    (tmp / "state.json").write_text(json.dumps({"format": FORMAT, **state, "optimizer": scalars}, indent=1) + "\n")
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    if directory.exists():  # the same step saved again (a resumed run writing into its old directory)
+        shutil.rmtree(directory)
+    os.rename(tmp, directory)
+    _fsync(directory.parent)
+
+
+def load(directory):
+    """(state, model arrays, optimizer arrays) of a complete checkpoint; InputError otherwise."""
+    directory = Path(directory)
+    state_file = directory / "state.json"
+    if not state_file.exists():
+        raise InputError(f"{directory}: not a complete checkpoint (no state.json)")
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{state_file}: not valid JSON ({e})") from None
+    if state.get("format") != FORMAT:
+        raise InputError(f"{state_file}: format {state.get('format')!r}, expected {FORMAT!r}")
+    model = safetensors_io.load(directory / "model.safetensors")
+    opt_file = directory / "optimizer.safetensors"
+    return state, model, safetensors_io.load(opt_file) if opt_file.exists() else {}

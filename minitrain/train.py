@@ -1,0 +1,363 @@
+"""`minitrain pretrain`: the training loop (semantics: ../shared/docs/reference.md section 3).
+
+One step = `grad_accum` micro-batches of `batch_size` windows. Each micro-batch loss (a mean
+over its B*T targets) is back-propagated with weight 1/grad_accum, so the summed gradient is the
+gradient of the mean over all grad_accum*B*T targets: the same as one big batch. Then: the
+global gradient norm (reported before clipping), clipping, the scheduled learning rate set on the
+optimizer, the update. Before the first update the validation loss is measured (`init_loss`).
+
+Everything that can be wrong with the inputs (model file, data, options) raises InputError
+before step 0 (exit 2); a non-finite loss or gradient norm, or a validation loss more than twice
+the previous one, raises TrainingAborted (exit 3) before the bad value is logged.
+"""
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from minitrain import backend, checkpoint
+from minitrain.autograd import no_grad
+from minitrain.config import PRESETS, ModelConfig, preset
+from minitrain.data import TokenWindows, TrainStream
+from minitrain.errors import InputError, TrainingAborted
+from minitrain.model import Model
+from minitrain.optim import SGD, AdamW, clip_grads, global_grad_norm
+from minitrain.schedule import learning_rate
+
+MODE_DEFAULTS = {"finetune": {"lr": 5e-5, "warmup_steps": 100}, "from-scratch": {"lr": 3e-4, "warmup_steps": 1000}}
+RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "resume"}  # may differ from the checkpoint's run
+
+
+@dataclass
+class TrainConfig:
+    data: str = None
+    out: str = None
+    arch: str = None
+    init: str = None
+    mode: str = None  # finetune with --init, else from-scratch
+    val_data: str = None
+    val_windows: int = 16
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps: int = 1000
+    data_order: str = "sequential"
+    optimizer: str = "adamw"
+    lr: float = None  # mode default
+    min_lr: float = None  # lr / 10
+    warmup_steps: int = None  # mode default
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    decay_1d: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_windows: int = None  # every validation window
+    save_every: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "fp32"
+    resume: str = None
+
+    def resolved(self):
+        """A copy with the mode-dependent defaults filled in, and sanity checks."""
+        c = TrainConfig(**asdict(self))
+        c.mode = c.mode or ("finetune" if c.init else "from-scratch")
+        if c.mode not in MODE_DEFAULTS:
+            raise InputError(f"--mode {c.mode!r}: expected finetune or from-scratch")
+        if not c.init and not c.arch:
+            raise InputError("--arch NAME is needed to train from scratch (or --init PATH to fine-tune)")
+        for key, value in MODE_DEFAULTS[c.mode].items():
+            if getattr(c, key) is None:
+                setattr(c, key, value)
+        c.min_lr = c.lr / 10 if c.min_lr is None else c.min_lr
+        for name in ("seq_len", "batch_size", "grad_accum", "steps"):
+            if getattr(c, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(c, name)}")
+        if c.optimizer not in ("adamw", "sgd"):
+            raise InputError(f"--optimizer {c.optimizer!r}: expected adamw or sgd")
+        if c.schedule not in ("cosine", "constant"):
+            raise InputError(f"--schedule {c.schedule!r}: expected cosine or constant")
+        if c.dtype not in backend.DTYPES:
+            raise InputError(f"--dtype {c.dtype!r} on {c.device}: expected one of {', '.join(backend.DTYPES)} "
+                             "(bf16 mixed precision needs the GPU path)")
+        return c
+
+
+def _device(name):
+    if name == "auto":
+        try:
+            backend.use("cuda")
+            return "cuda"
+        except (RuntimeError, ImportError):
+            name = "cpu"
+    try:
+        backend.use(name)
+    except (RuntimeError, ValueError) as e:
+        raise InputError(f"--device {name}: {e}") from None
+    return name
+
+
+def arch_name(config):
+    return next((name for name, c in PRESETS.items() if c == config), f"{config.family} (custom)")
+
+
+def _check_arch(name, config, source):
+    expected = preset(name) if name in PRESETS else None
+    if expected is None:
+        raise InputError(f"--arch {name!r}: unknown; expected one of {', '.join(PRESETS)}")
+    diffs = [f"{f.name}: --arch {getattr(expected, f.name)} vs file {getattr(config, f.name)}"
+             for f in fields(ModelConfig) if getattr(expected, f.name) != getattr(config, f.name)]
+    if diffs:
+        raise InputError(f"{source} does not match --arch {name}: {'; '.join(diffs)}")
+
+
+def build_model(cfg):
+    """The model to train: from --init (strictly checked), from a checkpoint, or from scratch."""
+    dtype = backend.DTYPES[cfg.dtype]
+    if cfg.init:
+        from minitrain.sources import load_model
+
+        model = load_model(cfg.init, dtype)
+        if cfg.arch:
+            _check_arch(cfg.arch, model.config, cfg.init)
+        return model
+    try:
+        config = preset(cfg.arch)
+    except ValueError as e:
+        raise InputError(f"--arch: {e}") from None
+    return Model.from_scratch(config, seed=cfg.seed, dtype=dtype)
+
+
+def configure(options):
+    """(TrainConfig, resumed) from the options given on the command line (name -> value).
+
+    With `resume`, the configuration is the checkpoint's; only steps, out and the eval/save
+    cadence may be given anew (out defaults to the checkpoint's parent directory), and any other
+    option given with a different value is an error: the run would not continue exactly.
+    `resumed` is (state, model arrays, optimizer arrays) from the checkpoint, else None.
+    """
+    if not options.get("resume"):
+        if not options.get("data"):
+            raise InputError("pretrain needs --data (or no options at all, for the embedded demo)")
+        options = {"out": time.strftime("runs/%Y%m%d-%H%M%S"), **options}
+        return TrainConfig(**options).resolved(), None
+    resumed = checkpoint.load(options["resume"])
+    saved = TrainConfig(**resumed[0]["config"])
+    diffs = [f"--{k.replace('_', '-')} {v} (checkpoint: {getattr(saved, k)})" for k, v in options.items()
+             if k not in RESUMABLE_CHANGES and v != getattr(saved, k)]
+    if diffs:
+        raise InputError(f"--resume {options['resume']}: options differ from the checkpoint's run: {'; '.join(diffs)}")
+    saved.out = str(Path(options["resume"]).parent)
+    for k in RESUMABLE_CHANGES & options.keys():
+        setattr(saved, k, options[k])
+    return saved.resolved(), resumed
+
+
+class Run:
+    """One training run: model, data, optimizer and the files under --out."""
+
+    def __init__(self, cfg, resumed=None, log=sys.stderr):
+        self.cfg, self.log = cfg, log
+        self.start_time = time.perf_counter()
+        self.state = {"step": 0, "init_loss": None, "last_val_loss": None}
+        cfg.device = _device(cfg.device)
+        backend.set_dtype(cfg.dtype)
+        if resumed:
+            state, model_arrays, opt_arrays = resumed
+            self.model = Model.from_arrays(ModelConfig(**state["model_config"]), model_arrays)
+        else:
+            self.model = build_model(cfg)
+        mc = self.model.config
+        if cfg.seq_len > mc.max_position_embeddings:
+            raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                             f"{mc.max_position_embeddings}")
+        self._data(cfg, mc.vocab_size)
+        params = self.model.parameters()
+        if cfg.optimizer == "sgd":
+            self.optimizer = SGD(params, cfg.lr)
+        else:
+            self.optimizer = AdamW(params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay, cfg.decay_1d)
+        if resumed:
+            self.optimizer.load_state(state["optimizer"], opt_arrays)
+            self.state = {k: state[k] for k in self.state}
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics = self._open_metrics()
+        self.tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        (self.out / "run.json").write_text(json.dumps(self._run_info(), indent=1) + "\n")
+
+    def _data(self, cfg, vocab):
+        self.windows = TokenWindows(cfg.data, cfg.seq_len, vocab)
+        n = len(self.windows)
+        if cfg.val_data:
+            self.val_source, self.val_ids = TokenWindows(cfg.val_data, cfg.seq_len, vocab), None
+            n_train = n
+        else:
+            if cfg.val_windows >= n:
+                raise InputError(f"{cfg.data}: {n} windows of {cfg.seq_len + 1} tokens; holding out "
+                                 f"--val-windows {cfg.val_windows} leaves none to train on")
+            n_train = n - cfg.val_windows
+            self.val_source = self.windows if cfg.val_windows else None
+        if self.val_source is not None:
+            first = 0 if cfg.val_data else n_train
+            count = len(self.val_source) - first
+            self.val_ids = list(range(first, first + min(count, cfg.eval_windows or count)))
+        self.stream = TrainStream(self.windows, n_train, cfg.data_order, cfg.seed)
+        self.n_train = n_train
+
+    def _open_metrics(self):
+        """metrics.jsonl; a resumed run keeps only the records up to its checkpoint's step."""
+        path = self.out / "metrics.jsonl"
+        kept = []
+        if self.cfg.resume and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= self.state["step"]]
+        f = path.open("w")
+        f.writelines(line + "\n" for line in kept)
+        f.flush()
+        return f
+
+    def _run_info(self):
+        mc = self.model.config
+        return {"config": asdict(self.cfg), "arch": arch_name(mc), "model_config": mc.as_dict(),
+                "params": self.model.num_parameters(), "train_windows": self.n_train,
+                "val_windows": len(self.val_ids) if self.val_source else 0,
+                "tokens_per_step": self.cfg.grad_accum * self.cfg.batch_size * self.cfg.seq_len}
+
+    def _write(self, record):
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+
+    def _say(self, text):
+        print(text, file=self.log, flush=True)
+
+    # --- losses -----------------------------------------------------------------------------
+
+    def evaluate(self):
+        """Mean loss over the validation windows (batches of batch_size), or None without any."""
+        if self.val_source is None:
+            return None
+        B, total, count = self.cfg.batch_size, 0.0, 0
+        with no_grad():
+            for i in range(0, len(self.val_ids), B):
+                inputs, targets = self.val_source.batch(self.val_ids[i: i + B])
+                total += float(self.model.loss(inputs, targets).data) * inputs.size
+                count += inputs.size
+        return total / count
+
+    def train_step(self, step):
+        """One update; returns (mean loss, pre-clip grad norm, lr)."""
+        cfg, params = self.cfg, self.model.parameters()
+        for p in params:
+            p.zero_grad()
+        weight = backend.xp.asarray(1.0 / cfg.grad_accum, dtype=backend.dtype)
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            first = (step * cfg.grad_accum + micro) * cfg.batch_size
+            inputs, targets = self.stream.batch(first, cfg.batch_size)
+            loss = self.model.loss(inputs, targets)
+            loss.backward(weight)
+            loss_sum += float(loss.data)
+        loss = loss_sum / cfg.grad_accum
+        if not math.isfinite(loss):
+            raise TrainingAborted(f"step {step + 1}: the training loss is {loss}; stopping (lower --lr?)")
+        norm = global_grad_norm(params)
+        if not math.isfinite(norm):
+            raise TrainingAborted(f"step {step + 1}: the gradient norm is {norm}; stopping (lower --lr?)")
+        clip_grads(params, norm, cfg.grad_clip)
+        lr = learning_rate(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                           total_steps=cfg.steps, schedule=cfg.schedule)
+        self.optimizer.lr = lr
+        self.optimizer.step()
+        return loss, norm, lr
+
+    def _eval_and_gate(self, step):
+        val = self.evaluate()
+        if val is None:
+            return None
+        if not math.isfinite(val):
+            raise TrainingAborted(f"step {step}: the validation loss is {val}; stopping")
+        previous = self.state["last_val_loss"]
+        if previous is not None and val > 2 * previous:
+            raise TrainingAborted(f"step {step}: validation loss {val:.4f} is more than twice the previous "
+                                  f"{previous:.4f}: diverging; stopping (lower --lr?)")
+        self.state["last_val_loss"] = val
+        self._write({"type": "eval", "step": step, "val_loss": val, "ppl": math.exp(min(val, 700.0))})
+        return val
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self):
+        cfg = self.cfg
+        if self.state["init_loss"] is None:
+            init = self._eval_and_gate(0)
+            if init is None:  # no validation data: the first training batch's loss, before any update
+                with no_grad():
+                    init = float(self.model.loss(*self.stream.batch(0, cfg.batch_size)).data)
+            self.state["init_loss"] = init
+            self._say(f"init_loss {init:.4f} (step 0, before any update; ln V = {math.log(self.model.config.vocab_size):.4f})")
+        train_time, last_loss, last_print = 0.0, None, 0.0
+        first_step = self.state["step"]
+        for step in range(first_step, cfg.steps):
+            t0 = time.perf_counter()
+            loss, norm, lr = self.train_step(step)
+            dt = time.perf_counter() - t0
+            train_time += dt
+            last_loss = loss
+            self.state["step"] = done = step + 1
+            self._write({"type": "step", "step": done, "loss": loss, "grad_norm": norm, "lr": lr,
+                         "tokens_per_sec": self.tokens_per_step / dt, "wall_s": time.perf_counter() - self.start_time})
+            val = self._eval_and_gate(done) if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps else None
+            now = time.perf_counter()
+            if now - last_print > 10.0 or val is not None or done == cfg.steps or done == first_step + 1:
+                last_print = now
+                rate = self.tokens_per_step * (done - first_step) / train_time
+                eta = (cfg.steps - done) * train_time / (done - first_step)
+                self._say(f"step {done}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {norm:.3f} | "
+                          f"{rate:,.0f} tok/s | ETA {_duration(eta)}" + (f" | val_loss {val:.4f}" if val is not None else ""))
+            if cfg.save_every and done % cfg.save_every == 0:
+                self.save_checkpoint()
+        return self.finish(train_time, last_loss, cfg.steps - first_step)
+
+    def save_checkpoint(self):
+        step = self.state["step"]
+        checkpoint.save(self.out / f"step-{step}", self.model, self.optimizer,
+                        {**self.state, "next_sample": step * self.cfg.grad_accum * self.cfg.batch_size,
+                         "data_order": {"order": self.cfg.data_order, "seed": self.cfg.seed,
+                                        "rng": "numpy.random.default_rng([seed, epoch]).permutation per epoch"},
+                         "config": asdict(self.cfg), "model_config": self.model.config.as_dict()})
+
+    def finish(self, train_time, last_loss, steps_run):
+        from minitrain.apr import write_apr
+        from minitrain.apr_meta import model_metadata
+
+        model, mc = self.model, self.model.config
+        tensors = {n: backend.to_numpy(t.data).astype("float32", copy=False) for n, t in model.params.items()}
+        if mc.tie_word_embeddings:  # as `apr convert` does: the tied head stored as a copy of the embedding
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+        write_apr(self.out / "final.apr", tensors.items(), model_metadata(mc, model.num_parameters()))
+        self.metrics.close()
+        report = {"status": "ok", "arch": arch_name(mc), "params": model.num_parameters(), "steps": self.cfg.steps,
+                  "tokens": self.cfg.steps * self.tokens_per_step, "init_loss": self.state["init_loss"],
+                  "final_train_loss": last_loss, "final_val_loss": self.state["last_val_loss"],
+                  "tokens_per_sec": steps_run * self.tokens_per_step / train_time if train_time else None,
+                  "wall_s": time.perf_counter() - self.start_time, "out": str(self.out)}
+        self._say(f"done: {report['steps']} steps, init_loss {report['init_loss']:.4f} -> final train loss "
+                  f"{_fmt(last_loss)}, val loss {_fmt(report['final_val_loss'])}; wrote {self.out / 'final.apr'}")
+        return report
+
+
+def _fmt(x):
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _duration(seconds):
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
