@@ -34,17 +34,20 @@ HEADER = struct.Struct("<4sBBHIQIQQI20s")  # the 64-byte header, field by field 
 ROW_MAJOR = 0x0400  # LAYOUT_ROW_MAJOR: set by every v2 writer
 _CHUNK = 16 << 20  # bytes per write or CRC step
 
+# Every named header flag bit (doc §2), for display.
+FLAG_NAMES = {0x0001: "LZ4_COMPRESSED", 0x0002: "ZSTD_COMPRESSED", 0x0004: "ENCRYPTED", 0x0008: "SIGNED",
+              0x0010: "SHARDED", 0x0020: "QUANTIZED", 0x0040: "HAS_FILTERBANK", 0x0080: "HAS_MODEL_CARD",
+              0x0100: "STREAMING", 0x0200: "HAS_VOCAB", 0x0400: "LAYOUT_ROW_MAJOR", 0x0800: "LAYOUT_COLUMN_MAJOR"}
+
 # Header flags a reader must refuse, with why (doc §2 and §7); the others are informational.
 REFUSED_FLAGS = {
-    0x0001: ("LZ4_COMPRESSED", "the payload is declared LZ4-compressed; aprender's own writer sets this bit "
-             "without compressing, so clearing it may make the file readable, but minitrain refuses it as declared"),
-    0x0002: ("ZSTD_COMPRESSED", "the payload is declared zstd-compressed, which minitrain does not read"),
-    0x0004: ("ENCRYPTED", "the payload is declared encrypted, which minitrain does not read"),
-    0x0008: ("SIGNED", "the file is declared signed, which minitrain cannot verify"),
-    0x0800: ("LAYOUT_COLUMN_MAJOR", "the tensors are declared column-major; APR LLM weights are row-major "
-             "(aprender refuses this bit too)"),
+    0x0001: "the payload is declared LZ4-compressed; aprender's own writer sets this bit without compressing, "
+            "so clearing it may make the file readable, but minitrain refuses it as declared",
+    0x0002: "the payload is declared zstd-compressed, which minitrain does not read",
+    0x0004: "the payload is declared encrypted, which minitrain does not read",
+    0x0008: "the file is declared signed, which minitrain cannot verify",
+    0x0800: "the tensors are declared column-major; APR LLM weights are row-major (aprender refuses this bit too)",
 }
-
 
 
 def _align64(n):
@@ -226,7 +229,7 @@ def _read_header(path, h):
     if crc != found:
         raise InputError(f"{path}: header checksum mismatch: the header says 0x{crc:08x}, "
                          f"its bytes give 0x{found:08x} (corrupt header)")
-    refused = [f"{name} (0x{bit:04x}): {why}" for bit, (name, why) in REFUSED_FLAGS.items() if flags & bit]
+    refused = [f"{FLAG_NAMES[bit]} (0x{bit:04x}): {why}" for bit, why in REFUSED_FLAGS.items() if flags & bit]
     if refused:
         raise InputError(f"{path}: refused header flag " + "; ".join(refused))
     return {"magic": magic.decode("latin-1"), "version": (major, minor), "flags": flags, "tensor_count": count,

@@ -97,6 +97,7 @@ def evaluate(init_path, data_path, seq_len, batch_size, batches, as_json):
 @click.option("--arch", help="Architecture preset (llama-370m, qwen2.5-0.5b, tiny-llama, tiny-qwen2). With "
               "--init it must match the file, field by field.")
 @click.option("--init", help="Start from this checkpoint (a Hugging Face directory or an .apr file).")
+@click.option("--tokenizer", help="tokenizer.json to embed in final.apr (its vocabulary must fit the model's).")
 @click.option("--mode", type=click.Choice(["finetune", "from-scratch"]),
               help="Hyperparameter defaults: finetune (lr 5e-5, warmup 100; the default with --init) or "
                    "from-scratch (lr 3e-4, warmup 1000).")
@@ -201,6 +202,30 @@ def tokenize(tokenizer_path, out_dir, content_field, shard_tokens, inputs):
     m = tokenize_to_shards(tokenizer_path, out_dir, inputs, content_field=content_field, shard_tokens=shard_tokens)
     click.echo(f"{m['total_documents']:,} documents -> {m['total_tokens']:,} tokens in {m['shard_count']} shard(s) "
                f"under {out_dir} (vocab {m['vocab_size']:,}, EOS {m['eos_token_id']} between documents)")
+
+
+@cli.command(name="inspect")
+@click.argument("path", metavar="PATH")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
+def inspect_command(path, as_json):
+    """Format, flags, metadata, detected architecture and tensor table of an .apr file or a
+    Hugging Face checkpoint directory."""
+    from minitrain.inspect_model import inspect, render
+
+    info = inspect(path)
+    click.echo(json.dumps(info, ensure_ascii=False) if as_json else render(info))
+
+
+@cli.command()
+@click.argument("src", metavar="SRC")
+@click.argument("dst", metavar="DST")
+@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f32", show_default=True,
+              help="Weights of the .apr written (HF -> APR).")
+def convert(src, dst, dtype):
+    """Hugging Face checkpoint directory -> .apr file, or .apr file -> Hugging Face directory."""
+    from minitrain.convert import convert as run
+
+    click.echo(run(src, dst, dtype))
 
 
 def main():

@@ -64,7 +64,7 @@ def run_demo(out="runs/demo", log=sys.stderr):
     Path(out).mkdir(parents=True, exist_ok=True)
     shutil.copy(tokenizer, Path(out) / "tokenizer.json")
     print(f"demo: training tiny-llama from scratch on {tokens} -> {out}", file=log, flush=True)
-    run = Run(TrainConfig(data=str(tokens), out=out, **DEMO).resolved(), log=log)
+    run = Run(TrainConfig(data=str(tokens), out=out, tokenizer=str(tokenizer), **DEMO).resolved(), log=log)
     report = run.run()
     uniform = math.log(run.model.config.vocab_size)
     if report["final_val_loss"] > uniform - LEARNED:

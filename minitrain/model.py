@@ -34,10 +34,10 @@ class Model:
 
     @classmethod
     def from_arrays(cls, config, arrays, dtype=None):
-        """Wrap arrays (name -> array, any float dtype) as trainable parameters in `dtype`
-        (default: the backend's policy dtype)."""
+        """Copy arrays (name -> array, any float dtype; read-only memory maps too) into trainable
+        parameters in `dtype` (default: the backend's policy dtype)."""
         dt = backend.dtype if dtype is None else dtype
-        return cls(config, {name: Tensor(backend.xp.asarray(a, dtype=dt), requires_grad=True, name=name)
+        return cls(config, {name: Tensor(backend.xp.array(a, dtype=dt), requires_grad=True, name=name)
                             for name, a in arrays.items()})
 
     @classmethod

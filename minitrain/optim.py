@@ -98,5 +98,5 @@ class AdamW:
     def load_state(self, scalars, arrays):
         self.t = int(scalars["t"])
         for i, p in enumerate(self.params):
-            self.m[i] = backend.xp.asarray(arrays[f"m.{p.name}"], dtype=p.data.dtype)
-            self.v[i] = backend.xp.asarray(arrays[f"v.{p.name}"], dtype=p.data.dtype)
+            self.m[i] = backend.xp.array(arrays[f"m.{p.name}"], dtype=p.data.dtype)  # a writable copy
+            self.v[i] = backend.xp.array(arrays[f"v.{p.name}"], dtype=p.data.dtype)

@@ -43,7 +43,8 @@ def read_header(path):
 
 
 def load(path, names=None):
-    """name -> float32 array (float64 for F64) for every tensor in the file (or those in `names`)."""
+    """name -> float32 array (float64 for F64) for every tensor in the file (or those in `names`);
+    F32 and F64 tensors are read-only views of the memory-mapped file, not copies."""
     header, base, size = read_header(path)
     data = numpy.memmap(path, dtype=numpy.uint8, mode="r")
     out = {}
@@ -61,8 +62,8 @@ def load(path, names=None):
         raw = data[base + begin: base + end].view(_DTYPES[dtype]).reshape(shape)
         if dtype == "BF16":
             out[name] = bf16_to_f32(raw)
-        else:  # F64 stays F64 (a float64 run resumes exactly); F16 is widened
-            out[name] = raw.astype(numpy.float64 if dtype == "F64" else numpy.float32)
+        else:  # F32 and F64 as read-only views of the file (a float64 run resumes exactly); F16 widened
+            out[name] = raw.astype(numpy.float64 if dtype == "F64" else numpy.float32, copy=False)
     return out
 
 

@@ -51,20 +51,23 @@ def load_apr(path):
 
 def config_from_apr(meta, shapes, tied, source):
     """The architecture of an APR file from its metadata, checked against its tensor shapes."""
-    kind = str(meta.get("hf_model_type") or meta.get("architecture") or meta.get("model_type") or "").lower()
-    if any(n.startswith(("bert.", "encoder.", "roberta.")) or ".encoder." in n for n in shapes) or kind in hf.ENCODERS:
-        raise InputError(f"{source}: an encoder model ({kind or 'encoder tensors'}); minitrain trains decoder-only "
-                         "Llama/Qwen2 models")
+    # every type key present must agree with the tensors ("auto"/"unknown" say nothing)
+    kinds = {str(meta.get(k) or "").lower() for k in ("hf_model_type", "architecture", "model_type")}
+    kinds -= {"", "auto", "unknown"}
+    if kinds & hf.ENCODERS or any(n.startswith(("bert.", "encoder.", "roberta.")) or ".encoder." in n for n in shapes):
+        raise InputError(f"{source}: an encoder model ({', '.join(sorted(kinds & hf.ENCODERS)) or 'encoder tensors'}); "
+                         "minitrain trains decoder-only Llama/Qwen2 models")
     if any(n.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) for n in shapes):
         raise InputError(f"{source}: has q_norm/k_norm tensors (a Qwen3 model), which minitrain does not support")
     if "model.embed_tokens.weight" not in shapes or "model.layers.0.self_attn.q_proj.weight" not in shapes:
         raise InputError(f"{source}: no model.embed_tokens.weight / model.layers.0.self_attn.q_proj.weight: not a "
                          "Llama/Qwen2 checkpoint with Hugging Face tensor names")
     family = "qwen2" if "model.layers.0.self_attn.q_proj.bias" in shapes else "llama"
-    if kind not in ("", "auto", "unknown") and kind not in FAMILIES:
-        raise InputError(f"{source}: model_type {kind!r} is not supported; supported: {', '.join(FAMILIES)}")
-    if kind in FAMILIES and kind != family:
-        raise InputError(f"{source}: metadata says {kind!r} but the tensors are {family!r} "
+    if kinds - FAMILIES.keys():
+        raise InputError(f"{source}: model type {', '.join(sorted(kinds - FAMILIES.keys()))} is not supported; "
+                         f"supported: {', '.join(FAMILIES)}")
+    if kinds - {family}:
+        raise InputError(f"{source}: metadata says {', '.join(sorted(kinds))} but the tensors are {family!r} "
                          f"({'with' if family == 'qwen2' else 'without'} q/k/v biases)")
     if meta.get("rope_type", ROPE_NEOX) != ROPE_NEOX:
         raise InputError(f"{source}: rope_type {meta['rope_type']} (adjacent pairs); minitrain implements the "

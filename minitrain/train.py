@@ -19,8 +19,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from minitrain import backend, checkpoint
+from minitrain.apr import write_apr
+from minitrain.apr_meta import model_metadata
 from minitrain.autograd import no_grad
 from minitrain.config import PRESETS, ModelConfig, preset
+from minitrain.convert import apr_tensors, checked_tokenizer
 from minitrain.data import TokenWindows, TrainStream
 from minitrain.errors import InputError, TrainingAborted
 from minitrain.model import Model
@@ -37,6 +40,7 @@ class TrainConfig:
     out: str = None
     arch: str = None
     init: str = None
+    tokenizer: str = None  # embedded in final.apr; its vocabulary must fit the model's
     mode: str = None  # finetune with --init, else from-scratch
     val_data: str = None
     val_windows: int = 16
@@ -114,7 +118,7 @@ def _check_arch(name, config, source):
     diffs = [f"{f.name}: --arch {getattr(expected, f.name)} vs file {getattr(config, f.name)}"
              for f in fields(ModelConfig) if getattr(expected, f.name) != getattr(config, f.name)]
     if diffs:
-        raise InputError(f"{source} does not match --arch {name}: {'; '.join(diffs)}")
+        raise InputError(f"{source}: does not match --arch {name}: {'; '.join(diffs)}")
 
 
 def build_model(cfg):
@@ -177,6 +181,7 @@ class Run:
         if cfg.seq_len > mc.max_position_embeddings:
             raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                              f"{mc.max_position_embeddings}")
+        self.tokenizer = checked_tokenizer(cfg.tokenizer, mc) if cfg.tokenizer else None
         self._data(cfg, mc.vocab_size)
         params = self.model.parameters()
         if cfg.optimizer == "sgd":
@@ -334,14 +339,10 @@ class Run:
                          "config": asdict(self.cfg), "model_config": self.model.config.as_dict()})
 
     def finish(self, train_time, last_loss, steps_run):
-        from minitrain.apr import write_apr
-        from minitrain.apr_meta import model_metadata
-
         model, mc = self.model, self.model.config
-        tensors = {n: backend.to_numpy(t.data).astype("float32", copy=False) for n, t in model.params.items()}
-        if mc.tie_word_embeddings:  # as `apr convert` does: the tied head stored as a copy of the embedding
-            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-        write_apr(self.out / "final.apr", tensors.items(), model_metadata(mc, model.num_parameters()))
+        arrays = {n: backend.to_numpy(t.data) for n, t in model.params.items()}
+        write_apr(self.out / "final.apr", apr_tensors(mc, arrays),
+                  model_metadata(mc, model.num_parameters(), self.tokenizer))
         self.metrics.close()
         report = {"status": "ok", "arch": arch_name(mc), "params": model.num_parameters(), "steps": self.cfg.steps,
                   "tokens": self.cfg.steps * self.tokens_per_step, "init_loss": self.state["init_loss"],

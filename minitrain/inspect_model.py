@@ -1,0 +1,83 @@
+"""`minitrain inspect PATH`: what a model file or directory holds, without loading its weights.
+
+For an `.apr` file: the header (version, flags by name, footer), the metadata, the architecture
+minitrain would load (or why it would refuse), and the tensor table (name, dtype, shape, bytes).
+For a Hugging Face directory: config.json, the architecture, and the tensors from the
+safetensors headers.
+"""
+
+import json
+import math
+from pathlib import Path
+
+from minitrain import hf, safetensors_io
+from minitrain.apr import FLAG_NAMES, read_apr
+from minitrain.errors import InputError
+
+
+def inspect(path):
+    """The description as a dict: format, metadata, architecture, tensors (and format details)."""
+    p = Path(path)
+    if p.is_dir():
+        return _inspect_hf(p)
+    from minitrain.sources import load_apr
+
+    apr = read_apr(p)
+    h = apr.header
+    info = {"format": "apr", "version": ".".join(map(str, h["version"])), "magic": h["magic"],
+            "flags": [name for bit, name in FLAG_NAMES.items() if h["flags"] & bit], "footer": apr.has_footer,
+            "metadata": apr.metadata, "architecture": _architecture(lambda: load_apr(p)[0]),
+            "tensors": [{"name": t.name, "dtype": t.dtype_name, "shape": list(t.shape), "nbytes": t.size}
+                        for t in apr.tensors.values()]}
+    return info
+
+
+def _inspect_hf(directory):
+    metadata = hf._load_json(directory / "config.json")
+    tensors = []
+    for f in hf._shard_files(directory):
+        header = safetensors_io.read_header(f)[0]
+        tensors += [{"name": n, "dtype": t["dtype"], "shape": t["shape"],
+                     "nbytes": t["data_offsets"][1] - t["data_offsets"][0]} for n, t in header.items()]
+    tensors.sort(key=lambda t: t["name"].encode())
+    return {"format": "hf-safetensors", "metadata": metadata,
+            "architecture": _architecture(lambda: hf.load_dir(directory)[0]), "tensors": tensors}
+
+
+def _architecture(load):
+    """The config minitrain would train, or the one-line reason it would refuse the file."""
+    try:
+        return {"ok": True, **load().as_dict()}
+    except InputError as e:
+        return {"ok": False, "error": str(e)}
+
+
+def _short(value):
+    """A metadata value for the human view: long lists summarized."""
+    if isinstance(value, list) and len(value) > 8:
+        return f"[{len(value)} items: {', '.join(json.dumps(v) for v in value[:3])}, ...]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def render(info):
+    lines = []
+    if info["format"] == "apr":
+        lines.append(f"format        APR v{info['version']} (magic {info['magic']!r}), flags "
+                     f"{', '.join(info['flags']) or 'none'}, footer CRC {'present and verified' if info['footer'] else 'absent'}")
+    else:
+        lines.append("format        Hugging Face checkpoint directory (config.json + safetensors)")
+    arch = info["architecture"]
+    if arch["ok"]:
+        fields = ", ".join(f"{k}={v}" for k, v in arch.items() if k not in ("ok", "family"))
+        lines.append(f"architecture  {arch['family']}: {fields}")
+    else:
+        lines.append(f"architecture  not loadable: {arch['error']}")
+    lines.append("metadata")
+    lines += [f"  {key}: {_short(value)}" for key, value in info["metadata"].items()]
+    total = sum(t["nbytes"] for t in info["tensors"])
+    params = sum(math.prod(t["shape"]) for t in info["tensors"])
+    lines.append(f"tensors       {len(info['tensors'])} ({params:,} values, {total:,} bytes)")
+    width = max((len(t["name"]) for t in info["tensors"]), default=4)
+    lines += [f"  {t['name'].ljust(width)}  {t['dtype']:<5}  {str(t['shape']):<14}  {t['nbytes']:>12,}"
+              for t in info["tensors"]]
+    return "\n".join(lines)
