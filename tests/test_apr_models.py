@@ -120,3 +120,18 @@ def test_eval_of_apr_equals_eval_of_hf_up_to_the_storage_rounding(hf_dir, tmp_pa
     # ... which is close to, but not exactly, the F32 loss
     assert from_apr["loss"] != from_hf["loss"]
     assert abs(from_apr["loss"] - from_hf["loss"]) < {"f16": 1e-3, "bf16": 2e-2}[dtype] * from_hf["loss"]
+
+
+def test_convert_refuses_a_tokenizer_larger_than_the_model(hf_dir, tmp_path):
+    import shutil
+
+    from minitrain.tokenize import train_bpe
+
+    directory, _, _ = hf_dir
+    shutil.copytree(directory, tmp_path / "model")
+    (tmp_path / "text.txt").write_text("def f(x):\n    return x\n" * 50)
+    train_bpe([tmp_path / "text.txt"], 300, tmp_path / "model" / "tokenizer.json")
+    out = subprocess.run([sys.executable, "-m", "minitrain", "convert", str(tmp_path / "model"), str(tmp_path / "m.apr")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "is larger than the model's vocab_size 97" in out.stderr
+    assert not (tmp_path / "m.apr").exists()

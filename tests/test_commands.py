@@ -22,7 +22,8 @@ def minitrain(*args):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A tokenizer (vocab 300), its token shards, and a 3-step tiny-llama run on them."""
+    """A tokenizer (vocab 300), its token shards, and a 3-step tiny-llama run on them that
+    embeds the tokenizer in its final.apr."""
     d = tmp_path_factory.mktemp("run")
     (d / "corpus.py").write_text(CORPUS)
     train_bpe([d / "corpus.py"], 300, d / "tokenizer.json")
@@ -31,7 +32,8 @@ def run_dir(tmp_path_factory):
     assert out.returncode == 0, out.stderr
     assert "2 documents" in out.stdout and "EOS 0 between documents" in out.stdout
     run = Run(*configure(dict(data=str(d / "tokens"), out=str(d / "out"), arch="tiny-llama", seq_len=16,
-                              batch_size=2, steps=3, val_windows=2, lr=1e-3, warmup_steps=1)))
+                              batch_size=2, steps=3, val_windows=2, lr=1e-3, warmup_steps=1,
+                              tokenizer=str(d / "tokenizer.json"))))
     run.run()
     return d, run
 
@@ -91,3 +93,22 @@ def test_plot_writes_a_png(run_dir, tmp_path):
 def test_plot_of_a_directory_without_metrics_is_exit_2(tmp_path):
     out = minitrain("plot", str(tmp_path))
     assert out.returncode == 2 and "metrics.jsonl: no such file" in out.stderr
+
+
+def test_inspect_human_view_of_a_run(run_dir):
+    d, run = run_dir
+    out = minitrain("inspect", str(d / "out" / "final.apr"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("format        APR v2.0") and "LAYOUT_ROW_MAJOR" in lines[0] and "verified" in lines[0]
+    assert lines[1].startswith("architecture  llama: hidden_size=256")
+    # the tokenizer embedded by --tokenizer: 300 tokens padded with "<unk>" to the 8192 embedding rows
+    assert any(line.startswith('  tokenizer.vocabulary: [8192 items: "<|endoftext|>"') for line in lines)
+    assert '  tokenizer.eos_token_id: 0' in lines
+    assert any(line.startswith(f"tensors       {len(run.model.params) + 1} ") for line in lines)  # + tied lm_head copy
+
+
+def test_inspect_of_a_broken_file_is_exit_2(tmp_path):
+    (tmp_path / "x.apr").write_bytes(b"APRN" + bytes(60))
+    out = minitrain("inspect", str(tmp_path / "x.apr"))
+    assert out.returncode == 2 and "APR v1 file" in out.stderr and len(out.stderr.splitlines()) == 1
