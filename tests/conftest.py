@@ -12,3 +12,13 @@ def rmsnorm_without_mean_term(monkeypatch):
         return g * w * r, (g * xhat).reshape(-1, w.shape[0]).sum(axis=0)
 
     monkeypatch.setattr(RMSNorm, "backward", no_mean)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """ptxas's register and spill counts of every kernel compiled by tests/test_kernels_compile.py."""
+    from test_kernels_compile import REPORT
+
+    if REPORT:
+        terminalreporter.section("CUDA kernels: ptxas -v (registers, spill stores/loads in bytes)")
+        for source, arch, kernel, regs, st, ld in REPORT:
+            terminalreporter.write_line(f"{source:<14} {arch}  {kernel:<34} {regs:>3} registers  spills {st}/{ld}")

@@ -1,0 +1,46 @@
+// common.cuh: what every kernel shares: bf16 as raw bits, typed loads and stores, warp reductions.
+// Plain CUDA C++ with no CUDA headers, so the same source compiles with nvcc, with NVRTC, and with
+// g++ under cuda_emu.h (which is included first there, by -include).
+#pragma once
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define EMU_EXPORT(...)  // ctypes entry points exist only in the CPU emulation build
+#endif
+
+// bfloat16 kept as its 16 raw bits, the top half of an IEEE fp32: widening is a shift, and
+// narrowing rounds to nearest even (NaN stays a quiet NaN). Arithmetic is always done in fp32.
+typedef unsigned short bf16;
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) { return __uint_as_float((unsigned)x << 16); }
+
+__device__ __forceinline__ void store(float* p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void store(bf16* p, long i, float v) {
+    unsigned u = __float_as_uint(v);
+    p[i] = (u & 0x7fffffffu) > 0x7f800000u ? (bf16)((u >> 16) | 0x40u)
+                                            : (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Sum / max over the 32 lanes of a warp; every lane gets the result (butterfly exchange).
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Sum over a whole block of blockDim.x threads (a multiple of 32, at most 1024); every thread
+// gets the result. `scratch` is 32 floats of shared memory; the trailing barrier makes it
+// reusable by the next call.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    v = warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.0f;
+    v = warp_sum(v);
+    __syncthreads();
+    return v;
+}

@@ -1,0 +1,208 @@
+// cuda_emu.h: compile CUDA kernel source with g++ and run it on the CPU, for tests.
+//
+//   g++ -std=c++20 -pthread -shared -fPIC -include kernels/cuda_emu.h -x c++ kernels/foo.cu
+//
+// Every CUDA thread of a block is a real std::thread, but only one runs at a time: a thread runs
+// until it reaches a sync point (__syncthreads, a warp shuffle or __syncwarp) or returns, then the
+// next runnable thread takes over, in thread-index order (or reverse order). A sync point releases
+// its waiters once every live participant (the block, or the warp's lanes) has arrived. Blocks run
+// one after another. This schedule is deterministic and adversarial on purpose: a missing
+// __syncthreads means a thread reads shared memory its neighbours have not written yet (or have
+// already overwritten), every time, so the kernel's output is wrong and a test catches it.
+//
+// __shared__ variables become function statics: one copy per kernel, which is one per block since
+// blocks do not overlap. Shared memory must be static (no extern __shared__).
+//
+// ctypes entry points: after a kernel, `EMU_EXPORT(kernel, (params...), (args...))` defines
+// extern "C" emu_<kernel>(gx, gy, gz, bx, by, bz, reverse, params...). Under nvcc/NVRTC
+// (__CUDACC__ / __CUDACC_RTC__ defined) the header is not used and EMU_EXPORT is empty.
+#pragma once
+
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __restrict__ __restrict
+
+struct dim3 {
+    unsigned x, y, z;
+    dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint3 {
+    unsigned x, y, z;
+};
+
+namespace emu {
+
+constexpr int WARP = 32;
+
+// The cooperative scheduler of one block.
+struct Block {
+    enum State { RUNNABLE, AT_BLOCK_SYNC, AT_WARP_SYNC, DONE };
+    std::mutex m;
+    std::condition_variable cv;
+    int n = 0, turn = -1;
+    bool reverse = false;
+    std::vector<State> state;
+    std::vector<uint64_t> lanes;  // shuffle exchange buffer, one slot per thread
+
+    void start(int threads, bool rev) {
+        n = threads;
+        reverse = rev;
+        state.assign(n, RUNNABLE);
+        lanes.assign(n, 0);
+        turn = reverse ? n - 1 : 0;
+    }
+    // Release completed sync points, then hand the turn to the next runnable thread (lock held).
+    void schedule() {
+        bool all_at_block = true, any_alive = false;
+        for (int i = 0; i < n; i++) {
+            if (state[i] == DONE) continue;
+            any_alive = true;
+            if (state[i] != AT_BLOCK_SYNC) all_at_block = false;
+        }
+        if (!any_alive) { turn = -1; cv.notify_all(); return; }
+        if (all_at_block)
+            for (int i = 0; i < n; i++)
+                if (state[i] == AT_BLOCK_SYNC) state[i] = RUNNABLE;
+        for (int w = 0; w < n; w += WARP) {
+            bool all_at_warp = true, any = false;
+            for (int i = w; i < w + WARP && i < n; i++) {
+                if (state[i] == DONE) continue;
+                any = true;
+                if (state[i] != AT_WARP_SYNC) all_at_warp = false;
+            }
+            if (any && all_at_warp)
+                for (int i = w; i < w + WARP && i < n; i++)
+                    if (state[i] == AT_WARP_SYNC) state[i] = RUNNABLE;
+        }
+        for (int k = 0; k < n; k++) {
+            int i = reverse ? n - 1 - k : k;
+            if (state[i] == RUNNABLE) { turn = i; cv.notify_all(); return; }
+        }
+        std::fprintf(stderr, "cuda_emu: deadlock: live threads wait at sync points that cannot complete "
+                             "(a __syncthreads or shuffle inside divergent code?)\n");
+        std::abort();
+    }
+    void wait_turn(std::unique_lock<std::mutex>& lock, int me) {
+        cv.wait(lock, [&] { return turn == me; });
+    }
+    void sync(int me, State kind) {
+        std::unique_lock<std::mutex> lock(m);
+        state[me] = kind;
+        schedule();
+        wait_turn(lock, me);
+    }
+    void finish(int me) {
+        std::unique_lock<std::mutex> lock(m);
+        state[me] = DONE;
+        schedule();
+    }
+};
+
+inline thread_local uint3 thread_idx, block_idx;
+inline thread_local int linear_id;
+inline dim3 block_dim, grid_dim;
+inline Block* block = nullptr;
+
+inline void launch(dim3 grid, dim3 blk, bool reverse, const std::function<void()>& kernel) {
+    grid_dim = grid;
+    block_dim = blk;
+    int threads = int(blk.x * blk.y * blk.z);
+    for (unsigned bz = 0; bz < grid.z; bz++)
+        for (unsigned by = 0; by < grid.y; by++)
+            for (unsigned bx = 0; bx < grid.x; bx++) {
+                Block b;
+                b.start(threads, reverse);
+                block = &b;
+                std::vector<std::thread> pool;
+                pool.reserve(threads);
+                for (int t = 0; t < threads; t++)
+                    pool.emplace_back([&, t] {
+                        thread_idx = {unsigned(t % blk.x), unsigned(t / blk.x % blk.y), unsigned(t / (blk.x * blk.y))};
+                        block_idx = {bx, by, bz};
+                        linear_id = t;
+                        {
+                            std::unique_lock<std::mutex> lock(b.m);
+                            b.wait_turn(lock, t);
+                        }
+                        kernel();
+                        b.finish(t);
+                    });
+                for (auto& th : pool) th.join();
+                block = nullptr;
+            }
+}
+
+// One warp-wide exchange: every live lane publishes `value`, then reads lane `src(lane)`.
+template <class T, class F>
+inline T exchange(T value, F src) {
+    static_assert(sizeof(T) <= 8, "shuffle of a type wider than 8 bytes");
+    int me = linear_id, lane = me % WARP, base = me - lane;
+    uint64_t bits = 0;
+    std::memcpy(&bits, &value, sizeof(T));
+    block->lanes[me] = bits;
+    block->sync(me, Block::AT_WARP_SYNC);  // every lane has published
+    int from = src(lane);
+    T out = value;
+    if (from >= 0 && from < WARP && base + from < block->n) std::memcpy(&out, &block->lanes[base + from], sizeof(T));
+    block->sync(me, Block::AT_WARP_SYNC);  // every lane has read before the buffer is reused
+    return out;
+}
+
+}  // namespace emu
+
+#define threadIdx emu::thread_idx
+#define blockIdx emu::block_idx
+#define blockDim emu::block_dim
+#define gridDim emu::grid_dim
+#define warpSize 32
+
+inline void __syncthreads() { emu::block->sync(emu::linear_id, emu::Block::AT_BLOCK_SYNC); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::block->sync(emu::linear_id, emu::Block::AT_WARP_SYNC); }
+template <class T> inline T __shfl_sync(unsigned, T v, int src, int = 32) {
+    return emu::exchange(v, [&](int) { return src; });
+}
+template <class T> inline T __shfl_xor_sync(unsigned, T v, int mask, int = 32) {
+    return emu::exchange(v, [&](int lane) { return lane ^ mask; });
+}
+template <class T> inline T __shfl_down_sync(unsigned, T v, unsigned delta, int = 32) {
+    return emu::exchange(v, [&](int lane) { return lane + int(delta) < 32 ? lane + int(delta) : lane; });
+}
+template <class T> inline T __shfl_up_sync(unsigned, T v, unsigned delta, int = 32) {
+    return emu::exchange(v, [&](int lane) { return lane >= int(delta) ? lane - int(delta) : lane; });
+}
+
+// Only one emulated thread runs at a time, so a read-modify-write is atomic already.
+inline float atomicAdd(float* p, float v) { float old = *p; *p = old + v; return old; }
+inline int atomicAdd(int* p, int v) { int old = *p; *p = old + v; return old; }
+
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+using std::max;  // expf, logf, sqrtf, fmaxf ... come from <cmath> in the global namespace
+using std::min;
+
+#define EMU_UNPAREN(...) __VA_ARGS__
+#define EMU_EXPORT(kernel, params, args)                                                                  \
+    extern "C" void emu_##kernel(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,         \
+                                 unsigned bz, int reverse, EMU_UNPAREN params) {                          \
+        emu::launch(dim3(gx, gy, gz), dim3(bx, by, bz), reverse != 0, [&] { kernel args; });              \
+    }

@@ -1,0 +1,89 @@
+"""Build a kernels/*.cu file with g++ under kernels/cuda_emu.h and call its kernels from Python.
+
+    lib = library("swiglu")
+    launch(lib, "swiglu_forward_f32", grid=(4,), block=(128,), args=(a, u, y, n), reverse=False)
+
+The same CUDA source that nvcc compiles runs on the CPU: every CUDA thread is scheduled
+deterministically up to its next barrier (see cuda_emu.h), in thread order or, with
+reverse=True, in reverse order. Arguments: NumPy arrays (C-contiguous) are passed as pointers,
+Python ints as C `long`, Python floats as C `float` (kernel signatures use those types).
+Builds are cached under build/emu/, keyed by a hash of the sources and flags.
+"""
+
+import ctypes
+import functools
+import hashlib
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = ROOT / "kernels"
+BUILD = ROOT / "build" / "emu"
+FLAGS = ["-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wall", "-Wno-unused-function",
+         f"-I{KERNELS}", "-include", str(KERNELS / "cuda_emu.h"), "-x", "c++"]
+
+
+@functools.lru_cache(maxsize=None)
+def library(name, plant=None):
+    """The emulation build of kernels/NAME.cu. `plant=(old, new)` builds it with the source text
+    `old` replaced by `new` (exactly once): a planted bug, to show that the tests catch it."""
+    text = (KERNELS / f"{name}.cu").read_text()
+    if plant:
+        if text.count(plant[0]) != 1:
+            raise ValueError(f"planted bug: {plant[0]!r} occurs {text.count(plant[0])} times in {name}.cu")
+        text = text.replace(*plant)
+    digest = hashlib.sha256(text.encode())
+    for part in [*sorted(KERNELS.glob("*.h")), *sorted(KERNELS.glob("*.cuh"))]:
+        digest.update(part.read_bytes())
+    digest.update(" ".join(FLAGS).encode())
+    so = BUILD / f"{name}-{digest.hexdigest()[:16]}.so"
+    if not so.exists():
+        BUILD.mkdir(parents=True, exist_ok=True)
+        src, tmp = so.with_suffix(".cu"), so.with_suffix(".tmp")
+        src.write_text(text)
+        out = subprocess.run(["g++", *FLAGS, str(src), "-o", str(tmp)], capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"g++ failed on {name}.cu:\n{out.stderr}")
+        tmp.rename(so)
+    return ctypes.CDLL(str(so))
+
+
+def _c(arg):
+    if isinstance(arg, np.ndarray):
+        if not arg.flags.c_contiguous:
+            raise ValueError("kernel arguments must be C-contiguous arrays")
+        return ctypes.c_void_p(arg.ctypes.data)
+    if isinstance(arg, (bool, np.bool_)):
+        raise TypeError("pass flags as ints")
+    if isinstance(arg, (int, np.integer)):
+        return ctypes.c_long(int(arg))
+    if isinstance(arg, (float, np.floating)):
+        return ctypes.c_float(float(arg))
+    raise TypeError(f"unsupported kernel argument {type(arg).__name__}")
+
+
+def launch(lib, kernel, grid, block, args, reverse=False):
+    grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+    fn = getattr(lib, f"emu_{kernel}")
+    fn.restype = None
+    fn(*(ctypes.c_uint(v) for v in grid + block), ctypes.c_int(int(reverse)), *(_c(a) for a in args))
+
+
+def to_bf16(x):
+    """float32 values -> raw bf16 bits (uint16), rounded to nearest even (NumPy reference)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bf16(h):
+    return (h.astype(np.uint32) << 16).view(np.float32)
+
+
+def launcher(reverse=False):
+    """A `launch(source, kernel, grid, block, args)` for minitrain.gpu's launch functions that
+    runs the kernel on the CPU."""
+    def run(source, kernel, grid, block, args):
+        launch(library(source), kernel, grid, block, args, reverse)
+    return run
