@@ -54,7 +54,7 @@ constexpr int WARP = 32;
 struct Block {
     enum State { RUNNABLE, AT_BLOCK_SYNC, AT_WARP_SYNC, DONE };
     std::mutex m;
-    std::condition_variable cv;
+    std::vector<std::condition_variable> wake;  // one per thread: a handover wakes only the next thread
     int n = 0, turn = -1;
     bool reverse = false;
     std::vector<State> state;
@@ -65,6 +65,7 @@ struct Block {
         reverse = rev;
         state.assign(n, RUNNABLE);
         lanes.assign(n, 0);
+        wake = std::vector<std::condition_variable>(n);
         turn = reverse ? n - 1 : 0;
     }
     // Release completed sync points, then hand the turn to the next runnable thread (lock held).
@@ -75,7 +76,7 @@ struct Block {
             any_alive = true;
             if (state[i] != AT_BLOCK_SYNC) all_at_block = false;
         }
-        if (!any_alive) { turn = -1; cv.notify_all(); return; }
+        if (!any_alive) { turn = -1; return; }
         if (all_at_block)
             for (int i = 0; i < n; i++)
                 if (state[i] == AT_BLOCK_SYNC) state[i] = RUNNABLE;
@@ -92,14 +93,14 @@ struct Block {
         }
         for (int k = 0; k < n; k++) {
             int i = reverse ? n - 1 - k : k;
-            if (state[i] == RUNNABLE) { turn = i; cv.notify_all(); return; }
+            if (state[i] == RUNNABLE) { turn = i; wake[i].notify_one(); return; }
         }
         std::fprintf(stderr, "cuda_emu: deadlock: live threads wait at sync points that cannot complete "
                              "(a __syncthreads or shuffle inside divergent code?)\n");
         std::abort();
     }
     void wait_turn(std::unique_lock<std::mutex>& lock, int me) {
-        cv.wait(lock, [&] { return turn == me; });
+        wake[me].wait(lock, [&] { return turn == me; });
     }
     void sync(int me, State kind) {
         std::unique_lock<std::mutex> lock(m);

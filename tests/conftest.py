@@ -21,4 +21,4 @@ def pytest_terminal_summary(terminalreporter):
     if REPORT:
         terminalreporter.section("CUDA kernels: ptxas -v (registers, spill stores/loads in bytes)")
         for source, arch, kernel, regs, st, ld in REPORT:
-            terminalreporter.write_line(f"{source:<14} {arch}  {kernel:<34} {regs:>3} registers  spills {st}/{ld}")
+            terminalreporter.write_line(f"{source:<16} {arch}  {kernel:<40} {regs:>3} registers  spills {st}/{ld}")
