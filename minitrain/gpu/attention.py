@@ -1,0 +1,45 @@
+"""Launching kernels/attention.cu: causal grouped-query attention, forward and backward.
+
+q, o, do, dq (B, T, nH, hd); k, v, dk, dv (B, T, nKV, hd); lse, D (B, nH, T) float32; hd 64 or
+128. Every attention kernel takes 128-thread blocks; the tile sizes below are the kernels' own
+(kernels/attention.cu, where the tiling is explained) and set the grids.
+"""
+
+from minitrain.gpu.swiglu import suffix
+
+THREADS = 128
+FORWARD_ROWS = {64: 64, 128: 32}  # query rows per forward block
+BACKWARD_ROWS = {64: 32, 128: 16}  # query rows per dq block, key rows per dkdv block
+DELTA_ROWS, DELTA_BLOCKS = 32, 4096  # rows per delta block and step; a grid-stride loop covers the rest
+
+
+def _shape(q, k):
+    B, T, nH, hd = q.shape
+    nKV = k.shape[2]
+    if hd not in FORWARD_ROWS or nH % nKV or k.shape != (B, T, nKV, hd):
+        raise ValueError(f"attention kernels: q {q.shape}, k {k.shape}: need (B, T, nH, hd) and (B, T, nKV, hd) "
+                         f"with hd in {sorted(FORWARD_ROWS)} and nH a multiple of nKV")
+    return B, T, nH, nKV, hd
+
+
+def _tiles(T, rows):
+    return -(-T // rows)
+
+
+def forward(launch, q, k, v, o, lse):
+    """o = softmax(q k^T / sqrt(hd), causal) v per head; lse = the rows' log-sum-exp."""
+    B, T, nH, nKV, hd = _shape(q, k)
+    launch("attention", f"attention_forward_hd{hd}_{suffix(q)}", (_tiles(T, FORWARD_ROWS[hd]), nH, B), (THREADS,),
+           (q, k, v, o, lse, B, T, nH, nKV))
+
+
+def backward(launch, q, k, v, o, do, lse, dq, dk, dv, D):
+    """dq, dk, dv from do; D (B, nH, T) float32 is scratch (it receives rowsum(do * o))."""
+    B, T, nH, nKV, hd = _shape(q, k)
+    rows = BACKWARD_ROWS[hd]
+    launch("attention", f"attention_backward_delta_{suffix(o)}", (min(DELTA_BLOCKS, _tiles(B * T * nH, DELTA_ROWS)),),
+           (THREADS,), (o, do, D, B, T, nH, hd))
+    launch("attention", f"attention_backward_dq_hd{hd}_{suffix(q)}", (_tiles(T, rows), nH, B), (THREADS,),
+           (q, k, v, do, lse, D, dq, B, T, nH, nKV))
+    launch("attention", f"attention_backward_dkdv_hd{hd}_{suffix(q)}", (_tiles(T, rows), nKV, B), (THREADS,),
+           (q, k, v, do, lse, D, dk, dv, B, T, nH, nKV))

@@ -1,0 +1,135 @@
+"""kernels/attention.cu run on the CPU through kernels/cuda_emu.h, launched by minitrain.gpu.attention
+(the GPU path's own grids and blocks), against minitrain's attention op in float64: forward o and
+lse, backward D, dq, dk, dv, on sizes that are not multiples of the tiles, with every kind of
+head grouping, in both thread schedules. Then planted bugs, each of which the check must catch."""
+
+import numpy as np
+import pytest
+
+from kernel_emu import from_bf16, launch, launcher, library, to_bf16
+
+from minitrain import ops
+from minitrain.autograd import Tensor
+from minitrain.gpu import attention
+
+# Tiles: forward 64 (hd 64) or 32 (hd 128) query rows x 32 keys; backward 32 x 32 or 16 x 16.
+CASES = [  # B, T, nH, nKV, hd, dtype
+    (2, 67, 8, 2, 64, "f32"),  # 4:1, T past two tiles in every kernel
+    (1, 70, 7, 1, 128, "f32"),  # 7:1
+    (2, 5, 7, 1, 64, "bf16"),  # 7:1, T inside one tile
+    (2, 37, 4, 4, 128, "bf16"),  # 1:1
+    (2, 1, 4, 2, 64, "f32"),  # T = 1: a single row and key
+    (1, 1, 2, 1, 128, "bf16"),
+    (2, 33, 1, 1, 128, "f32"),  # one head; T = 33 = one past a key tile
+]
+TOL = {"f32": 1e-5, "bf16": 1e-2}  # bf16: outputs rounded to bf16 (and D from the rounded o)
+GUARD = 64  # elements after each output that no kernel may touch
+
+
+def inputs(B, T, nH, nKV, hd, dtype, seed=0):
+    """q, k, v, do as float32; for bf16, values exactly representable in bf16."""
+    rng = np.random.default_rng(seed)
+    arrays = [rng.standard_normal((B, T, n, hd)).astype(np.float32) for n in (nH, nKV, nKV, nH)]
+    return [from_bf16(to_bf16(a)) for a in arrays] if dtype == "bf16" else arrays
+
+
+def reference(q, k, v, do):
+    """o, lse, D, dq, dk, dv in float64: minitrain's attention op, and lse and D from its output."""
+    q, k, v, do = (a.astype(np.float64) for a in (q, k, v, do))
+    B, T, nH, hd = q.shape
+    tensors = [Tensor(a, requires_grad=True) for a in (q, k, v)]
+    o = ops.attention(*tensors)
+    o.backward(do)
+    kh = np.repeat(k, nH // k.shape[2], axis=2)  # kv head of query head h: h // g
+    s = np.einsum("bihd,bjhd->bhij", q, kh) / np.sqrt(hd)
+    s = np.where(np.tri(T, dtype=bool), s, -np.inf)  # causal: key j <= query i
+    mx = s.max(-1)
+    lse = mx + np.log(np.exp(s - mx[..., None]).sum(-1))
+    D = (do * o.data).sum(-1).transpose(0, 2, 1)
+    return dict(o=o.data, lse=lse, D=D, dq=tensors[0].grad, dk=tensors[1].grad, dv=tensors[2].grad)
+
+
+def run_kernels(run, q, k, v, do, dtype, backward=True):
+    """The kernels' results as float32 (decoded from bf16 where stored as bf16), and whether any
+    kernel wrote past the end of an output. Every output starts as NaN (so each element must be
+    written) and is followed in memory by GUARD elements that must stay NaN."""
+    enc, dec = (to_bf16, from_bf16) if dtype == "bf16" else ((lambda a: a), (lambda a: a))
+    q, k, v, do = (enc(a) for a in (q, k, v, do))
+    B, T, nH, _ = q.shape
+    guards = []
+
+    def output(shape, kind=q.dtype):
+        n = int(np.prod(shape))
+        buf = np.full(n + GUARD, np.nan, np.float32)
+        buf = to_bf16(buf) if kind == np.uint16 else buf
+        guards.append((buf, n, buf[n:].copy()))
+        return buf[:n].reshape(shape)
+
+    o, lse = output(q.shape), output((B, nH, T), np.float32)
+    attention.forward(run, q, k, v, o, lse)
+    got = dict(o=o, lse=lse)
+    if backward:
+        dq, dk, dv, D = output(q.shape), output(k.shape), output(v.shape), output((B, nH, T), np.float32)
+        attention.backward(run, q, k, v, o, do, lse, dq, dk, dv, D)
+        got.update(D=D, dq=dq, dk=dk, dv=dv)
+    overrun = any(buf[n:].tobytes() != guard.tobytes() for buf, n, guard in guards)
+    return {name: a if a.dtype == np.float32 else dec(a) for name, a in got.items()}, overrun
+
+
+def error(got, want):
+    """Largest error relative to the reference's scale (at least 1)."""
+    return np.abs(got - want).max() / max(np.abs(want).max(), 1.0)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("B,T,nH,nKV,hd,dtype", CASES)
+def test_attention_kernels_match_reference(B, T, nH, nKV, hd, dtype, reverse):
+    q, k, v, do = inputs(B, T, nH, nKV, hd, dtype)
+    want = reference(q, k, v, do)
+    got, overrun = run_kernels(launcher(reverse), q, k, v, do, dtype)
+    assert not overrun, "a kernel wrote past the end of an output"
+    for name, value in got.items():
+        tol = 1e-5 if name == "lse" else TOL[dtype]  # lse is float32 whatever the inputs
+        scale = max(np.abs(want[name]).max(), 1.0)
+        np.testing.assert_allclose(value, want[name], rtol=tol, atol=tol * scale, err_msg=name)
+
+
+def test_launch_rejects_unsupported_shapes():
+    q, k = np.zeros((1, 4, 6, 64), np.float32), np.zeros((1, 4, 4, 64), np.float32)
+    with pytest.raises(ValueError, match="multiple of nKV"):
+        attention.forward(launcher(), q, k, k, q, np.zeros((1, 6, 4), np.float32))
+    q = np.zeros((1, 4, 2, 32), np.float32)
+    with pytest.raises(ValueError, match="hd in"):
+        attention.forward(launcher(), q, q, q, q, np.zeros((1, 2, 4), np.float32))
+
+
+def planted(old, new, reverse=False):
+    """A launch callable for minitrain.gpu.attention that runs a copy of attention.cu with `old`
+    replaced by `new`."""
+    lib = library("attention", plant=(old, new))
+    return lambda source, kernel, grid, block, args: launch(lib, kernel, grid, block, args, reverse)
+
+
+PLANTS = {  # name: (old, new, B, T, nH, nKV, hd, the result it must spoil)
+    "K tile read before it is loaded": (
+        "__syncthreads();  // the K tile is loaded", "// no barrier", 1, 40, 1, 1, 64, "o"),
+    "next Q tile loaded over the one in use": (
+        "__syncthreads();  // Q, dO, P^T, dS^T consumed", "// no barrier", 1, 20, 2, 1, 128, "dk"),
+    "diagonal masked": ("return kj <= qi;", "return kj < qi;", 1, 20, 1, 1, 64, "o"),
+    "last key tile skipped": (  # T = 33: the last query row is the first key of a tile
+        "k0 < q_end; k0 += BK) {  // key tiles", "k0 < q_end - 1; k0 += BK) {  // key tiles", 1, 33, 1, 1, 128, "o"),
+    "output not rescaled to the new row max": (
+        "acc[i][c] *= alpha[i];", "", 1, 40, 1, 1, 64, "o"),
+    "row T stored": ("if (t < T)", "if (t <= T)", 1, 20, 1, 1, 64, "o"),  # one row: within GUARD
+}
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("name", PLANTS)
+def test_planted_bug_is_caught(name, reverse):
+    old, new, B, T, nH, nKV, hd, spoiled = PLANTS[name]
+    q, k, v, do = inputs(B, T, nH, nKV, hd, "f32", seed=1)
+    want = reference(q, k, v, do)[spoiled]
+    with np.errstate(invalid="ignore"):
+        got, overrun = run_kernels(planted(old, new, reverse), q, k, v, do, "f32", backward=spoiled != "o")
+        assert overrun or not error(got[spoiled], want) <= TOL["f32"], f"planted bug not caught: {name}"
