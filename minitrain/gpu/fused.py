@@ -1,0 +1,115 @@
+"""Launching the fused kernels: RMSNorm (kernels/rmsnorm.cu), RoPE (rope.cu), softmax
+cross-entropy (cross_entropy.cu) and the AdamW step (adamw.cu).
+
+Each function takes the `launch(source, kernel, grid, block, args)` callable (see __init__.py)
+and C-contiguous arrays (float32, or bf16 as uint16 bits), writes its outputs in place and
+returns nothing. Shapes are read from the arrays; sizes go to the kernels as C longs.
+"""
+
+from minitrain.gpu.swiglu import suffix
+
+BLOCK = 256  # elementwise kernels
+MAX_BLOCKS = 4096  # a grid-stride loop covers the rest
+RMS_COLS = 8  # kernels/rmsnorm.cu COLS: columns each thread keeps in registers
+RMS_PARTS = 512  # most row blocks in the RMSNorm backward (rows of its dw scratch)
+REDUCE_ROWS = 8  # kernels/rmsnorm.cu REDUCE_ROWS
+CE_BLOCK = 512  # most threads per row in the cross-entropy forward
+CE_COLUMNS = 16  # columns per thread the cross-entropy kernels aim for
+
+
+def _elementwise_grid(n):
+    return (max(1, min(MAX_BLOCKS, -(-n // BLOCK))),)
+
+
+def _warps(n, most):
+    """n threads rounded up to whole warps, between one warp and `most` threads."""
+    return min(most, max(32, -(-n // 32) * 32))
+
+
+def _rms_block(H):
+    if H > RMS_COLS * 1024:
+        raise ValueError(f"rmsnorm kernel: hidden size {H} is over {RMS_COLS * 1024}, the most a block keeps "
+                         f"in registers ({RMS_COLS} columns per thread, 1024 threads)")
+    return (_warps(-(-H // 4), 1024),)  # about 4 columns per thread
+
+
+def rmsnorm_forward(launch, x, w, y, r, eps):
+    """y = x * r * w over the last axis of x (..., H); r (rows,) float32 = 1/sqrt(mean(x^2) + eps)."""
+    H = x.shape[-1]
+    launch("rmsnorm", f"rmsnorm_forward_{suffix(x)}", (x.size // H,), _rms_block(H), (x, w, y, r, H, float(eps)))
+
+
+def rmsnorm_parts(rows):
+    """The row count of the RMSNorm backward's scratch: allocate it as float32 (parts, H), not
+    necessarily zeroed (the kernel writes every entry)."""
+    return max(1, min(rows, RMS_PARTS))
+
+
+def rmsnorm_backward(launch, dy, x, w, r, dx, dw, partial):
+    """dx (like x) = r (dxhat - xhat mean(dxhat xhat)), dxhat = dy w; dw (H,) float32 += sum over rows
+    of dy xhat. `partial`: float32 scratch (parts, H), parts = rmsnorm_parts(rows) (any parts >= 1
+    works: each of the parts blocks takes every parts-th row)."""
+    H = x.shape[-1]
+    parts = partial.shape[0]
+    if partial.shape != (parts, H) or partial.dtype.name != "float32":
+        raise ValueError(f"rmsnorm backward: scratch must be float32 (parts, {H}); "
+                         f"found {partial.dtype.name} {tuple(partial.shape)}")
+    launch("rmsnorm", f"rmsnorm_backward_{suffix(x)}", (parts,), _rms_block(H),
+           (dy, x, w, r, dx, partial, x.size // H, H))
+    launch("rmsnorm", "rmsnorm_dw_reduce", (-(-H // 32),), (32, REDUCE_ROWS), (partial, dw, parts, H))
+
+
+def _rope(launch, direction, x, cos, sin, y):
+    B, T, nH, hd = x.shape
+    if hd % 2 or cos.shape != (T, hd // 2) or sin.shape != (T, hd // 2):
+        raise ValueError(f"rope kernel: x (B, T, nH, hd) = {tuple(x.shape)} needs an even hd and cos, sin of "
+                         f"({T}, {hd // 2}); found cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    launch("rope", f"rope_{direction}_{suffix(x)}", _elementwise_grid(x.size // 2), (BLOCK,),
+           (x, cos, sin, y, x.size, T, nH, hd))
+
+
+def rope_forward(launch, x, cos, sin, y):
+    """y = x rotated by position, x (B, T, nH, hd), cos and sin float32 (T, hd/2); y may be x."""
+    _rope(launch, "forward", x, cos, sin, y)
+
+
+def rope_backward(launch, dy, cos, sin, dx):
+    """dx = dy rotated back (the inverse rotation); dx may be dy."""
+    _rope(launch, "backward", dy, cos, sin, dx)
+
+
+def _ce_rows(logits, targets):
+    V = logits.shape[-1]
+    N = logits.size // V
+    if targets.dtype.name != "int64" or targets.size != N:
+        raise ValueError(f"cross-entropy kernel: targets must be int64 ({N},) for logits {tuple(logits.shape)}; "
+                         f"found {targets.dtype.name} {tuple(targets.shape)}")
+    return N, V
+
+
+def cross_entropy_forward(launch, logits, targets, loss, lse):
+    """loss (N,) float32 = lse - logits[target], lse (N,) float32 = log sum exp over each row of the
+    logits (N, V); targets (N,) int64, each in [0, V) (the caller checks). The mean is the caller's."""
+    N, V = _ce_rows(logits, targets)
+    block = (_warps(-(-V // CE_COLUMNS), CE_BLOCK),)
+    launch("cross_entropy", f"cross_entropy_forward_{suffix(logits)}", (N,), block, (logits, targets, loss, lse, V))
+
+
+def cross_entropy_backward(launch, logits, targets, lse, dlogits, scale):
+    """dlogits (like logits) = (softmax - onehot(target)) * scale, softmax = exp(logits - lse);
+    scale = upstream gradient / N. dlogits may be logits."""
+    N, V = _ce_rows(logits, targets)
+    chunks = min(65535, -(-V // (BLOCK * CE_COLUMNS)))
+    launch("cross_entropy", f"cross_entropy_backward_{suffix(logits)}", (N, chunks), (BLOCK,),
+           (logits, targets, lse, dlogits, V, float(scale)))
+
+
+def adamw_step(launch, p, g, m, v, *, lr, b1, b2, eps, wd, step_size, bc2_sqrt, p_bf16=None):
+    """One AdamW step in place on float32 p, m, v from the float32 grad g, exactly as
+    minitrain.optim.AdamW computes it; wd = 0 where no decay applies. step_size = lr / (1 - b1^t),
+    bc2_sqrt = sqrt(1 - b2^t). With p_bf16 (uint16, p's size) the updated p is also written there
+    rounded to bf16. Every derived scalar is computed here in float64, then rounded to float32 by
+    the launch, which is what NumPy does with a Python float beside a float32 array."""
+    kernel, copy = ("adamw_step_f32", ()) if p_bf16 is None else ("adamw_step_bf16", (p_bf16,))
+    scalars = (1 - lr * wd, b1, 1 - b1, b2, 1 - b2, eps, step_size, bc2_sqrt)
+    launch("adamw", kernel, _elementwise_grid(p.size), (BLOCK,), (p, g, m, v, *copy, p.size, *map(float, scalars)))

@@ -1,0 +1,252 @@
+"""The fused kernels (RMSNorm, RoPE, cross-entropy, AdamW), run on the CPU through
+kernels/cuda_emu.h with minitrain.gpu.fused's own launch configurations, against NumPy float64
+references on awkward sizes, in fp32 and bf16, with both thread schedules; AdamW against
+minitrain.optim.AdamW itself. Each kernel also has a planted bug that must make its results wrong."""
+
+import math
+
+import numpy as np
+import pytest
+
+from kernel_emu import from_bf16, launch, launcher, library, to_bf16
+
+from minitrain.autograd import Tensor
+from minitrain.gpu import fused
+from minitrain.ops.rope import rope, rope_tables
+from minitrain.optim import AdamW
+
+SCHEDULES = [False, True]
+
+
+def planted(plant, reverse=False):
+    """A launcher whose kernels come from the build with the planted bug `plant` = (old, new)."""
+    def run(source, kernel, grid, block, args):
+        launch(library(source, plant), kernel, grid, block, args, reverse)
+    return run
+
+
+def codec(dtype):
+    """(encode float32 -> kernel array, decode -> float32, storage dtype, relative tolerance)."""
+    if dtype == "bf16":
+        return to_bf16, from_bf16, np.uint16, 8e-3
+    return (lambda x: x), (lambda x: x), np.float32, 1e-5
+
+
+def inputs(rng, dtype, shape, scale=1.0, offset=0.0):
+    """Random float32 values that the dtype represents exactly (so the reference sees the same)."""
+    x = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
+    return from_bf16(to_bf16(x)) if dtype == "bf16" else x
+
+
+def close(got, want, tol):
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+# RMSNorm ------------------------------------------------------------------------------------------
+
+EPS = 1e-6
+
+
+def rmsnorm_reference(x, w, dy):
+    x, w, dy = (a.astype(np.float64) for a in (x, w, dy))
+    r = 1 / np.sqrt((x * x).mean(axis=-1, keepdims=True) + EPS)
+    xhat, dxhat = x * r, dy * w
+    dx = r * (dxhat - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    return xhat * w, r[:, 0], dx, (dy * xhat).sum(axis=0)
+
+
+def run_rmsnorm(run, dtype, x, w, dy, dw, parts):
+    enc, dec, store, _ = codec(dtype)
+    rows, H = x.shape
+    y, dx = np.zeros((rows, H), store), np.zeros((rows, H), store)
+    r, dw = np.zeros(rows, np.float32), dw.copy()
+    fused.rmsnorm_forward(run, enc(x), enc(w), y, r, EPS)
+    partial = np.full((parts, H), np.nan, np.float32)  # scratch the kernel must overwrite entirely
+    fused.rmsnorm_backward(run, enc(dy), enc(x), enc(w), r, dx, dw, partial)
+    return dec(y), r, dec(dx), dw
+
+
+@pytest.mark.parametrize("reverse", SCHEDULES)
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("H", [100, 896])
+def test_rmsnorm(H, dtype, reverse):
+    rows = 7
+    rng = np.random.default_rng(H)
+    x, dy = inputs(rng, dtype, (rows, H), 2.0), inputs(rng, dtype, (rows, H))
+    w = inputs(rng, dtype, H, 0.2, 1.0)
+    dw0 = rng.standard_normal(H).astype(np.float32)  # dw accumulates into what is there
+    y_want, r_want, dx_want, dw_want = rmsnorm_reference(x, w, dy)
+    tol = codec(dtype)[3]
+    # the launch functions' own scratch size (one row per block), then fewer blocks than rows
+    for parts in (fused.rmsnorm_parts(rows), 4):
+        y, r, dx, dw = run_rmsnorm(launcher(reverse), dtype, x, w, dy, dw0, parts)
+        close(y, y_want, tol)
+        close(dx, dx_want, tol)
+        np.testing.assert_allclose(r, r_want, rtol=2e-6)
+        close(dw, dw0 + dw_want, 2e-6)
+
+
+def test_rmsnorm_hidden_size_limit():
+    with pytest.raises(ValueError, match="hidden size 8193 is over 8192"):
+        fused.rmsnorm_forward(None, np.zeros((1, 8193), np.float32), None, None, None, EPS)
+
+
+def test_rmsnorm_planted_missing_barrier():
+    """Without the barrier in rmsnorm_dw_reduce, row 0 of the block sums its column before the
+    other rows have written their partial sums (in forward thread order)."""
+    rows, H = 13, 100
+    rng = np.random.default_rng(1)
+    x, dy, w = inputs(rng, "f32", (rows, H)), inputs(rng, "f32", (rows, H)), inputs(rng, "f32", H, 0.2, 1.0)
+    dw0 = np.zeros(H, np.float32)
+    *_, dw_want = rmsnorm_reference(x, w, dy)
+    *_, dw = run_rmsnorm(planted(("__syncthreads();", "")), "f32", x, w, dy, dw0, rows)
+    assert not np.allclose(dw, dw_want, rtol=1e-3, atol=1e-3)
+
+
+# RoPE ---------------------------------------------------------------------------------------------
+
+THETA = 10000.0
+
+
+def rotate_reference(x, cos, sin):
+    """x (B, T, nH, hd) rotated pairwise (i, i + hd/2) by the angles of cos, sin (T, hd/2), in float64."""
+    half = x.shape[-1] // 2
+    x = x.astype(np.float64)
+    c, s = cos.astype(np.float64)[:, None, :], sin.astype(np.float64)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def rope_case(dtype, seed=0):
+    B, T, nH, hd = 2, 7, 3, 64  # T odd
+    rng = np.random.default_rng(seed)
+    cos, sin = (np.ascontiguousarray(t) for t in rope_tables(T, hd, THETA, np.dtype(np.float32)))
+    return inputs(rng, dtype, (B, T, nH, hd)), inputs(rng, dtype, (B, T, nH, hd)), cos, sin
+
+
+@pytest.mark.parametrize("reverse", SCHEDULES)
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_rope(dtype, reverse):
+    enc, dec, store, tol = codec(dtype)
+    x, dy, cos, sin = rope_case(dtype)
+    y = np.zeros(x.shape, store)
+    fused.rope_forward(launcher(reverse), enc(x), cos, sin, y)
+    dx = enc(dy.copy())  # in place
+    fused.rope_backward(launcher(reverse), dx, cos, sin, dx)
+    close(dec(y), rotate_reference(x, cos, sin), tol)
+    close(dec(dx), rotate_reference(dy, cos, -sin), tol)
+    if dtype == "f32":  # the model's own op, on the same fp32 input
+        close(dec(y), rope(Tensor(x), THETA).data, tol)
+
+
+def test_rope_planted_backward_sign():
+    x, dy, cos, sin = rope_case("f32")
+    dx = np.zeros(dy.shape, np.float32)
+    fused.rope_backward(planted(("-1.0f", "1.0f")), dy, cos, sin, dx)
+    assert not np.allclose(dx, rotate_reference(dy, cos, -sin), rtol=1e-3, atol=1e-3)
+
+
+# Cross-entropy ------------------------------------------------------------------------------------
+
+def cross_entropy_reference(z, t, scale):
+    z = z.astype(np.float64)
+    m = z.max(axis=-1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(z - m).sum(axis=-1))
+    rows = np.arange(len(t))
+    dz = np.exp(z - lse[:, None])
+    dz[rows, t] -= 1
+    return lse - z[rows, t], lse, dz * scale
+
+
+def run_cross_entropy(run, dtype, z, t, scale):
+    enc, dec, _, _ = codec(dtype)
+    N = len(t)
+    loss, lse, dz = np.zeros(N, np.float32), np.zeros(N, np.float32), enc(z).copy()
+    fused.cross_entropy_forward(run, enc(z), t, loss, lse)
+    fused.cross_entropy_backward(run, dz, t, lse, dz, scale)  # in place
+    return loss, lse, dec(dz)
+
+
+def check_cross_entropy(dtype, reverse, N, V, seed):
+    rng = np.random.default_rng(seed)
+    z = inputs(rng, dtype, (N, V), 3.0)
+    z[1::2] = inputs(rng, dtype, z[1::2].shape, 3.0, 100.0)  # exp(100) overflows fp32: the max must go first
+    t = rng.integers(0, V, N)
+    t[0] = V - 1  # the last column
+    scale = 0.7 / N
+    loss, lse, dz = run_cross_entropy(launcher(reverse), dtype, z, t, scale)
+    loss_want, lse_want, dz_want = cross_entropy_reference(z, t, scale)
+    np.testing.assert_allclose(lse, lse_want, rtol=2e-6)
+    np.testing.assert_allclose(loss, loss_want, atol=4e-6 * np.abs(lse_want).max())
+    close(dz, dz_want, 2e-5 if dtype == "f32" else 8e-3)
+
+
+@pytest.mark.parametrize("reverse", SCHEDULES)
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_cross_entropy(dtype, reverse):
+    check_cross_entropy(dtype, reverse, N=7, V=1000 + 3, seed=0)
+
+
+@pytest.mark.parametrize("dtype, reverse", [("f32", False), ("bf16", True)])
+def test_cross_entropy_qwen_vocabulary(dtype, reverse):
+    check_cross_entropy(dtype, reverse, N=2, V=151936, seed=1)
+
+
+def test_cross_entropy_planted_row_bound():
+    """`j <= V` reads one logit past the row: the next row's first one (made large here; the
+    buffer has a spare row, so the last row's over-read stays inside it)."""
+    N, V = 5, 1003
+    rng = np.random.default_rng(2)
+    buf = inputs(rng, "f32", (N + 1, V))
+    buf[:, 0] = 10.0
+    z, t = buf[:N], rng.integers(0, V, N)
+    loss, lse, _ = run_cross_entropy(planted(("j < V", "j <= V")), "f32", z, t, 1.0 / N)
+    assert not np.allclose(lse, cross_entropy_reference(z, t, 1.0)[1], rtol=1e-3)
+
+
+def test_cross_entropy_planted_no_max_subtraction():
+    N, V = 3, 1003
+    rng = np.random.default_rng(3)
+    z, t = inputs(rng, "f32", (N, V), 3.0, 100.0), rng.integers(0, V, N)
+    loss, lse, _ = run_cross_entropy(planted(("expf(zj - m)", "expf(zj)")), "f32", z, t, 1.0 / N)
+    assert not np.allclose(lse, cross_entropy_reference(z, t, 1.0)[1], rtol=1e-3)
+
+
+# AdamW --------------------------------------------------------------------------------------------
+
+LR, BETAS, ADAM_EPS, WD = 1e-2, (0.9, 0.999), 1e-8, 0.1
+
+
+def run_adamw(run, copy):
+    """Three steps of the kernel and of minitrain.optim.AdamW on the same weights and gradients:
+    a matrix (decayed) and a vector (not decayed). Returns both sides' (p, m, v, bf16 copy) lists."""
+    rng = np.random.default_rng(4)
+    shapes = [(23, 45), (1000 + 7,)]
+    params = [Tensor(rng.standard_normal(s).astype(np.float32), name=f"p{i}") for i, s in enumerate(shapes)]
+    ours = [[p.data.copy(), np.zeros(s, np.float32), np.zeros(s, np.float32), np.zeros(s, np.uint16)]
+            for p, s in zip(params, shapes)]
+    opt = AdamW(params, lr=LR, betas=BETAS, eps=ADAM_EPS, weight_decay=WD)
+    b1, b2 = BETAS
+    for t in range(1, 4):
+        for p, (w, m, v, w16) in zip(params, ours):
+            p.grad = rng.standard_normal(p.shape).astype(np.float32)
+            fused.adamw_step(run, w, p.grad, m, v, lr=LR, b1=b1, b2=b2, eps=ADAM_EPS, wd=WD if w.ndim >= 2 else 0.0,
+                             step_size=LR / (1 - b1 ** t), bc2_sqrt=math.sqrt(1 - b2 ** t),
+                             p_bf16=w16 if copy else None)
+        opt.step()
+    return ours, [[p.data, m, v] for p, m, v in zip(params, opt.m, opt.v)]
+
+
+@pytest.mark.parametrize("reverse", SCHEDULES)
+@pytest.mark.parametrize("copy", [False, True], ids=["f32", "bf16_copy"])
+def test_adamw_matches_optimizer(copy, reverse):
+    ours, theirs = run_adamw(launcher(reverse), copy)
+    for (w, m, v, w16), (w_want, m_want, v_want) in zip(ours, theirs):
+        for got, want in ((w, w_want), (m, m_want), (v, v_want)):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+        np.testing.assert_array_equal(w16, to_bf16(w) if copy else 0)
+
+
+def test_adamw_planted_no_bias_correction():
+    ours, theirs = run_adamw(planted(("div_rn(sqrt_rn(vi), bc2_sqrt)", "sqrt_rn(vi)")), False)
+    assert not np.allclose(ours[0][0], theirs[0][0], rtol=1e-3, atol=0)
