@@ -17,20 +17,6 @@
 // p, g, m, v and writes p, m, v (28 bytes), plus 2 bytes for the bf16 copy.
 #include "common.cuh"
 
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
-__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
-#else  // the CPU emulation: x86-64 SSE arithmetic rounds each operation (no fma without -mfma)
-inline float mul_rn(float a, float b) { return a * b; }
-inline float add_rn(float a, float b) { return a + b; }
-inline float sub_rn(float a, float b) { return a - b; }
-inline float div_rn(float a, float b) { return a / b; }
-inline float sqrt_rn(float a) { return std::sqrt(a); }
-#endif
-
 // p_bf16: the bf16 copy to write, or null.
 __device__ void adamw_step(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
                            float* __restrict__ v, bf16* __restrict__ p_bf16, long n, float decay, float b1,
@@ -38,10 +24,10 @@ __device__ void adamw_step(float* __restrict__ p, const float* __restrict__ g, f
                            float bc2_sqrt) {
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         const float gi = g[i];
-        const float mi = add_rn(mul_rn(m[i], b1), mul_rn(one_minus_b1, gi));
-        const float vi = add_rn(mul_rn(v[i], b2), mul_rn(mul_rn(one_minus_b2, gi), gi));
-        const float denom = add_rn(div_rn(sqrt_rn(vi), bc2_sqrt), eps);
-        const float pi = sub_rn(mul_rn(p[i], decay), div_rn(mul_rn(step_size, mi), denom));
+        const float mi = __fadd_rn(__fmul_rn(m[i], b1), __fmul_rn(one_minus_b1, gi));
+        const float vi = __fadd_rn(__fmul_rn(v[i], b2), __fmul_rn(__fmul_rn(one_minus_b2, gi), gi));
+        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
+        const float pi = __fsub_rn(__fmul_rn(p[i], decay), __fdiv_rn(__fmul_rn(step_size, mi), denom));
         p[i] = pi;
         m[i] = mi;
         v[i] = vi;

@@ -47,12 +47,6 @@
 // element loaded; the resident tiles and the outputs cost one pass. No T x T array exists.
 #include "common.cuh"
 
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-#define UNROLL _Pragma("unroll")
-#else
-#define UNROLL
-#endif
-
 constexpr int THREADS = 128, TX = 8, TY = THREADS / TX;  // a block: TY row groups x TX column groups
 constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 constexpr float MASKED = -1e30f;  // a score that is not there: exp2f gives 0, and no inf - inf

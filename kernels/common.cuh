@@ -5,6 +5,9 @@
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define EMU_EXPORT(...)  // ctypes entry points exist only in the CPU emulation build
+#define UNROLL _Pragma("unroll")  // fully unroll: micro-tiles and their operands stay in registers
+#else
+#define UNROLL  // g++ (the emulation) would warn about an unknown pragma
 #endif
 
 // bfloat16 kept as its 16 raw bits, the top half of an IEEE fp32: widening is a shift, and

@@ -48,11 +48,6 @@
 // once.
 #include "common.cuh"
 
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-#define UNROLL _Pragma("unroll")  // fully unrolled: the micro-tile and its operands stay in registers
-#else
-#define UNROLL  // g++ (the emulation) would warn about an unknown pragma
-#endif
 
 constexpr int TILE = 64;    // rows and columns of C per block
 constexpr int TILE_K = 16;  // K per shared-memory slice

@@ -9,3 +9,16 @@ kernels/cuda_emu.h. So the launch configuration the GPU uses is the one the CPU 
 Argument conventions for every kernel: arrays are C-contiguous device arrays (float32, or
 bfloat16 stored as uint16 raw bits), integers are C `long`, floats are C `float`.
 """
+
+BLOCK = 256  # threads per block of the elementwise kernels
+MAX_BLOCKS = 4096  # their grid-stride loops cover the rest
+
+
+def suffix(a):
+    """Kernel name suffix for an array's element type: float32, or bf16 bits (uint16)."""
+    return {"float32": "f32", "uint16": "bf16"}[a.dtype.name]
+
+
+def elementwise_grid(n):
+    """The grid of an elementwise kernel over n items."""
+    return (max(1, min(MAX_BLOCKS, -(-n // BLOCK))),)

@@ -5,7 +5,7 @@ q, o, do, dq (B, T, nH, hd); k, v, dk, dv (B, T, nKV, hd); lse, D (B, nH, T) flo
 (kernels/attention.cu, where the tiling is explained) and set the grids.
 """
 
-from minitrain.gpu.swiglu import suffix
+from minitrain.gpu import suffix
 
 THREADS = 128
 FORWARD_ROWS = {64: 64, 128: 32}  # query rows per forward block

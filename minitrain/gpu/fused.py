@@ -6,19 +6,13 @@ and C-contiguous arrays (float32, or bf16 as uint16 bits), writes its outputs in
 returns nothing. Shapes are read from the arrays; sizes go to the kernels as C longs.
 """
 
-from minitrain.gpu.swiglu import suffix
+from minitrain.gpu import BLOCK, elementwise_grid, suffix
 
-BLOCK = 256  # elementwise kernels
-MAX_BLOCKS = 4096  # a grid-stride loop covers the rest
 RMS_COLS = 8  # kernels/rmsnorm.cu COLS: columns each thread keeps in registers
 RMS_PARTS = 512  # most row blocks in the RMSNorm backward (rows of its dw scratch)
 REDUCE_ROWS = 8  # kernels/rmsnorm.cu REDUCE_ROWS
 CE_BLOCK = 512  # most threads per row in the cross-entropy forward
 CE_COLUMNS = 16  # columns per thread the cross-entropy kernels aim for
-
-
-def _elementwise_grid(n):
-    return (max(1, min(MAX_BLOCKS, -(-n // BLOCK))),)
 
 
 def _warps(n, most):
@@ -64,7 +58,7 @@ def _rope(launch, direction, x, cos, sin, y):
     if hd % 2 or cos.shape != (T, hd // 2) or sin.shape != (T, hd // 2):
         raise ValueError(f"rope kernel: x (B, T, nH, hd) = {tuple(x.shape)} needs an even hd and cos, sin of "
                          f"({T}, {hd // 2}); found cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
-    launch("rope", f"rope_{direction}_{suffix(x)}", _elementwise_grid(x.size // 2), (BLOCK,),
+    launch("rope", f"rope_{direction}_{suffix(x)}", elementwise_grid(x.size // 2), (BLOCK,),
            (x, cos, sin, y, x.size, T, nH, hd))
 
 
@@ -112,4 +106,4 @@ def adamw_step(launch, p, g, m, v, *, lr, b1, b2, eps, wd, step_size, bc2_sqrt, 
     the launch, which is what NumPy does with a Python float beside a float32 array."""
     kernel, copy = ("adamw_step_f32", ()) if p_bf16 is None else ("adamw_step_bf16", (p_bf16,))
     scalars = (1 - lr * wd, b1, 1 - b1, b2, 1 - b2, eps, step_size, bc2_sqrt)
-    launch("adamw", kernel, _elementwise_grid(p.size), (BLOCK,), (p, g, m, v, *copy, p.size, *map(float, scalars)))
+    launch("adamw", kernel, elementwise_grid(p.size), (BLOCK,), (p, g, m, v, *copy, p.size, *map(float, scalars)))

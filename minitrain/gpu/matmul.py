@@ -7,7 +7,7 @@ For y = x W^T + b with G = dy flattened to (N, out), X (N, in), W (out, in):
 g and x may have leading dims (N is their product). Inputs float32 or bf16 bits (uint16).
 """
 
-from minitrain.gpu.swiglu import suffix
+from minitrain.gpu import suffix
 
 TILE = 64  # rows and columns of the output per block: kernels/matmul_backward.cu's TILE
 THREADS = 64  # its THREADS (8 x 8 threads, an 8 x 8 micro-tile each)
