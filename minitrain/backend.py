@@ -16,15 +16,22 @@ import numpy
 
 xp = numpy
 dtype = numpy.dtype(numpy.float32)
+# The CUDA kernels' launcher (minitrain.gpu.runtime.launch on the GPU; the tests plug in the CPU
+# emulation of the same kernels), or None for the NumPy/CuPy reference ops. Ops call kernels(...)
+# to know which path to take.
+launch = None
+MATMUL_BACKWARD = ("cublas", "kernels")
+matmul_backward = "cublas"  # the linear layer's backward on the GPU: xp.matmul or kernels/matmul_backward.cu
 
 DTYPES = {"fp32": numpy.dtype(numpy.float32), "fp64": numpy.dtype(numpy.float64)}
 
 
 def use(device: str) -> None:
-    """Choose the array module once, before any array is made: 'cpu' or 'cuda'."""
-    global xp
+    """Choose the array module once, before any array is made: 'cpu' or 'cuda' (CuPy arrays and
+    the CUDA kernels of kernels/)."""
+    global xp, launch
     if device == "cpu":
-        xp = numpy
+        xp, launch = numpy, None
     elif device == "cuda":
         try:
             import cupy
@@ -32,7 +39,9 @@ def use(device: str) -> None:
             raise RuntimeError("--device cuda needs CuPy: pip install 'minitrain[gpu]'") from e
         if cupy.cuda.runtime.getDeviceCount() == 0:
             raise RuntimeError("--device cuda: CuPy is installed but sees no CUDA device")
-        xp = cupy
+        from minitrain.gpu.runtime import launch as gpu_launch
+
+        xp, launch = cupy, gpu_launch
     else:
         raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda'")
 
@@ -69,3 +78,11 @@ def asarray(a, dt=None):
 def to_numpy(a):
     """A host (NumPy) copy of an array of either module."""
     return a.get() if hasattr(a, "get") and xp is not numpy else numpy.asarray(a)
+
+
+def kernels(*arrays):
+    """The kernel launcher when the CUDA kernels should run on these arrays (all float32), else
+    None: the reference ops handle every other case (float64 checks, a CPU run)."""
+    if launch is None or any(a.dtype != numpy.float32 for a in arrays):
+        return None
+    return launch

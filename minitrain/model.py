@@ -69,6 +69,7 @@ class Model:
     def forward(self, ids):
         """ids (B, T) integer -> logits (B, T, V)."""
         c, P = self.config, self.params
+        ids = backend.xp.asarray(ids)  # token ids live where the weights live (a no-op on the CPU)
         B, T = ids.shape
         nH, nKV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         x = ops.embedding(P["model.embed_tokens.weight"], ids)  # (B, T, H)
@@ -93,7 +94,7 @@ class Model:
 
     def loss(self, ids, targets):
         """Mean cross-entropy over all B*T target tokens."""
-        return ops.cross_entropy(self.forward(ids), targets)
+        return ops.cross_entropy(self.forward(ids), backend.xp.asarray(targets))
 
 
 def check_tensors(config, found, source):

@@ -8,6 +8,7 @@ needs to continue exactly.
 import math
 
 from minitrain import backend
+from minitrain.gpu import fused
 
 
 def global_grad_norm(params):
@@ -77,7 +78,13 @@ class AdamW:
             g = p.grad
             if g is None:
                 continue
-            if self.weight_decay and (p.data.ndim >= 2 or self.decay_1d):
+            decays = self.weight_decay and (p.data.ndim >= 2 or self.decay_1d)
+            if launch := backend.kernels(p.data, g):  # kernels/adamw.cu: the same arithmetic, one pass
+                fused.adamw_step(launch, p.data.reshape(-1), backend.xp.ascontiguousarray(g).reshape(-1),
+                                 m.reshape(-1), v.reshape(-1), lr=lr, b1=b1, b2=b2, eps=self.eps,
+                                 wd=self.weight_decay if decays else 0.0, step_size=step_size, bc2_sqrt=bc2_sqrt)
+                continue
+            if decays:
                 p.data *= p.data.dtype.type(1 - lr * self.weight_decay)
             m *= b1
             m += (1 - b1) * g

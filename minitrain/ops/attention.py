@@ -16,6 +16,7 @@ import math
 
 from minitrain import backend
 from minitrain.autograd import Function
+from minitrain.gpu import attention as attention_kernels
 
 
 def _causal_scores(qh, kh, scale):
@@ -49,6 +50,12 @@ class Attention(Function):
                              "and (B, T, nKV, hd) with nH a multiple of nKV")
         g = nH // nKV
         xp = backend.xp
+        if (launch := backend.kernels(q, k, v)) and hd in attention_kernels.FORWARD_ROWS:  # kernels/attention.cu
+            q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))
+            o, lse = xp.empty_like(q), xp.empty((B, nH, T), dtype=xp.float32)
+            attention_kernels.forward(launch, q, k, v, o, lse)
+            self.save(q, k, v, o, lse, None)  # no scale: marks the kernel path
+            return o
         # heads first; the g query heads of kv head j are heads j*g .. j*g+g-1, stacked as rows
         qh = xp.ascontiguousarray(q.transpose(0, 2, 1, 3)).reshape(B, nKV, g * T, hd)
         kh = xp.ascontiguousarray(k.transpose(0, 2, 1, 3))  # (B, nKV, T, hd)
@@ -66,6 +73,12 @@ class Attention(Function):
 
     def backward(self, g_out):
         qh, kh, vh, oh, lse, scale = self.saved
+        if scale is None:  # the forward ran the kernel: q, k, v, o in (B, T, heads, hd)
+            xp = backend.xp
+            dq, dk, dv = xp.empty_like(qh), xp.empty_like(kh), xp.empty_like(vh)
+            D = xp.empty(lse.shape, dtype=xp.float32)
+            attention_kernels.backward(backend.launch, qh, kh, vh, oh, xp.ascontiguousarray(g_out), lse, dq, dk, dv, D)
+            return dq, dk, dv
         B, T, nH, hd = g_out.shape
         xp = backend.xp
         do = xp.ascontiguousarray(g_out.transpose(0, 2, 1, 3)).reshape(oh.shape)  # (B, nKV, g*T, hd)

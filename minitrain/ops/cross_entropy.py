@@ -2,6 +2,7 @@
 
 from minitrain import backend
 from minitrain.autograd import Function
+from minitrain.gpu import fused
 
 
 class CrossEntropy(Function):
@@ -24,6 +25,12 @@ class CrossEntropy(Function):
             raise ValueError(f"cross_entropy: {t.shape[0]} targets for {z.shape[0]} rows of logits")
         if t.size and (int(t.min()) < 0 or int(t.max()) >= V):
             raise ValueError(f"cross_entropy: a target id is outside the vocabulary [0, {V})")
+        if launch := backend.kernels(z):  # kernels/cross_entropy.cu: one online pass per row
+            z, t = xp.ascontiguousarray(z), xp.ascontiguousarray(t, dtype=xp.int64)
+            nll, lse = (xp.empty(z.shape[0], dtype=xp.float32) for _ in range(2))
+            fused.cross_entropy_forward(launch, z, t, nll, lse)
+            self.save(z, t, lse, logits.shape)
+            return nll.mean(dtype=xp.float64).astype(logits.dtype)
         acc = backend.acc_dtype(z.dtype)
         m = z.max(axis=-1, keepdims=True).astype(acc)  # (N, 1)
         e = xp.exp(z.astype(acc) - m)  # (N, V) the one big temporary
@@ -37,6 +44,10 @@ class CrossEntropy(Function):
         xp = backend.xp
         z, t, lse, shape = self.saved
         N = z.shape[0]
+        if launch := backend.kernels(z):
+            dz = xp.empty_like(z)
+            fused.cross_entropy_backward(launch, z, t, lse, dz, float(g) / N)
+            return dz.reshape(shape), None
         dz = xp.exp(z.astype(lse.dtype) - lse[:, None])  # softmax (N, V)
         dz[xp.arange(N), t] -= 1.0
         dz *= g / N

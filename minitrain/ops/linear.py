@@ -1,6 +1,8 @@
 """Linear layer: y = x @ W.T + b, row-major W of shape (out, in) like Hugging Face."""
 
+from minitrain import backend
 from minitrain.autograd import Function
+from minitrain.gpu import matmul as matmul_kernels
 
 
 class Linear(Function):
@@ -24,10 +26,30 @@ class Linear(Function):
     def backward(self, g):
         W, x2, x_shape = self.saved
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        if backend.matmul_backward == "kernels" and (launch := backend.kernels(g2)):
+            return _kernel_backward(launch, g2, W, x2, x_shape, self.needs_grad)
         dx = (g2 @ W).reshape(x_shape) if self.needs_grad[0] else None
         dW = g2.T @ x2 if self.needs_grad[1] else None
         db = g2.sum(axis=0) if self.needs_grad[2] else None
         return dx, dW, db
+
+
+def _kernel_backward(launch, g2, W, x2, x_shape, needs):
+    """The same three products by kernels/matmul_backward.cu (dW and db accumulate into zeros)."""
+    xp = backend.xp
+    g2 = xp.ascontiguousarray(g2)
+    dx = dW = db = None
+    if needs[0]:
+        dx = xp.empty((g2.shape[0], W.shape[1]), dtype=g2.dtype)
+        matmul_kernels.grad_input(launch, g2, W, dx)
+        dx = dx.reshape(x_shape)
+    if needs[1]:
+        dW = xp.zeros(W.shape, dtype=xp.float32)
+        matmul_kernels.grad_weight(launch, g2, xp.ascontiguousarray(x2), dW)
+    if needs[2]:
+        db = xp.zeros(g2.shape[1], dtype=xp.float32)
+        matmul_kernels.grad_bias(launch, g2, db)
+    return dx, dW, db
 
 
 def linear(x, W, b=None):

@@ -9,6 +9,7 @@ import functools
 
 from minitrain import backend
 from minitrain.autograd import Function
+from minitrain.gpu import fused
 
 
 @functools.lru_cache(maxsize=32)
@@ -49,6 +50,11 @@ class RoPE(Function):
     def forward(self, x, theta, positions=None):
         B, T, nH, hd = x.shape
         cos, sin = rope_tables(T, hd, theta, x.dtype, positions)  # (T, hd/2) each
+        if launch := backend.kernels(x):  # kernels/rope.cu
+            y = backend.xp.empty_like(x)
+            fused.rope_forward(launch, backend.xp.ascontiguousarray(x), cos, sin, y)
+            self.save(cos, sin)
+            return y
         cos = cos.astype(x.dtype, copy=False)[:, None, :]  # (T, 1, hd/2): broadcast over heads
         sin = sin.astype(x.dtype, copy=False)[:, None, :]
         self.save(cos, sin)
@@ -56,6 +62,10 @@ class RoPE(Function):
 
     def backward(self, g):
         cos, sin = self.saved
+        if launch := backend.kernels(g):
+            dx = backend.xp.empty(g.shape, dtype=g.dtype)
+            fused.rope_backward(launch, backend.xp.ascontiguousarray(g), cos, sin, dx)
+            return (dx,)
         return (_rotate(g, cos, -sin),)
 
 
