@@ -13,6 +13,7 @@ Builds are cached under build/emu/, keyed by a hash of the sources and flags.
 import ctypes
 import functools
 import hashlib
+import os
 import subprocess
 from pathlib import Path
 
@@ -83,7 +84,23 @@ def from_bf16(h):
 
 def launcher(reverse=False):
     """A `launch(source, kernel, grid, block, args)` for minitrain.gpu's launch functions that
-    runs the kernel on the CPU."""
+    runs the kernel on the CPU; with MINITRAIN_KERNEL_DEVICE=gpu (tools/gpu_check.sh), on the GPU."""
+    if os.environ.get("MINITRAIN_KERNEL_DEVICE") == "gpu":
+        return _on_gpu
+
     def run(source, kernel, grid, block, args):
         launch(library(source), kernel, grid, block, args, reverse)
     return run
+
+
+def _on_gpu(source, kernel, grid, block, args):
+    """Copy the NumPy arrays to the GPU, launch the real kernel, copy every array back in place."""
+    import cupy
+
+    from minitrain.gpu.runtime import launch as gpu_launch
+
+    device = [cupy.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
+    gpu_launch(source, kernel, grid, block, device)
+    for host, dev in zip(args, device):
+        if isinstance(host, np.ndarray):
+            host[...] = dev.get()

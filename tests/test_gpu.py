@@ -1,0 +1,53 @@
+"""On a real GPU (skipped without one): a tiny model's loss and every gradient with --device cuda
+(CuPy + the kernels of kernels/) against the CPU path, with both matmul-backward routes.
+tools/gpu_check.sh runs this file and the kernel tests on the device."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from minitrain import backend
+from minitrain.config import ModelConfig
+from minitrain.model import Model
+
+
+def _gpu():
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    import cupy
+
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except cupy.cuda.runtime.CUDARuntimeError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _gpu(), reason="no CUDA device")
+
+CFG = ModelConfig(family="qwen2", hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                  head_dim=64, intermediate_size=512, vocab_size=1000, max_position_embeddings=512,
+                  rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def loss_and_grads(device, matmul_backward="cublas"):
+    backend.use(device)
+    backend.matmul_backward = matmul_backward
+    try:
+        model = Model.from_scratch(CFG, seed=0)
+        ids = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 130))
+        loss = model.loss(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        return float(loss.data), {n: backend.to_numpy(t.grad) for n, t in model.params.items()}
+    finally:
+        backend.use("cpu")
+        backend.matmul_backward = "cublas"
+
+
+@pytest.mark.parametrize("route", backend.MATMUL_BACKWARD)
+def test_tiny_model_on_the_gpu_matches_the_cpu(route):
+    cpu_loss, cpu_grads = loss_and_grads("cpu")
+    gpu_loss, gpu_grads = loss_and_grads("cuda", route)
+    assert gpu_loss == pytest.approx(cpu_loss, rel=1e-5)
+    for name, g in cpu_grads.items():
+        np.testing.assert_allclose(gpu_grads[name], g, rtol=1e-3, atol=1e-4 * float(np.abs(g).max()), err_msg=name)

@@ -1,0 +1,158 @@
+"""minitrain vs PyTorch eager: one AdamW training step of the same model on this CPU, side by side.
+
+    python tools/bench_cpu.py --preset qwen2.5-0.5b --seq-len 256 --batch-size 1 --steps 3
+
+For each preset, each framework runs in its own fresh process (so peak memory is its own), and
+the two alternate for --rounds rounds so that machine noise hits both alike. A process builds
+the model from scratch (minitrain's preset; the transformers class with the same config), runs
+--warmup steps, then times --steps steps of forward + backward + AdamW on random tokens, and
+reports its best step time and its peak resident memory. The parent also measures this machine's
+fp32 matmul peak (a large NumPy sgemm) in the same run.
+
+FLOPs per token (reference.md section 5): 6 N + 12 L H T, with N the parameters that take part in
+matmuls: everything but the embedding lookup, the lm_head included (counted even when tied).
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+PRESETS = ["tiny-llama", "llama-370m", "qwen2.5-0.5b"]
+
+
+def flops_per_token(cfg, seq_len):
+    from minitrain.config import parameter_count
+
+    head = cfg.vocab_size * cfg.hidden_size
+    n = parameter_count(cfg) - head + (head if cfg.tie_word_embeddings else 0)  # lookup out, lm_head matmul in
+    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+def sgemm_peak(size=2048, repeats=5):
+    """Best GFLOP/s of a size x size x size float32 matmul (NumPy's BLAS, default threads)."""
+    import numpy
+
+    a = numpy.random.default_rng(0).standard_normal((size, size), dtype=numpy.float32)
+    b = a.T.copy()
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_minitrain(preset, seq_len, batch, warmup, steps):
+    import numpy
+
+    from minitrain.config import preset as get
+    from minitrain.model import Model
+    from minitrain.optim import AdamW
+
+    cfg = get(preset)
+    model = Model.from_scratch(cfg, seed=0)
+    opt = AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    ids = numpy.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq_len + 1))
+
+    def step():
+        for p in model.parameters():
+            p.zero_grad()
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+        opt.step()
+
+    return _steps(step, warmup, steps)
+
+
+def run_torch(preset, seq_len, batch, warmup, steps):
+    import torch
+    import transformers
+
+    from minitrain.config import preset as get
+    from minitrain.hf import config_to_hf
+
+    cfg = get(preset)
+    d = config_to_hf(cfg)
+    config_cls = transformers.LlamaConfig if cfg.family == "llama" else transformers.Qwen2Config
+    config = config_cls(**{k: v for k, v in d.items() if k not in ("architectures", "model_type", "torch_dtype")})
+    model_cls = transformers.LlamaForCausalLM if cfg.family == "llama" else transformers.Qwen2ForCausalLM
+    torch.manual_seed(0)
+    model = model_cls(config).float().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(ids[:, :-1]).logits
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+        opt.step()
+
+    return {**_steps(step, warmup, steps), "threads": torch.get_num_threads(), "attn": config._attn_implementation}
+
+
+def _steps(step, warmup, steps):
+    for _ in range(warmup):
+        step()
+    times = [_timed(step) for _ in range(steps)]
+    return {"best_s": min(times), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def child(framework, args):
+    out = subprocess.run([sys.executable, __file__, "--child", framework, "--preset", args.preset_one,
+                          "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+                          "--warmup", str(args.warmup), "--steps", str(args.steps)],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{framework} child failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", action="append", choices=PRESETS, help="repeatable; default: all three")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--child", choices=["minitrain", "torch"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run = run_minitrain if args.child == "minitrain" else run_torch
+        print(json.dumps(run(args.preset[0], args.seq_len, args.batch_size, args.warmup, args.steps)))
+        return
+    from minitrain.config import preset as get
+
+    peak = sgemm_peak()
+    print(f"machine: {os.cpu_count()} CPUs, NumPy sgemm peak {peak:.1f} GFLOP/s (2048^3, best of 5); "
+          f"seq {args.seq_len}, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
+          f"{args.rounds} alternating rounds, best step reported")
+    print(f"{'preset':<14} {'framework':<10} {'step s':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'% peak':>7} "
+          f"{'peak RSS MiB':>13}  ratio minitrain/torch")
+    for preset in args.preset or PRESETS:
+        args.preset_one = preset
+        best = {}
+        for _ in range(args.rounds):
+            for framework in ("minitrain", "torch"):
+                r = child(framework, args)
+                if framework not in best or r["best_s"] < best[framework]["best_s"]:
+                    best[framework] = {**r, "peak_rss_mib": max(r["peak_rss_mib"], best.get(framework, r)["peak_rss_mib"])}
+        tokens = args.seq_len * args.batch_size
+        work = flops_per_token(get(preset), args.seq_len) * tokens / 1e9
+        for framework in ("minitrain", "torch"):
+            r = best[framework]
+            ratio = best["torch"]["best_s"] / best["minitrain"]["best_s"] if framework == "minitrain" else ""
+            print(f"{preset:<14} {framework:<10} {r['best_s']:8.3f} {tokens / r['best_s']:9.1f} "
+                  f"{work / r['best_s']:8.1f} {100 * work / r['best_s'] / peak:6.1f}% {r['peak_rss_mib']:13.0f}  "
+                  + (f"{ratio:.2f}x" if ratio else f"(torch threads {r['threads']}, attention {r['attn']})"))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
