@@ -67,10 +67,12 @@ class Tensor:
             raise ValueError(f"backward(): gradient shape {grad.shape} != tensor shape {self.shape}")
         grads = {id(self): grad}
         handed_out = set()  # ids of arrays already stored in some leaf's .grad during this pass
+        owned = set()  # ids of gradients in `grads` that nothing else references: safe to add into
         for t in reversed(_topological_order(self)):
             g = grads.pop(id(t), None)
             if g is None:
                 continue
+            owned.discard(id(g))
             fn = t.ctx
             if fn is None:
                 _accumulate_leaf(t, g, handed_out)
@@ -79,6 +81,7 @@ class Tensor:
                 raise RuntimeError("backward through a graph that was already released "
                                    "(each forward can be differentiated once)")
             input_grads = fn.backward(g)
+            returned = [id(ig) for ig in input_grads if ig is not None]
             for inp, ig in zip(fn.inputs, input_grads):
                 if ig is None or not (isinstance(inp, Tensor) and inp.requires_grad):
                     continue
@@ -86,7 +89,16 @@ class Tensor:
                     raise RuntimeError(f"{type(fn).__name__}.backward returned a gradient of shape "
                                        f"{ig.shape} for an input of shape {inp.shape}")
                 prev = grads.get(id(inp))
-                grads[id(inp)] = ig if prev is None else prev + ig  # out of place: ig may be shared
+                if prev is None:
+                    grads[id(inp)] = ig
+                    # a fresh array (not the incoming gradient, not a view, not returned twice) is ours
+                    if ig is not g and ig.base is None and returned.count(id(ig)) == 1:
+                        owned.add(id(ig))
+                elif id(prev) in owned:
+                    prev += ig  # a tensor used twice: add in place, no new array
+                else:
+                    grads[id(inp)] = prev = prev + ig
+                    owned.add(id(prev))
             fn.inputs = fn.saved = None  # release the graph and its saved activations
 
     # Operator sugar for the few ops the models write inline; defined in minitrain.ops.basic.

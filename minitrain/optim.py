@@ -11,15 +11,29 @@ from minitrain import backend
 from minitrain.gpu import fused
 
 
+CHUNK = 1 << 16  # elements per slice of the loops below: the slices of p, g, m, v and the scratch stay in cache
+
+
+def _slices(n):
+    return (slice(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK))
+
+
 def global_grad_norm(params):
-    """sqrt(sum over every parameter of sum(g^2)), accumulated in float64: the true global L2 norm.
-    (A pairwise sum, not a BLAS dot: its result does not depend on the arrays' memory alignment,
-    so a resumed run clips by exactly the same factor.)"""
-    total = 0.0
+    """sqrt(sum over every parameter of sum(g^2)), each slice's squares summed in float64: the
+    true global L2 norm. (Pairwise sums, not a BLAS dot: the result does not depend on the arrays'
+    memory alignment, so a resumed run clips by exactly the same factor.)"""
+    xp, total = backend.xp, 0.0
+    scratch = xp.empty(CHUNK, dtype=xp.float32)
     for p in params:
-        if p.grad is not None:
-            g = p.grad.astype(backend.xp.float64)
+        if p.grad is None:
+            continue
+        g = p.grad.reshape(-1)
+        if g.dtype != xp.float32:  # float64 checks: exact squares
             total += float((g * g).sum())
+            continue
+        for sl in _slices(g.size):
+            sq = xp.multiply(g[sl], g[sl], out=scratch[: sl.stop - sl.start])
+            total += float(sq.sum(dtype=xp.float64))
     return math.sqrt(total)
 
 
@@ -66,6 +80,7 @@ class AdamW:
         self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
         self.weight_decay, self.decay_1d = weight_decay, decay_1d
         self.t = 0
+        self._scratch = None
         self.m = [backend.xp.zeros_like(p.data) for p in self.params]
         self.v = [backend.xp.zeros_like(p.data) for p in self.params]
 
@@ -84,16 +99,30 @@ class AdamW:
                                  m.reshape(-1), v.reshape(-1), lr=lr, b1=b1, b2=b2, eps=self.eps,
                                  wd=self.weight_decay if decays else 0.0, step_size=step_size, bc2_sqrt=bc2_sqrt)
                 continue
-            if decays:
-                p.data *= p.data.dtype.type(1 - lr * self.weight_decay)
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * g * g
-            denom = backend.xp.sqrt(v)
-            denom /= bc2_sqrt
-            denom += self.eps
-            p.data -= step_size * m / denom
+            self._update(p.data.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
+                         1 - lr * self.weight_decay if decays else None, step_size, bc2_sqrt)
+
+    def _update(self, p, g, m, v, decay, step_size, bc2_sqrt):
+        """The update in place, slice by slice, with two reused scratch buffers: the same
+        arithmetic, operation for operation, as the formula above (and as kernels/adamw.cu)."""
+        xp, b1, b2 = backend.xp, self.beta1, self.beta2
+        if self._scratch is None or self._scratch[0].dtype != p.dtype:
+            self._scratch = (xp.empty(CHUNK, p.dtype), xp.empty(CHUNK, p.dtype))
+        for sl in _slices(p.size):
+            s1, s2 = (s[: sl.stop - sl.start] for s in self._scratch)
+            ps, gs, ms, vs = p[sl], g[sl], m[sl], v[sl]
+            if decay is not None:
+                ps *= decay
+            ms *= b1
+            ms += xp.multiply(gs, 1 - b1, out=s1)  # m = b1 m + (1 - b1) g
+            vs *= b2
+            xp.multiply(gs, 1 - b2, out=s1)
+            vs += xp.multiply(s1, gs, out=s1)  # v = b2 v + ((1 - b2) g) g
+            xp.sqrt(vs, out=s1)
+            s1 /= bc2_sqrt
+            s1 += self.eps  # denominator
+            xp.multiply(ms, step_size, out=s2)
+            ps -= xp.divide(s2, s1, out=s2)
 
     def state(self):
         """(scalars, arrays): the step count, and both moments of every parameter by name."""
