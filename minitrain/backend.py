@@ -86,3 +86,15 @@ def kernels(*arrays):
     if launch is None or any(a.dtype != numpy.float32 for a in arrays):
         return None
     return launch
+
+
+def aligned_empty(n, dt, alignment=64):
+    """An uninitialized 1-D array whose data starts on an `alignment`-byte boundary. NumPy's SIMD
+    reductions sum in an order that depends on where the data starts; a fixed alignment makes such
+    a sum give the same bits in every run (CuPy's allocations are always 256-byte aligned)."""
+    dt = numpy.dtype(dt)
+    if xp is not numpy:
+        return xp.empty(n, dtype=dt)
+    buf = numpy.empty(n + alignment // dt.itemsize, dtype=dt)
+    start = (-buf.ctypes.data % alignment) // dt.itemsize
+    return buf[start:start + n]

@@ -19,21 +19,19 @@ def _slices(n):
 
 
 def global_grad_norm(params):
-    """sqrt(sum over every parameter of sum(g^2)), each slice's squares summed in float64: the
-    true global L2 norm. (Pairwise sums, not a BLAS dot: the result does not depend on the arrays'
-    memory alignment, so a resumed run clips by exactly the same factor.)"""
+    """sqrt(sum over every parameter of sum(g^2)), accumulated in float64: the true global L2 norm.
+    Slice by slice, the exact float64 squares go to one aligned scratch and NumPy sums that: no
+    casting buffer of varying alignment is involved, so the sum (and the clipping factor) has the
+    same bits in every run, a resumed one included."""
     xp, total = backend.xp, 0.0
-    scratch = xp.empty(CHUNK, dtype=xp.float32)
+    scratch = backend.aligned_empty(CHUNK, xp.float64)
     for p in params:
         if p.grad is None:
             continue
         g = p.grad.reshape(-1)
-        if g.dtype != xp.float32:  # float64 checks: exact squares
-            total += float((g * g).sum())
-            continue
         for sl in _slices(g.size):
-            sq = xp.multiply(g[sl], g[sl], out=scratch[: sl.stop - sl.start])
-            total += float(sq.sum(dtype=xp.float64))
+            squares = xp.multiply(g[sl], g[sl], out=scratch[: sl.stop - sl.start], dtype=xp.float64)
+            total += float(squares.sum())
     return math.sqrt(total)
 
 
