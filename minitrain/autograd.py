@@ -92,13 +92,18 @@ class Tensor:
                 if prev is None:
                     grads[id(inp)] = ig
                     # a fresh array (not the incoming gradient, not a view, not returned twice) is ours
-                    if ig is not g and ig.base is None and returned.count(id(ig)) == 1:
+                    if not isinstance(ig, RowSparse) and ig is not g and ig.base is None \
+                            and returned.count(id(ig)) == 1:
                         owned.add(id(ig))
-                elif id(prev) in owned:
-                    prev += ig  # a tensor used twice: add in place, no new array
-                else:
-                    grads[id(inp)] = prev = prev + ig
-                    owned.add(id(prev))
+                    continue
+                # a tensor used twice: add into an array we own, in place; else into a new one
+                if isinstance(prev, RowSparse):
+                    prev = prev.dense()
+                elif id(prev) not in owned:
+                    prev = prev.copy()
+                _add_into(prev, ig)
+                grads[id(inp)] = prev
+                owned.add(id(prev))
             fn.inputs = fn.saved = None  # release the graph and its saved activations
 
     # Operator sugar for the few ops the models write inline; defined in minitrain.ops.basic.
@@ -128,13 +133,42 @@ def _accumulate_leaf(t, g, handed_out):
     """Add g into t.grad. A stored array must be owned by this leaf alone: an optimizer may
     later scale it in place, which must not touch another leaf's gradient (Add hands the same
     array to both inputs; Reshape hands out views)."""
-    if t.grad is None:
-        if g.base is not None or id(g) in handed_out:
-            g = g.copy()
-        handed_out.add(id(g))
-        t.grad = g
+    if t.grad is not None:
+        _add_into(t.grad, g)
+        return
+    if isinstance(g, RowSparse):
+        g = g.dense()
+    elif g.base is not None or id(g) in handed_out:
+        g = g.copy()
+    handed_out.add(id(g))
+    t.grad = g
+
+
+def _add_into(dense, g):
+    if isinstance(g, RowSparse):
+        g.add_into(dense)
     else:
-        t.grad += g
+        dense += g
+
+
+class RowSparse:
+    """A gradient that is zero except in a few rows: `values[i]` is row `rows[i]` (rows
+    distinct). The embedding's backward returns one: a batch touches a few hundred of the
+    151 936 rows, and with a tied head those rows are added straight into the head's dense
+    gradient instead of materializing (and zeroing) a second vocabulary-sized array."""
+
+    __slots__ = ("rows", "values", "shape")
+
+    def __init__(self, rows, values, shape):
+        self.rows, self.values, self.shape = rows, values, tuple(shape)
+
+    def add_into(self, dense):
+        dense[self.rows] += self.values  # rows are distinct: a plain indexed add is exact
+
+    def dense(self):
+        out = backend.xp.zeros(self.shape, dtype=self.values.dtype)
+        out[self.rows] = self.values
+        return out
 
 
 def _topological_order(root):

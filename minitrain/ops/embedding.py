@@ -1,7 +1,7 @@
 """Token embedding: a row lookup whose backward is a scatter-add."""
 
 from minitrain import backend
-from minitrain.autograd import Function
+from minitrain.autograd import Function, RowSparse
 
 
 class Embedding(Function):
@@ -10,7 +10,8 @@ class Embedding(Function):
     y[n, h] = sum_v [ids[n] == v] W[v, h], so
       dW[v] = sum of dy[n] over every position n with ids[n] == v
     -- a scatter-ADD: a token that occurs k times receives the sum of its k gradients; rows of
-    tokens that do not occur get 0. The ids are not differentiable.
+    tokens that do not occur get 0 (returned as a RowSparse gradient: only the used rows are
+    stored). The ids are not differentiable.
     """
 
     def forward(self, W, ids):
@@ -23,9 +24,11 @@ class Embedding(Function):
 
     def backward(self, g):
         ids, (V, H) = self.saved
-        dW = backend.xp.zeros((V, H), dtype=g.dtype)
-        backend.xp.add.at(dW, ids.reshape(-1), g.reshape(-1, H))  # repeated ids accumulate
-        return dW, None
+        xp = backend.xp
+        used, slot = xp.unique(ids.reshape(-1), return_inverse=True)  # each distinct token once
+        sums = xp.zeros((used.size, H), dtype=g.dtype)
+        xp.add.at(sums, slot.reshape(-1), g.reshape(-1, H))  # repeated ids accumulate
+        return RowSparse(used, sums, (V, H)), None  # zero outside the batch's rows
 
 
 def embedding(W, ids):
