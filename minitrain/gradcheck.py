@@ -26,7 +26,7 @@ from minitrain.model import Model
 from minitrain.ops.activations import SiLU, SwiGLU
 from minitrain.ops.attention import Attention
 from minitrain.ops.basic import Add, Mean, Mul, Reshape, Sum, Transpose
-from minitrain.ops.cross_entropy import CrossEntropy
+from minitrain.ops.cross_entropy import CrossEntropy, LinearCrossEntropy
 from minitrain.ops.embedding import Embedding
 from minitrain.ops.linear import Linear
 from minitrain.ops.rmsnorm import RMSNorm
@@ -215,6 +215,10 @@ def cases():
         C("cross_entropy", ops.cross_entropy,
           lambda r: {"logits": 1000 + _normal(r, 4, 9), "targets": _ints(r, 9, 4)}, (CrossEntropy,),
           "logits near 1000"),
+        # the lm_head and the loss fused, over chunks of 2 rows (the (N, V) logits never whole)
+        C("linear_cross_entropy", lambda x, W, t: ops.linear_cross_entropy(x, W, t, chunk_rows=2),
+          lambda r: {"x": _normal(r, 1, 5, 6), "W": _normal(r, 9, 6), "targets": numpy.array([[0, 8, 8, 3, 0]])},
+          (LinearCrossEntropy,), "chunks of 2 rows"),
         # whole tiny models of each family: every parameter, embedding to loss
         _model_case(ModelConfig(family="llama", hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=1, head_dim=4, intermediate_size=12, vocab_size=13,
@@ -245,7 +249,7 @@ def _model_case(cfg, note):
         return Model(cfg, dict(zip(table, params))).loss(ids, targets)
 
     return Case("model", loss, make, (Embedding, RMSNorm, Linear, Reshape, RoPE, Attention, Add, SwiGLU,
-                                     CrossEntropy), note)
+                                     LinearCrossEntropy), note)
 
 
 def _qkv(rng, B, T, nH, nKV, hd):

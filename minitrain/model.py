@@ -68,6 +68,15 @@ class Model:
 
     def forward(self, ids):
         """ids (B, T) integer -> logits (B, T, V)."""
+        return ops.linear(self.hidden(ids), self.head)  # (B, T, V)
+
+    def loss(self, ids, targets):
+        """Mean cross-entropy over all B*T target tokens; the lm_head and the loss fused and
+        chunked, so the (B*T, V) logits are never held whole."""
+        return ops.linear_cross_entropy(self.hidden(ids), self.head, backend.xp.asarray(targets))
+
+    def hidden(self, ids):
+        """ids (B, T) integer -> the final normalized hidden states (B, T, H), the lm_head's input."""
         c, P = self.config, self.params
         ids = backend.xp.asarray(ids)  # token ids live where the weights live (a no-op on the CPU)
         B, T = ids.shape
@@ -89,12 +98,7 @@ class Model:
             gate = ops.linear(h, P[p + "mlp.gate_proj.weight"])  # (B, T, I)
             up = ops.linear(h, P[p + "mlp.up_proj.weight"])  # (B, T, I)
             x = x + ops.linear(ops.swiglu(gate, up), P[p + "mlp.down_proj.weight"])  # (B, T, H)
-        x = ops.rmsnorm(x, P["model.norm.weight"], c.rms_norm_eps)  # (B, T, H)
-        return ops.linear(x, self.head)  # (B, T, V)
-
-    def loss(self, ids, targets):
-        """Mean cross-entropy over all B*T target tokens."""
-        return ops.cross_entropy(self.forward(ids), backend.xp.asarray(targets))
+        return ops.rmsnorm(x, P["model.norm.weight"], c.rms_norm_eps)  # (B, T, H)
 
 
 def check_tensors(config, found, source):

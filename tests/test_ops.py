@@ -125,3 +125,34 @@ def test_linear_any_leading_dims():
     y = ops.linear(Tensor(x), Tensor(W), Tensor(b)).data
     assert y.shape == (2, 3, 4, 6)
     np.testing.assert_allclose(y, np.einsum("abcd,ed->abce", x, W) + b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 7, 1000])
+def test_linear_cross_entropy_equals_the_unfused_pair(chunk_rows):
+    rng = np.random.default_rng(6)
+    x, W = rng.standard_normal((3, 11, 16)), rng.standard_normal((301, 16))
+    t = rng.integers(0, 301, (3, 11))
+    grads = []
+    for fused in (True, False):
+        xt, Wt = Tensor(x.copy(), requires_grad=True), Tensor(W.copy(), requires_grad=True)
+        loss = (ops.linear_cross_entropy(xt, Wt, t, chunk_rows=chunk_rows) if fused
+                else ops.cross_entropy(ops.linear(xt, Wt), t))
+        loss.backward(np.asarray(0.25))  # an upstream gradient != 1, as with --grad-accum 4
+        grads.append((float(loss.data), xt.grad, Wt.grad))
+    (la, dxa, dWa), (lb, dxb, dWb) = grads
+    assert la == pytest.approx(lb, rel=1e-13)
+    np.testing.assert_allclose(dxa, dxb, rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(dWa, dWb, rtol=1e-11, atol=1e-14)
+
+
+def test_linear_cross_entropy_never_holds_the_whole_logits():
+    rng = np.random.default_rng(7)
+    N, V, H = 400, 30011, 16
+    x = Tensor(rng.standard_normal((N, H), dtype=np.float32), requires_grad=True)
+    W = Tensor(rng.standard_normal((V, H), dtype=np.float32), requires_grad=True)
+    t = rng.integers(0, V, N)
+    tracemalloc.start()
+    ops.linear_cross_entropy(x, W, t, chunk_rows=50).backward()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.5 * N * V * 4, f"peak {peak / 1e6:.1f} MB vs {N * V * 4 / 1e6:.1f} MB of logits"

@@ -1,58 +1,129 @@
-"""Fused softmax + cross-entropy over the vocabulary, mean over target tokens."""
+"""Softmax cross-entropy over the vocabulary (mean over target tokens), alone and fused with the
+lm_head matmul.
+
+For logits z_n (V,) and target t_n: loss_n = lse_n - z_n[t_n], lse_n = log sum_v exp(z_n,v),
+computed stably as m_n + log sum_v exp(z_n,v - m_n), m_n = max_v z_n,v. Since
+d lse_n / d z_n,v = softmax_n,v, the gradient of the mean over N targets is
+    dz_n,v = (softmax_n,v - [v == t_n]) / N.
+Nothing is upcast beyond fp32: a 151 936-way vocabulary costs one logits-sized buffer.
+"""
 
 from minitrain import backend
 from minitrain.autograd import Function
 from minitrain.gpu import fused
 
 
-class CrossEntropy(Function):
-    """loss = mean over the N targets of -log softmax(z_n)[t_n] = mean_n (lse_n - z_n[t_n]),
-    lse_n = log sum_v exp(z_n,v), computed stably as m_n + log sum_v exp(z_n,v - m_n), m_n = max_v z_n,v.
-    logits z (..., V), integer targets t (...) -> a scalar.
+def _check(z, t):
+    V = z.shape[-1]
+    if t.shape[0] != z.shape[0]:
+        raise ValueError(f"cross_entropy: {t.shape[0]} targets for {z.shape[0]} rows of logits")
+    if t.size and (int(t.min()) < 0 or int(t.max()) >= V):
+        raise ValueError(f"cross_entropy: a target id is outside the vocabulary [0, {V})")
 
-    d lse_n / d z_n,v = softmax_n,v, so
-      dz_n,v = (softmax_n,v - [v == t_n]) / N   (times the incoming gradient of the loss).
-    Only the logits and one lse per row are kept; the softmax is rebuilt in the backward. Nothing
-    is upcast beyond fp32, so a 151 936-way vocabulary costs one logits-sized temporary.
-    """
+
+def row_losses(z, t):
+    """(nll, lse) per row of logits z (N, V), targets t (N,): both (N,) in at least fp32."""
+    xp = backend.xp
+    if launch := backend.kernels(z):  # kernels/cross_entropy.cu: one online pass per row
+        nll, lse = (xp.empty(z.shape[0], dtype=xp.float32) for _ in range(2))
+        fused.cross_entropy_forward(launch, z, t, nll, lse)
+        return nll, lse
+    acc = backend.acc_dtype(z.dtype)
+    m = z.max(axis=-1, keepdims=True).astype(acc)  # (N, 1)
+    e = z.astype(acc, copy=False) - m  # (N, V): the one big temporary ...
+    lse = m[:, 0] + xp.log(xp.exp(e, out=e).sum(axis=-1))  # (N,)   ... exponentiated in place
+    return lse - z[xp.arange(z.shape[0]), t].astype(acc), lse
+
+
+def row_gradients(z, t, lse, scale, out):
+    """out (N, V) = (softmax(z) - onehot(t)) * scale, the softmax rebuilt from lse; out may be z."""
+    xp = backend.xp
+    if launch := backend.kernels(z):
+        fused.cross_entropy_backward(launch, z, t, lse, out, scale)
+        return out
+    xp.subtract(z, lse[:, None].astype(z.dtype), out=out)
+    xp.exp(out, out=out)  # softmax (N, V), in the output buffer
+    out[xp.arange(z.shape[0]), t] -= 1.0
+    out *= scale
+    return out
+
+
+def _rows(z, t):
+    xp = backend.xp
+    return xp.ascontiguousarray(z), xp.ascontiguousarray(t.reshape(-1), dtype=xp.int64)
+
+
+class CrossEntropy(Function):
+    """loss = mean over the N targets of lse_n - z_n[t_n]; logits z (..., V), targets t (...).
+    Only the logits and one lse per row are kept; the softmax is rebuilt in the backward:
+      dz = (softmax - onehot) * g / N."""
 
     def forward(self, logits, targets):
-        xp = backend.xp
-        V = logits.shape[-1]
-        z = logits.reshape(-1, V)  # (N, V)
-        t = targets.reshape(-1)  # (N,)
-        if t.shape[0] != z.shape[0]:
-            raise ValueError(f"cross_entropy: {t.shape[0]} targets for {z.shape[0]} rows of logits")
-        if t.size and (int(t.min()) < 0 or int(t.max()) >= V):
-            raise ValueError(f"cross_entropy: a target id is outside the vocabulary [0, {V})")
-        if launch := backend.kernels(z):  # kernels/cross_entropy.cu: one online pass per row
-            z, t = xp.ascontiguousarray(z), xp.ascontiguousarray(t, dtype=xp.int64)
-            nll, lse = (xp.empty(z.shape[0], dtype=xp.float32) for _ in range(2))
-            fused.cross_entropy_forward(launch, z, t, nll, lse)
-            self.save(z, t, lse, logits.shape)
-            return nll.mean(dtype=xp.float64).astype(logits.dtype)
-        acc = backend.acc_dtype(z.dtype)
-        m = z.max(axis=-1, keepdims=True).astype(acc)  # (N, 1)
-        e = xp.exp(z.astype(acc) - m)  # (N, V) the one big temporary
-        lse = (m[:, 0] + xp.log(e.sum(axis=-1)))  # (N,)
-        rows = xp.arange(z.shape[0])
-        nll = lse - z[rows, t].astype(acc)  # (N,)
+        z, t = _rows(logits.reshape(-1, logits.shape[-1]), targets)  # (N, V), (N,)
+        _check(z, t)
+        nll, lse = row_losses(z, t)
         self.save(z, t, lse, logits.shape)
-        return nll.mean(dtype=xp.float64).astype(logits.dtype)  # () scalar
+        return nll.mean(dtype=backend.xp.float64).astype(logits.dtype)  # () scalar
 
     def backward(self, g):
-        xp = backend.xp
         z, t, lse, shape = self.saved
-        N = z.shape[0]
-        if launch := backend.kernels(z):
-            dz = xp.empty_like(z)
-            fused.cross_entropy_backward(launch, z, t, lse, dz, float(g) / N)
-            return dz.reshape(shape), None
-        dz = xp.exp(z.astype(lse.dtype) - lse[:, None])  # softmax (N, V)
-        dz[xp.arange(N), t] -= 1.0
-        dz *= g / N
-        return dz.astype(z.dtype, copy=False).reshape(shape), None
+        dz = row_gradients(z, t, lse, float(g) / z.shape[0], backend.xp.empty_like(z))
+        return dz.reshape(shape), None
+
+
+class LinearCrossEntropy(Function):
+    """loss = cross_entropy(x W^T, targets): the lm_head and the loss fused, over chunks of rows,
+    so the (N, V) logits never exist whole (at most `chunk_rows` x V, about 256 MB).
+
+    The loss is a scalar at the end of the graph, so its gradient can be formed while the logits
+    of a chunk c are at hand, then the logits dropped:
+        z_c = x_c W^T,   dz_c = (softmax(z_c) - onehot) / N   (in place of z_c)
+        dx_c = dz_c W,   dW += dz_c^T x_c
+    backward(g) only scales the saved dx and dW by the incoming gradient g.
+    x (..., H), W (V, H), targets (...) -> a scalar.
+    """
+
+    BUDGET = 1 << 28  # bytes of logits per chunk
+
+    def forward(self, x, W, targets, chunk_rows=None):
+        xp = backend.xp
+        x2, t = _rows(x.reshape(-1, x.shape[-1]), targets)  # (N, H), (N,)
+        N, V = x2.shape[0], W.shape[0]
+        rows = chunk_rows or max(1, self.BUDGET // (V * x2.dtype.itemsize))
+        dx = xp.empty_like(x2) if self.needs_grad[0] else None
+        dW = None
+        total = 0.0
+        for start in range(0, N, rows):
+            xc, tc = x2[start:start + rows], t[start:start + rows]
+            z = xc @ W.T  # (r, V)
+            _check(z, tc)
+            nll, lse = row_losses(z, tc)
+            total += float(nll.sum(dtype=xp.float64))
+            if not any(self.needs_grad):
+                continue
+            dz = row_gradients(z, tc, lse, 1.0 / N, out=z)  # (r, V), in place of the logits
+            if dx is not None:
+                xp.matmul(dz, W, out=dx[start:start + rows])
+            if self.needs_grad[1]:
+                part = dz.T @ xc  # (V, H)
+                if dW is None:
+                    dW = part
+                else:
+                    dW += part
+        self.save(dx, dW, x.shape)
+        return xp.asarray(total / N, dtype=x.dtype)
+
+    def backward(self, g):
+        dx, dW, shape = self.saved
+        if float(g) != 1.0:  # e.g. 1/grad_accum
+            dx = None if dx is None else dx * g
+            dW = None if dW is None else dW * g
+        return (None if dx is None else dx.reshape(shape)), dW, None
 
 
 def cross_entropy(logits, targets):
     return CrossEntropy.apply(logits, targets)
+
+
+def linear_cross_entropy(x, W, targets, chunk_rows=None):
+    return LinearCrossEntropy.apply(x, W, targets, chunk_rows=chunk_rows)
