@@ -5,34 +5,59 @@ loop sets at every step from the schedule. `state()` / `load_state()` carry what
 needs to continue exactly.
 """
 
+import concurrent.futures
 import math
+import os
+
+import numpy
 
 from minitrain import backend
 from minitrain.gpu import fused
 
 
 CHUNK = 1 << 16  # elements per slice of the loops below: the slices of p, g, m, v and the scratch stay in cache
+WORKERS = max(1, min(4, os.cpu_count() or 1))  # NumPy's elementwise ufuncs use one core; these loops use all
+_pool = None
+
+
+def _run_slices(tasks, work):
+    """work(worker, task) for every task, the tasks dealt round-robin to WORKERS threads (NumPy
+    releases the GIL inside its loops); the results come back in task order, so a sum of them is
+    the same in every run."""
+    global _pool
+    if WORKERS == 1 or backend.xp is not numpy or len(tasks) < 2:
+        return [work(0, t) for t in tasks]
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="minitrain-optim")
+    results = [None] * len(tasks)
+
+    def run(w):
+        for i in range(w, len(tasks), WORKERS):
+            results[i] = work(w, tasks[i])
+
+    for f in [_pool.submit(run, w) for w in range(WORKERS)]:
+        f.result()
+    return results
 
 
 def _slices(n):
-    return (slice(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK))
+    return [slice(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
 
 
 def global_grad_norm(params):
     """sqrt(sum over every parameter of sum(g^2)), accumulated in float64: the true global L2 norm.
-    Slice by slice, the exact float64 squares go to one aligned scratch and NumPy sums that: no
-    casting buffer of varying alignment is involved, so the sum (and the clipping factor) has the
-    same bits in every run, a resumed one included."""
-    xp, total = backend.xp, 0.0
-    scratch = backend.aligned_empty(CHUNK, xp.float64)
-    for p in params:
-        if p.grad is None:
-            continue
-        g = p.grad.reshape(-1)
-        for sl in _slices(g.size):
-            squares = xp.multiply(g[sl], g[sl], out=scratch[: sl.stop - sl.start], dtype=xp.float64)
-            total += float(squares.sum())
-    return math.sqrt(total)
+    Slice by slice, the exact float64 squares go to an aligned scratch and NumPy sums that (no
+    casting buffer of varying alignment), and the slices' sums are added in a fixed order, so the
+    norm (and the clipping factor) has the same bits in every run, a resumed one included."""
+    xp = backend.xp
+    scratch = [backend.aligned_empty(CHUNK, xp.float64) for _ in range(WORKERS)]
+    tasks = [(g, sl) for p in params if p.grad is not None for g in [p.grad.reshape(-1)] for sl in _slices(g.size)]
+
+    def sum_of_squares(w, task):
+        g, sl = task
+        return float(xp.multiply(g[sl], g[sl], out=scratch[w][: sl.stop - sl.start], dtype=xp.float64).sum())
+
+    return math.sqrt(sum(_run_slices(tasks, sum_of_squares)))
 
 
 def clip_grads(params, norm, max_norm):
@@ -78,7 +103,6 @@ class AdamW:
         self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
         self.weight_decay, self.decay_1d = weight_decay, decay_1d
         self.t = 0
-        self._scratch = None
         self.m = [backend.xp.zeros_like(p.data) for p in self.params]
         self.v = [backend.xp.zeros_like(p.data) for p in self.params]
 
@@ -87,6 +111,7 @@ class AdamW:
         lr, b1, b2 = self.lr, self.beta1, self.beta2
         step_size = lr / (1 - b1 ** self.t)
         bc2_sqrt = math.sqrt(1 - b2 ** self.t)
+        tasks = []
         for p, m, v in zip(self.params, self.m, self.v):
             g = p.grad
             if g is None:
@@ -97,30 +122,32 @@ class AdamW:
                                  m.reshape(-1), v.reshape(-1), lr=lr, b1=b1, b2=b2, eps=self.eps,
                                  wd=self.weight_decay if decays else 0.0, step_size=step_size, bc2_sqrt=bc2_sqrt)
                 continue
-            self._update(p.data.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
-                         1 - lr * self.weight_decay if decays else None, step_size, bc2_sqrt)
+            flat = (p.data.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1))
+            decay = 1 - lr * self.weight_decay if decays else None
+            tasks += [(flat, sl, decay) for sl in _slices(p.data.size)]
+        if tasks:
+            dt = tasks[0][0][0].dtype
+            scratch = [(backend.aligned_empty(CHUNK, dt), backend.aligned_empty(CHUNK, dt)) for _ in range(WORKERS)]
+            _run_slices(tasks, lambda w, task: self._update(*task, scratch[w], step_size, bc2_sqrt))
 
-    def _update(self, p, g, m, v, decay, step_size, bc2_sqrt):
-        """The update in place, slice by slice, with two reused scratch buffers: the same
-        arithmetic, operation for operation, as the formula above (and as kernels/adamw.cu)."""
+    def _update(self, flat, sl, decay, scratch, step_size, bc2_sqrt):
+        """One slice of the update in place, through two scratch buffers: the same arithmetic,
+        operation for operation, as the formula above (and as kernels/adamw.cu)."""
         xp, b1, b2 = backend.xp, self.beta1, self.beta2
-        if self._scratch is None or self._scratch[0].dtype != p.dtype:
-            self._scratch = (xp.empty(CHUNK, p.dtype), xp.empty(CHUNK, p.dtype))
-        for sl in _slices(p.size):
-            s1, s2 = (s[: sl.stop - sl.start] for s in self._scratch)
-            ps, gs, ms, vs = p[sl], g[sl], m[sl], v[sl]
-            if decay is not None:
-                ps *= decay
-            ms *= b1
-            ms += xp.multiply(gs, 1 - b1, out=s1)  # m = b1 m + (1 - b1) g
-            vs *= b2
-            xp.multiply(gs, 1 - b2, out=s1)
-            vs += xp.multiply(s1, gs, out=s1)  # v = b2 v + ((1 - b2) g) g
-            xp.sqrt(vs, out=s1)
-            s1 /= bc2_sqrt
-            s1 += self.eps  # denominator
-            xp.multiply(ms, step_size, out=s2)
-            ps -= xp.divide(s2, s1, out=s2)
+        ps, gs, ms, vs = (a[sl] for a in flat)
+        s1, s2 = (s[: sl.stop - sl.start] for s in scratch)
+        if decay is not None:
+            ps *= decay
+        ms *= b1
+        ms += xp.multiply(gs, 1 - b1, out=s1)  # m = b1 m + (1 - b1) g
+        vs *= b2
+        xp.multiply(gs, 1 - b2, out=s1)
+        vs += xp.multiply(s1, gs, out=s1)  # v = b2 v + ((1 - b2) g) g
+        xp.sqrt(vs, out=s1)
+        s1 /= bc2_sqrt
+        s1 += self.eps  # denominator
+        xp.multiply(ms, step_size, out=s2)
+        ps -= xp.divide(s2, s1, out=s2)
 
     def state(self):
         """(scalars, arrays): the step count, and both moments of every parameter by name."""
