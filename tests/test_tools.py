@@ -1,0 +1,35 @@
+"""The CPU benchmark and profiler run end to end (tiny preset, one step), so docs/performance.md
+stays reproducible. Timings are printed, never asserted."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def run(script, *args):
+    out = subprocess.run([sys.executable, str(TOOLS / script), *args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_profile_accounts_for_the_step():
+    out = run("profile_cpu.py", "--preset", "tiny-llama", "--steps", "1")
+    step = float(re.search(r"step ([\d.]+) s", out).group(1))
+    rows = {line.split()[0]: float(line.split()[-2 if "%" in line.split()[-1] else -3])
+            for line in out.splitlines()[2:]}
+    for op in ("Linear", "LinearCrossEntropy", "Attention", "RMSNorm", "SwiGLU", "RoPE", "AdamW"):
+        assert op in rows, f"{op} missing from the profile:\n{out}"
+    assert abs(sum(rows.values()) - step) < 0.01 * step + 1e-3, out  # the rows, the engine included, add up
+
+
+def test_bench_compares_both_frameworks():
+    pytest.importorskip("transformers")
+    out = run("bench_cpu.py", "--preset", "tiny-llama", "--rounds", "1", "--warmup", "0", "--steps", "1")
+    assert re.search(r"sgemm peak [\d.]+ GFLOP/s", out), out
+    assert re.search(r"tiny-llama\s+minitrain .* [\d.]+x$", out, re.M), out
+    assert re.search(r"tiny-llama\s+torch .*torch threads", out), out
