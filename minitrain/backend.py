@@ -7,7 +7,10 @@ so everything imports and runs with CuPy absent.
 Dtype policy: parameters and activations are created in ``backend.dtype`` -- float32 for
 training, float64 for gradient checks (`precision("fp64")`). Ops keep the dtype of their inputs
 and accumulate statistics (RMSNorm mean square, softmax sums) in at least float32: see
-`acc_dtype`.
+`acc_dtype`. Mixed precision (`set_dtype("bf16")`, ``backend.bf16``): parameters, their
+gradients and the optimizer stay float32; activations are bfloat16, stored as their 16 raw bits
+(``BF16`` = uint16, since NumPy and CuPy have no bfloat16 type), and only the CUDA kernels and
+the bf16 matmul compute on them.
 """
 
 import ctypes
@@ -26,6 +29,8 @@ MATMUL_BACKWARD = ("cublas", "kernels")
 matmul_backward = "cublas"  # the linear layer's backward on the GPU: xp.matmul or kernels/matmul_backward.cu
 
 DTYPES = {"fp32": numpy.dtype(numpy.float32), "fp64": numpy.dtype(numpy.float64)}
+BF16 = numpy.dtype(numpy.uint16)  # bfloat16 storage: the top 16 bits of a float32
+bf16 = False  # activations in bf16 (set_dtype("bf16")); parameters stay in `dtype`, float32
 
 
 def use(device: str) -> None:
@@ -49,22 +54,36 @@ def use(device: str) -> None:
 
 
 def set_dtype(name: str) -> None:
-    """Set the dtype new parameters and inputs are created in: 'fp32' or 'fp64'."""
-    global dtype
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}: expected one of {sorted(DTYPES)}")
-    dtype = DTYPES[name]
+    """Set the dtype new parameters and inputs are created in: 'fp32' or 'fp64'; or 'bf16':
+    float32 parameters with bf16 activations (mixed precision, on the CUDA kernels)."""
+    global dtype, bf16
+    if name not in DTYPES and name != "bf16":
+        raise ValueError(f"unknown dtype {name!r}: expected one of {sorted(DTYPES) + ['bf16']}")
+    dtype, bf16 = DTYPES.get(name, DTYPES["fp32"]), name == "bf16"
 
 
 @contextmanager
 def precision(name: str):
     """Temporarily create arrays in another dtype (gradient checks run in 'fp64')."""
-    saved = dtype
+    saved = dtype, bf16
     set_dtype(name)
     try:
         yield
     finally:
-        globals()["dtype"] = saved
+        globals()["dtype"], globals()["bf16"] = saved
+
+
+def to_bf16(a):
+    """float32 -> bf16 bits (uint16), rounded to nearest even, NaN kept a quiet NaN: the same
+    rounding as the kernels' store() in kernels/common.cuh."""
+    u = xp.ascontiguousarray(a, dtype=xp.float32).view(xp.uint32)
+    rounded = (u + xp.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16
+    return xp.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, rounded).astype(xp.uint16)
+
+
+def from_bf16(b):
+    """bf16 bits (uint16) -> float32, exactly (a bf16 is the top half of a float32)."""
+    return (b.astype(xp.uint32) << 16).view(xp.float32)
 
 
 def acc_dtype(dt) -> "numpy.dtype":
@@ -107,9 +126,15 @@ def to_numpy(a):
 
 
 def kernels(*arrays):
-    """The kernel launcher when the CUDA kernels should run on these arrays (all float32), else
-    None: the reference ops handle every other case (float64 checks, a CPU run)."""
-    if launch is None or any(a.dtype != numpy.float32 for a in arrays):
+    """The kernel launcher when the CUDA kernels should run on these arrays (all float32 or bf16
+    bits), else None: the reference ops handle every other case (float64 checks, a CPU run).
+    bf16 arrays have no reference path: without the kernels they are an error, not a silent
+    integer computation."""
+    if launch is None:
+        if any(a.dtype == BF16 for a in arrays):
+            raise RuntimeError("bf16 activations run only on the CUDA kernels (--device cuda)")
+        return None
+    if any(a.dtype not in (numpy.float32, BF16) for a in arrays):
         return None
     return launch
 

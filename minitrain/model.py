@@ -67,8 +67,9 @@ class Model:
         return self.params["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
 
     def forward(self, ids):
-        """ids (B, T) integer -> logits (B, T, V)."""
-        return ops.linear(self.hidden(ids), self.head)  # (B, T, V)
+        """ids (B, T) integer -> logits (B, T, V), in fp32 also under mixed precision."""
+        logits = ops.linear(self.hidden(ids), self.head)  # (B, T, V)
+        return ops.cast(logits, "fp32") if backend.bf16 else logits
 
     def loss(self, ids, targets):
         """Mean cross-entropy over all B*T target tokens; the lm_head and the loss fused and
@@ -82,6 +83,8 @@ class Model:
         B, T = ids.shape
         nH, nKV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         x = ops.embedding(P["model.embed_tokens.weight"], ids)  # (B, T, H)
+        if backend.bf16:  # mixed precision: activations in bf16 from here on, parameters stay fp32
+            x = ops.cast(x, "bf16")
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
             # attention block

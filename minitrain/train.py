@@ -26,6 +26,7 @@ from minitrain.config import PRESETS, ModelConfig, preset
 from minitrain.convert import apr_tensors, checked_tokenizer
 from minitrain.data import TokenWindows, TrainStream
 from minitrain.errors import InputError, TrainingAborted
+from minitrain.gpu import attention as attention_kernels
 from minitrain.model import Model
 from minitrain.optim import SGD, AdamW, clip_grads, global_grad_norm
 from minitrain.schedule import learning_rate
@@ -87,9 +88,11 @@ class TrainConfig:
             raise InputError(f"--optimizer {c.optimizer!r}: expected adamw or sgd")
         if c.schedule not in ("cosine", "constant"):
             raise InputError(f"--schedule {c.schedule!r}: expected cosine or constant")
-        if c.dtype not in backend.DTYPES:
-            raise InputError(f"--dtype {c.dtype!r} on {c.device}: expected one of {', '.join(backend.DTYPES)} "
-                             "(bf16 mixed precision needs the GPU path)")
+        if c.dtype == "bf16" and c.device != "cuda":
+            raise InputError(f"--dtype bf16 on {c.device}: bf16 mixed precision runs on the CUDA kernels; "
+                             "use --device cuda, or --dtype fp32 on the CPU")
+        if c.dtype not in (*backend.DTYPES, "bf16"):
+            raise InputError(f"--dtype {c.dtype!r}: expected one of {', '.join(backend.DTYPES)}, bf16")
         return c
 
 
@@ -123,7 +126,7 @@ def _check_arch(name, config, source):
 
 def build_model(cfg):
     """The model to train: from --init (strictly checked), from a checkpoint, or from scratch."""
-    dtype = backend.DTYPES[cfg.dtype]
+    dtype = backend.DTYPES.get(cfg.dtype, backend.DTYPES["fp32"])  # bf16: fp32 master weights
     if cfg.init:
         from minitrain.sources import load_model
 
@@ -178,6 +181,10 @@ class Run:
         else:
             self.model = build_model(cfg)
         mc = self.model.config
+        if backend.bf16 and mc.head_dim not in attention_kernels.FORWARD_ROWS:
+            raise InputError(f"--dtype bf16: the bf16 attention kernel has head_dim "
+                             f"{' or '.join(map(str, sorted(attention_kernels.FORWARD_ROWS)))}; this model has "
+                             f"{mc.head_dim} (use --dtype fp32)")
         if cfg.seq_len > mc.max_position_embeddings:
             raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                              f"{mc.max_position_embeddings}")

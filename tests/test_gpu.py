@@ -1,5 +1,6 @@
 """On a real GPU (skipped without one): a tiny model's loss and every gradient with --device cuda
-(CuPy + the kernels of kernels/) against the CPU path, with both matmul-backward routes.
+(CuPy + the kernels of kernels/) against the CPU path, with both matmul-backward routes, in fp32
+and in bf16 mixed precision (where cuBLAS GemmEx runs the bf16 matmuls).
 tools/gpu_check.sh runs this file and the kernel tests on the device."""
 
 import importlib.util
@@ -30,15 +31,16 @@ CFG = ModelConfig(family="qwen2", hidden_size=256, num_hidden_layers=2, num_atte
                   rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
-def loss_and_grads(device, matmul_backward="cublas"):
+def loss_and_grads(device, matmul_backward="cublas", precision="fp32"):
     backend.use(device)
     backend.matmul_backward = matmul_backward
     try:
-        model = Model.from_scratch(CFG, seed=0)
-        ids = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 130))
-        loss = model.loss(ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        return float(loss.data), {n: backend.to_numpy(t.grad) for n, t in model.params.items()}
+        with backend.precision(precision):
+            model = Model.from_scratch(CFG, seed=0)
+            ids = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 130))
+            loss = model.loss(ids[:, :-1], ids[:, 1:])
+            loss.backward()
+            return float(loss.data), {n: backend.to_numpy(t.grad) for n, t in model.params.items()}
     finally:
         backend.use("cpu")
         backend.matmul_backward = "cublas"
@@ -51,3 +53,13 @@ def test_tiny_model_on_the_gpu_matches_the_cpu(route):
     assert gpu_loss == pytest.approx(cpu_loss, rel=1e-5)
     for name, g in cpu_grads.items():
         np.testing.assert_allclose(gpu_grads[name], g, rtol=1e-3, atol=1e-4 * float(np.abs(g).max()), err_msg=name)
+
+
+@pytest.mark.parametrize("route", backend.MATMUL_BACKWARD)
+def test_tiny_model_in_bf16_on_the_gpu_tracks_fp32(route):
+    cpu_loss, cpu_grads = loss_and_grads("cpu")
+    gpu_loss, gpu_grads = loss_and_grads("cuda", route, "bf16")
+    assert gpu_loss == pytest.approx(cpu_loss, rel=5e-3)
+    for name, g in cpu_grads.items():
+        assert gpu_grads[name].dtype == np.float32, name
+        assert np.linalg.norm(gpu_grads[name] - g) < 5e-2 * np.linalg.norm(g), name

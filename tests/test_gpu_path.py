@@ -124,3 +124,104 @@ def test_adamw_on_the_kernel_path_is_bit_identical(kernels):
     for got, want in zip(three_steps(), reference, strict=True):
         np.testing.assert_array_equal(got, want)
     assert launched == {"adamw"}
+
+
+# ---- mixed precision: bf16 activations, fp32 parameters, on the same kernel path ----
+
+def test_bf16_rounding_is_torchs():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    x = np.concatenate([rng.standard_normal(10_000).astype(np.float32) * 10.0 ** rng.integers(-40, 39, 10_000),
+                        np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.4e38, 1e-45, 1.00390625, 1.01171875],
+                                 dtype=np.float32)]).astype(np.float32)  # ties to even: 1 + 2^-8, 1 + 3 * 2^-8
+    got = backend.to_bf16(x)
+    want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    finite = ~np.isnan(x)
+    np.testing.assert_array_equal(got[finite], want[finite])
+    assert np.isnan(backend.from_bf16(got[~finite])).all()
+    np.testing.assert_array_equal(backend.from_bf16(got)[finite], torch.from_numpy(want.view(np.int16)).view(
+        torch.bfloat16).float().numpy()[finite])  # widening is exact
+
+
+def bf16_values(a):
+    """a rounded to bf16 but kept in fp32: the same numbers the bf16 path starts from."""
+    return backend.from_bf16(backend.to_bf16(a))
+
+
+def rel(got, want):
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_linear_matches_fp32_on_the_same_values(kernels, bias, monkeypatch):
+    rng = np.random.default_rng(7)
+    x, W, b, gy = bf16_values(_f32(rng, 2, 7, 45)), _f32(rng, 61, 45), _f32(rng, 61), bf16_values(_f32(rng, 2, 7, 61))
+    ref = [Tensor(a.copy(), requires_grad=True) for a in (x, W, b)]
+    y_ref = ops.linear(*ref[:2], ref[2] if bias else None)
+    y_ref.backward(gy)
+    kernels()
+    for route in ("cublas", "kernels"):
+        monkeypatch.setattr(backend, "matmul_backward", route)
+        t = [Tensor(backend.to_bf16(x), requires_grad=True), Tensor(W.copy(), requires_grad=True),
+             Tensor(b.copy(), requires_grad=True)]
+        y = ops.linear(t[0], t[1], t[2] if bias else None)
+        y.backward(backend.to_bf16(gy))
+        assert y.data.dtype == backend.BF16 and t[0].grad.dtype == backend.BF16
+        assert t[1].grad.dtype == np.float32 and (not bias or t[2].grad.dtype == np.float32)
+        assert rel(backend.from_bf16(y.data), y_ref.data) < 1e-2  # W rounded to bf16, y rounded once
+        assert rel(backend.from_bf16(t[0].grad), ref[0].grad) < 1e-2
+        assert rel(t[1].grad, ref[1].grad) < 1e-6  # dW = G^T X on exact bf16 values, accumulated in fp32
+        if bias:
+            assert rel(t[2].grad, ref[2].grad) < 1e-6
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_model_in_bf16_tracks_fp32(kernels, family):
+    """A whole model with bf16 activations on the kernels: fp32 master weights and gradients, the
+    loss and every gradient within bf16 rounding of the fp32 reference run, and AdamW steps later
+    the loss still tracks it."""
+    cfg = ModelConfig(family=family, hidden_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=1, head_dim=64, intermediate_size=96, vocab_size=257,
+                      max_position_embeddings=64, rope_theta=1e6, rms_norm_eps=1e-6,
+                      tie_word_embeddings=family == "qwen2")
+    ids = np.random.default_rng(8).integers(0, 257, (2, 9))
+
+    def train(precision):
+        with backend.precision(precision):
+            model = Model.from_scratch(cfg, seed=9)
+            opt = AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+            losses, first_grads = [], None
+            for _ in range(3):
+                for p in model.parameters():
+                    p.zero_grad()
+                loss = model.loss(ids[:, :-1], ids[:, 1:])
+                loss.backward()
+                first_grads = first_grads or {n: t.grad.copy() for n, t in model.params.items()}
+                opt.step()
+                losses.append(float(loss.data))
+            logits = model.forward(ids).data
+            return losses, first_grads, model, logits
+
+    ref_losses, ref_grads, _, ref_logits = train("fp32")  # the NumPy reference ops
+    launched = kernels()
+    losses, grads, model, logits = train("bf16")
+    assert {"swiglu", "rmsnorm", "rope", "attention", "cross_entropy"} <= launched
+    assert all(t.data.dtype == np.float32 and grads[n].dtype == np.float32 for n, t in model.params.items())
+    assert logits.dtype == np.float32 and rel(logits, ref_logits) < 2e-2
+    np.testing.assert_allclose(losses, ref_losses, rtol=5e-3)
+    assert losses[-1] < losses[0] - 0.1  # it learns
+    for name, g in ref_grads.items():
+        assert rel(grads[name], g) < 5e-2, name
+
+
+def test_cast_backward_is_the_cast_back():
+    """Rounding is differentiated straight through (no finite-difference check applies to a
+    rounding): to bf16, dx = fp32(dy); to fp32, dx = bf16(dy)."""
+    x = Tensor(_f32(np.random.default_rng(10), 3, 5), requires_grad=True)
+    y = ops.cast(ops.cast(x, "bf16"), "fp32")
+    np.testing.assert_array_equal(y.data, bf16_values(x.data))
+    gy = _f32(np.random.default_rng(11), 3, 5)
+    y.backward(gy)
+    np.testing.assert_array_equal(x.grad, bf16_values(gy))
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        ops.cast(x, "fp8")

@@ -239,7 +239,8 @@ def test_a_diverging_validation_loss_aborts(tokens, tmp_path, monkeypatch):
         run.run()
 
 
-@pytest.mark.parametrize("case", ["token-too-big", "odd-size", "all-held-out", "no-data", "unknown-arch", "seq-too-long"])
+@pytest.mark.parametrize("case", ["token-too-big", "odd-size", "all-held-out", "no-data", "unknown-arch", "seq-too-long",
+                                  "bf16-on-cpu"])
 def test_bad_input_exits_2_before_training(tokens, tmp_path, case):
     data = tmp_path / "bad.bin"
     args = ["--arch", "tiny-llama", "--seq-len", "16", "--out", str(tmp_path / "run")]
@@ -262,6 +263,10 @@ def test_bad_input_exits_2_before_training(tokens, tmp_path, case):
         data = tokens
         args[1] = "gpt-5"
         expect = ["unknown architecture 'gpt-5'"]
+    elif case == "bf16-on-cpu":
+        data = tokens
+        args += ["--dtype", "bf16", "--device", "cpu"]
+        expect = ["--dtype bf16 on cpu", "--device cuda"]
     else:
         data = tokens
         args[3] = "5000"

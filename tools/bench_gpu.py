@@ -1,9 +1,9 @@
 """GPU benchmark, run by tools/gpu_check.sh on a lent GPU machine (CuPy, torch, transformers there).
 
 1. Peak: an 8192^3 bf16 matmul in torch, measured here and now: the denominator of every MFU.
-2. A Qwen2.5-0.5B training step (AdamW) at seq 1024: minitrain on the GPU (CuPy + kernels/, fp32
-   weights and activations: minitrain has no bf16 mixed precision yet) vs transformers + PyTorch
-   eager, fp32 and bf16 autocast, same config and batch. tokens/s and MFU, with
+2. A Qwen2.5-0.5B training step (AdamW) at seq 1024: minitrain on the GPU (CuPy + kernels/, fp32,
+   and bf16 mixed precision: fp32 master weights, bf16 activations, cuBLAS GemmEx matmuls) vs
+   transformers + PyTorch eager, fp32 and bf16 autocast, same config and batch. tokens/s and MFU, with
    FLOPs/token = 6 N + 12 L H T (N: parameters taking part in matmuls, the lm_head included,
    the embedding lookup not; reference.md section 5).
 3. The attention kernels vs torch.nn.functional.scaled_dot_product_attention (causal, GQA 7:1,
@@ -47,7 +47,7 @@ def flops_per_token(cfg, T):
     return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * T
 
 
-def minitrain_step(cfg, B, T, repeats):
+def minitrain_step(cfg, B, T, repeats, precision):
     import cupy
 
     from minitrain import backend
@@ -55,6 +55,7 @@ def minitrain_step(cfg, B, T, repeats):
     from minitrain.optim import AdamW
 
     backend.use("cuda")
+    backend.set_dtype(precision)
     model = Model.from_scratch(cfg, seed=0)
     opt = AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     ids = numpy.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
@@ -67,6 +68,7 @@ def minitrain_step(cfg, B, T, repeats):
 
     t = timed(step, cupy.cuda.Device().synchronize, repeats)
     backend.use("cpu")
+    backend.set_dtype("fp32")
     return t
 
 
@@ -136,16 +138,17 @@ def main():
     cfg, B, T = preset("qwen2.5-0.5b"), args.batch_size, args.seq_len
     peak = peak_bf16(torch)
     work = flops_per_token(cfg, T) * B * T
-    steps = [("minitrain (CuPy + kernels, fp32)", minitrain_step(cfg, B, T, args.repeats)),
+    steps = [("minitrain (CuPy + kernels, fp32)", minitrain_step(cfg, B, T, args.repeats, "fp32")),
+             ("minitrain (CuPy + kernels, bf16 mixed)", minitrain_step(cfg, B, T, args.repeats, "bf16")),
              ("HF + PyTorch eager, fp32", torch_step(torch, transformers, cfg, B, T, args.repeats, bf16=False)),
              ("HF + PyTorch eager, bf16 autocast", torch_step(torch, transformers, cfg, B, T, args.repeats, bf16=True))]
     attention = attention_rates(torch, B, T, 14, 2, 64)
     print(f"\n{torch.cuda.get_device_name()}: bf16 matmul peak {peak:.0f} TFLOP/s (8192^3, measured now)")
     print(f"Qwen2.5-0.5B training step, batch {B} x seq {T}, AdamW; FLOPs/token = 6N + 12LHT = "
           f"{flops_per_token(cfg, T) / 1e9:.2f} GFLOP")
-    print(f"{'':<36} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
+    print(f"{'':<40} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
     for name, t in steps:
-        print(f"{name:<36} {t:8.3f} {B * T / t:10.0f} {work / t / 1e12:8.1f} {100 * work / t / 1e12 / peak:5.1f}%")
+        print(f"{name:<40} {t:8.3f} {B * T / t:10.0f} {work / t / 1e12:8.1f} {100 * work / t / 1e12 / peak:5.1f}%")
     print(f"attention, causal GQA 7:1, B {B}, T {T}, nH 14, hd 64:   fwd TFLOP/s   bwd TFLOP/s")
     for name, f, b in attention:
         print(f"  {name:<34} {f:12.1f} {b:13.1f}")

@@ -56,6 +56,9 @@ class Attention(Function):
             attention_kernels.forward(launch, q, k, v, o, lse)
             self.save(q, k, v, o, lse, None)  # no scale: marks the kernel path
             return o
+        if q.dtype == backend.BF16:
+            raise ValueError(f"attention: bf16 runs only on the kernel, which has head_dim "
+                             f"{sorted(attention_kernels.FORWARD_ROWS)}; this model has {hd}")
         # heads first; the g query heads of kv head j are heads j*g .. j*g+g-1, stacked as rows
         qh = xp.ascontiguousarray(q.transpose(0, 2, 1, 3)).reshape(B, nKV, g * T, hd)
         kh = xp.ascontiguousarray(k.transpose(0, 2, 1, 3))  # (B, nKV, T, hd)

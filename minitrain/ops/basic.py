@@ -23,10 +23,16 @@ def _shape(a):
 
 
 class Add(Function):
-    """y = a + b (with broadcasting).   dy/da = dy/db = 1, so  da = dy,  db = dy  (unbroadcast)."""
+    """y = a + b (with broadcasting).   dy/da = dy/db = 1, so  da = dy,  db = dy  (unbroadcast).
+    bf16 operands (their uint16 bits) are widened, added in fp32 and rounded once."""
 
     def forward(self, a, b):
         self.save(_shape(a), _shape(b))
+        half = [getattr(x, "dtype", None) == backend.BF16 for x in (a, b)]
+        if any(half):
+            if not all(half):
+                raise TypeError("add: a bf16 operand needs a bf16 partner (cast the other first)")
+            return backend.to_bf16(backend.from_bf16(a) + backend.from_bf16(b))
         return a + b
 
     def backward(self, g):

@@ -10,7 +10,7 @@ Nothing is upcast beyond fp32: a 151 936-way vocabulary costs one logits-sized b
 
 from minitrain import backend
 from minitrain.autograd import Function
-from minitrain.gpu import fused
+from minitrain.gpu import fused, gemm
 
 
 def _check(z, t):
@@ -81,6 +81,8 @@ class LinearCrossEntropy(Function):
         dx_c = dz_c W,   dW += dz_c^T x_c
     backward(g) only scales the saved dx and dW by the incoming gradient g.
     x (..., H), W (V, H), targets (...) -> a scalar.
+    Mixed precision (x in bf16): W is rounded to bf16 for the two products with x, but the logits,
+    the softmax and the loss stay fp32; dz is rounded to bf16 for dx (bf16) and dW (fp32).
     """
 
     BUDGET = 1 << 28  # bytes of logits per chunk
@@ -89,34 +91,42 @@ class LinearCrossEntropy(Function):
         xp = backend.xp
         x2, t = _rows(x.reshape(-1, x.shape[-1]), targets)  # (N, H), (N,)
         N, V = x2.shape[0], W.shape[0]
-        rows = chunk_rows or max(1, self.BUDGET // (V * x2.dtype.itemsize))
+        half = x2.dtype == backend.BF16
+        Wc = backend.to_bf16(W) if half else W  # (V, H) in the precision of x
+        rows = chunk_rows or max(1, self.BUDGET // (V * W.dtype.itemsize))  # logits are in W's dtype
         dx = xp.empty_like(x2) if self.needs_grad[0] else None
         dW = None
         total = 0.0
         for start in range(0, N, rows):
             xc, tc = x2[start:start + rows], t[start:start + rows]
-            z = xc @ W.T  # (r, V)
+            z = gemm.matmul(xc, Wc.T, xp.float32) if half else xc @ W.T  # (r, V) fp32 logits
             _check(z, tc)
             nll, lse = row_losses(z, tc)
             total += float(nll.sum(dtype=xp.float64))
             if not any(self.needs_grad):
                 continue
             dz = row_gradients(z, tc, lse, 1.0 / N, out=z)  # (r, V), in place of the logits
+            if half:
+                dz = backend.to_bf16(dz)
             if dx is not None:
-                xp.matmul(dz, W, out=dx[start:start + rows])
+                if half:
+                    dx[start:start + rows] = gemm.matmul(dz, Wc, backend.BF16)
+                else:
+                    xp.matmul(dz, W, out=dx[start:start + rows])
             if self.needs_grad[1]:
-                part = dz.T @ xc  # (V, H)
+                part = gemm.matmul(dz.T, xc, xp.float32) if half else dz.T @ xc  # (V, H)
                 if dW is None:
                     dW = part
                 else:
                     dW += part
         self.save(dx, dW, x.shape)
-        return xp.asarray(total / N, dtype=x.dtype)
+        return xp.asarray(total / N, dtype=W.dtype)
 
     def backward(self, g):
         dx, dW, shape = self.saved
         if float(g) != 1.0:  # e.g. 1/grad_accum
-            dx = None if dx is None else dx * g
+            if dx is not None:
+                dx = backend.to_bf16(backend.from_bf16(dx) * g) if dx.dtype == backend.BF16 else dx * g
             dW = None if dW is None else dW * g
         return (None if dx is None else dx.reshape(shape)), dW, None
 

@@ -2,6 +2,7 @@
 
 from minitrain import backend
 from minitrain.autograd import Function
+from minitrain.gpu import gemm
 from minitrain.gpu import matmul as matmul_kernels
 
 
@@ -12,9 +13,15 @@ class Linear(Function):
       dX = G @ W          (N, out) @ (out, in): each output row sends g_n back through W
       dW = G.T @ X        (out, N) @ (N, in):   sum over tokens of outer(g_n, x_n)
       db = sum_n G[n]     (out,)
+
+    Mixed precision (x in bf16): W and b stay fp32 masters; W is rounded to bf16 here, the
+    products are accumulated in fp32, y is rounded to bf16 once (after the bias), and the
+    gradients come back as dX in bf16, dW and db in fp32.
     """
 
     def forward(self, x, W, b):
+        if x.dtype == backend.BF16:
+            return self._forward_bf16(x, W, b)
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         y = x2 @ W.T  # (N, out)
         if b is not None:
@@ -23,11 +30,28 @@ class Linear(Function):
         self.save(W if self.needs_grad[0] else None, x2 if self.needs_grad[1] else None, x.shape)
         return y.reshape(x.shape[:-1] + (W.shape[0],))
 
+    def _forward_bf16(self, x, W, b):
+        xp = backend.xp
+        x2 = xp.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (N, in) bf16
+        W16 = backend.to_bf16(W)  # (out, in) bf16
+        if b is None:
+            y = gemm.matmul(x2, W16.T, backend.BF16)  # (N, out)
+        else:
+            y = backend.to_bf16(gemm.matmul(x2, W16.T, xp.float32) + b)
+        self.save(W16 if self.needs_grad[0] else None, x2 if self.needs_grad[1] else None, x.shape)
+        return y.reshape(x.shape[:-1] + (W.shape[0],))
+
     def backward(self, g):
         W, x2, x_shape = self.saved
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         if backend.matmul_backward == "kernels" and (launch := backend.kernels(g2)):
             return _kernel_backward(launch, g2, W, x2, x_shape, self.needs_grad)
+        if g.dtype == backend.BF16:  # mixed precision, the cuBLAS route: dX bf16, dW and db fp32
+            g2 = backend.xp.ascontiguousarray(g2)
+            dx = gemm.matmul(g2, W, backend.BF16).reshape(x_shape) if self.needs_grad[0] else None
+            dW = gemm.matmul(g2.T, x2, backend.xp.float32) if self.needs_grad[1] else None
+            db = backend.from_bf16(g2).sum(axis=0) if self.needs_grad[2] else None
+            return dx, dW, db
         dx = (g2 @ W).reshape(x_shape) if self.needs_grad[0] else None
         dW = g2.T @ x2 if self.needs_grad[1] else None
         db = g2.sum(axis=0) if self.needs_grad[2] else None

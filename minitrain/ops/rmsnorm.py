@@ -8,7 +8,8 @@ from minitrain.gpu import fused
 class RMSNorm(Function):
     """y = w * xhat,  xhat = x * r,  r = (mean(x^2) + eps)^(-1/2)   over the last axis.
     x (..., H), w (H,). Statistics in at least fp32, xhat cast back to x's dtype before the
-    weight multiplies it (what Hugging Face does).
+    weight multiplies it (what Hugging Face does). bf16 x (mixed precision): w, an fp32 master,
+    is rounded to bf16 for the kernel; dw comes back in fp32.
 
     Backward, with dxhat = dy * w:
       dw   = sum over all leading positions of dy * xhat
@@ -19,6 +20,8 @@ class RMSNorm(Function):
 
     def forward(self, x, w, eps):
         if launch := backend.kernels(x, w):  # kernels/rmsnorm.cu saves x and r, recomputes xhat
+            if x.dtype == backend.BF16:
+                w = backend.to_bf16(w)
             x2 = backend.xp.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (rows, H)
             y, r = backend.xp.empty_like(x2), backend.xp.empty(x2.shape[0], dtype=backend.xp.float32)
             fused.rmsnorm_forward(launch, x2, w, y, r, eps)
