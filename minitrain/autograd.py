@@ -147,8 +147,8 @@ def _accumulate_leaf(t, g, handed_out):
 def _add_into(dense, g):
     if isinstance(g, RowSparse):
         g.add_into(dense)
-    elif dense.dtype == backend.BF16:  # bf16 bits: add the numbers in fp32, round once
-        dense[...] = backend.to_bf16(backend.from_bf16(dense) + backend.from_bf16(g))
+    elif dense.dtype == backend.BF16:
+        dense[...] = backend.add_bf16(dense, g)
     else:
         dense += g
 

@@ -86,6 +86,11 @@ def from_bf16(b):
     return (b.astype(xp.uint32) << 16).view(xp.float32)
 
 
+def add_bf16(a, b):
+    """a + b for bf16 bits: widened, added in fp32, rounded once (never an integer sum of bits)."""
+    return to_bf16(from_bf16(a) + from_bf16(b))
+
+
 def acc_dtype(dt) -> "numpy.dtype":
     """Accumulation dtype for reductions over an array of dtype `dt`: at least float32."""
     return numpy.dtype(numpy.float64) if numpy.dtype(dt) == numpy.float64 else numpy.dtype(numpy.float32)

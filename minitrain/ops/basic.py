@@ -32,7 +32,7 @@ class Add(Function):
         if any(half):
             if not all(half):
                 raise TypeError("add: a bf16 operand needs a bf16 partner (cast the other first)")
-            return backend.to_bf16(backend.from_bf16(a) + backend.from_bf16(b))
+            return backend.add_bf16(a, b)
         return a + b
 
     def backward(self, g):
