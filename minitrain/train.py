@@ -88,9 +88,6 @@ class TrainConfig:
             raise InputError(f"--optimizer {c.optimizer!r}: expected adamw or sgd")
         if c.schedule not in ("cosine", "constant"):
             raise InputError(f"--schedule {c.schedule!r}: expected cosine or constant")
-        if c.dtype == "bf16" and c.device != "cuda":
-            raise InputError(f"--dtype bf16 on {c.device}: bf16 mixed precision runs on the CUDA kernels; "
-                             "use --device cuda, or --dtype fp32 on the CPU")
         if c.dtype not in (*backend.DTYPES, "bf16"):
             raise InputError(f"--dtype {c.dtype!r}: expected one of {', '.join(backend.DTYPES)}, bf16")
         return c
@@ -174,6 +171,9 @@ class Run:
         self.start_time = time.perf_counter()
         self.state = {"step": 0, "init_loss": None, "last_val_loss": None}
         cfg.device = _device(cfg.device)
+        if cfg.dtype == "bf16" and cfg.device != "cuda":
+            raise InputError(f"--dtype bf16 on {cfg.device}: bf16 mixed precision runs on the CUDA kernels; "
+                             "use --device cuda, or --dtype fp32 on the CPU")
         backend.set_dtype(cfg.dtype)
         if resumed:
             state, model_arrays, opt_arrays = resumed
