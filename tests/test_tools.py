@@ -24,7 +24,9 @@ def test_profile_accounts_for_the_step():
             for line in out.splitlines()[2:]}
     for op in ("Linear", "LinearCrossEntropy", "Attention", "RMSNorm", "SwiGLU", "RoPE", "AdamW"):
         assert op in rows, f"{op} missing from the profile:\n{out}"
-    assert abs(sum(rows.values()) - step) < 0.01 * step + 1e-3, out  # the rows, the engine included, add up
+    rounding = 0.0005 * (len(rows) + 1) + 1e-9  # every printed figure is rounded to the millisecond
+    assert abs(sum(rows.values()) - step) <= rounding, out  # the rows, the engine included, add up
+    assert rows["engine"] >= -rounding, out  # no time counted twice (a Function timed inside another)
 
 
 def test_bench_compares_both_frameworks():
