@@ -72,24 +72,16 @@ def launch(lib, kernel, grid, block, args, reverse=False):
     fn(*(ctypes.c_uint(v) for v in grid + block), ctypes.c_int(int(reverse)), *(_c(a) for a in args))
 
 
-def to_bf16(x):
-    """float32 values -> raw bf16 bits (uint16), rounded to nearest even (NumPy reference)."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def from_bf16(h):
-    return (h.astype(np.uint32) << 16).view(np.float32)
-
-
-def launcher(reverse=False):
+def launcher(reverse=False, plant=None):
     """A `launch(source, kernel, grid, block, args)` for minitrain.gpu's launch functions that
-    runs the kernel on the CPU; with MINITRAIN_KERNEL_DEVICE=gpu (tools/gpu_check.sh), on the GPU."""
-    if os.environ.get("MINITRAIN_KERNEL_DEVICE") == "gpu":
+    runs the kernel on the CPU; with MINITRAIN_KERNEL_DEVICE=gpu (tools/gpu_check.sh), on the GPU.
+    `plant=(old, new)` runs the emulation build with that planted bug (see `library`), always on
+    the CPU."""
+    if os.environ.get("MINITRAIN_KERNEL_DEVICE") == "gpu" and plant is None:
         return _on_gpu
 
     def run(source, kernel, grid, block, args):
-        launch(library(source), kernel, grid, block, args, reverse)
+        launch(library(source, plant), kernel, grid, block, args, reverse)
     return run
 
 

@@ -6,10 +6,11 @@ head grouping, in both thread schedules. Then planted bugs, each of which the ch
 import numpy as np
 import pytest
 
-from kernel_emu import from_bf16, launch, launcher, library, to_bf16
+from kernel_emu import launcher
 
 from minitrain import ops
 from minitrain.autograd import Tensor
+from minitrain.backend import from_bf16, to_bf16
 from minitrain.gpu import attention
 
 # Tiles: forward 64 (hd 64) or 32 (hd 128) query rows x 32 keys; backward 32 x 32 or 16 x 16.
@@ -103,13 +104,6 @@ def test_launch_rejects_unsupported_shapes():
         attention.forward(launcher(), q, q, q, q, np.zeros((1, 2, 4), np.float32))
 
 
-def planted(old, new, reverse=False):
-    """A launch callable for minitrain.gpu.attention that runs a copy of attention.cu with `old`
-    replaced by `new`."""
-    lib = library("attention", plant=(old, new))
-    return lambda source, kernel, grid, block, args: launch(lib, kernel, grid, block, args, reverse)
-
-
 PLANTS = {  # name: (old, new, B, T, nH, nKV, hd, the result it must spoil)
     "K tile read before it is loaded": (
         "__syncthreads();  // the K tile is loaded", "// no barrier", 1, 40, 1, 1, 64, "o"),
@@ -131,5 +125,5 @@ def test_planted_bug_is_caught(name, reverse):
     q, k, v, do = inputs(B, T, nH, nKV, hd, "f32", seed=1)
     want = reference(q, k, v, do)[spoiled]
     with np.errstate(invalid="ignore"):
-        got, overrun = run_kernels(planted(old, new, reverse), q, k, v, do, "f32", backward=spoiled != "o")
+        got, overrun = run_kernels(launcher(reverse, plant=(old, new)), q, k, v, do, "f32", backward=spoiled != "o")
         assert overrun or not error(got[spoiled], want) <= TOL["f32"], f"planted bug not caught: {name}"

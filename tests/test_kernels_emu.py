@@ -4,8 +4,9 @@ reference on awkward sizes, with both thread schedules (forward and reverse orde
 import numpy as np
 import pytest
 
-from kernel_emu import from_bf16, launch, launcher, library, to_bf16
+from kernel_emu import launch, launcher, library
 
+from minitrain.backend import from_bf16, to_bf16
 from minitrain.gpu import swiglu
 
 SCHEDULES = [False, True]

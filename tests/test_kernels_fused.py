@@ -8,21 +8,15 @@ import math
 import numpy as np
 import pytest
 
-from kernel_emu import from_bf16, launch, launcher, library, to_bf16
+from kernel_emu import launcher
 
 from minitrain.autograd import Tensor
+from minitrain.backend import from_bf16, to_bf16
 from minitrain.gpu import fused
 from minitrain.ops.rope import rope, rope_tables
 from minitrain.optim import AdamW
 
 SCHEDULES = [False, True]
-
-
-def planted(plant, reverse=False):
-    """A launcher whose kernels come from the build with the planted bug `plant` = (old, new)."""
-    def run(source, kernel, grid, block, args):
-        launch(library(source, plant), kernel, grid, block, args, reverse)
-    return run
 
 
 def codec(dtype):
@@ -99,7 +93,7 @@ def test_rmsnorm_planted_missing_barrier():
     x, dy, w = inputs(rng, "f32", (rows, H)), inputs(rng, "f32", (rows, H)), inputs(rng, "f32", H, 0.2, 1.0)
     dw0 = np.zeros(H, np.float32)
     *_, dw_want = rmsnorm_reference(x, w, dy)
-    *_, dw = run_rmsnorm(planted(("__syncthreads();", "")), "f32", x, w, dy, dw0, rows)
+    *_, dw = run_rmsnorm(launcher(plant=("__syncthreads();", "")), "f32", x, w, dy, dw0, rows)
     assert not np.allclose(dw, dw_want, rtol=1e-3, atol=1e-3)
 
 
@@ -142,7 +136,7 @@ def test_rope(dtype, reverse):
 def test_rope_planted_backward_sign():
     x, dy, cos, sin = rope_case("f32")
     dx = np.zeros(dy.shape, np.float32)
-    fused.rope_backward(planted(("-1.0f", "1.0f")), dy, cos, sin, dx)
+    fused.rope_backward(launcher(plant=("-1.0f", "1.0f")), dy, cos, sin, dx)
     assert not np.allclose(dx, rotate_reference(dy, cos, -sin), rtol=1e-3, atol=1e-3)
 
 
@@ -200,7 +194,7 @@ def test_cross_entropy_planted_row_bound():
     buf = inputs(rng, "f32", (N + 1, V))
     buf[:, 0] = 10.0
     z, t = buf[:N], rng.integers(0, V, N)
-    loss, lse, _ = run_cross_entropy(planted(("j < V", "j <= V")), "f32", z, t, 1.0 / N)
+    loss, lse, _ = run_cross_entropy(launcher(plant=("j < V", "j <= V")), "f32", z, t, 1.0 / N)
     assert not np.allclose(lse, cross_entropy_reference(z, t, 1.0)[1], rtol=1e-3)
 
 
@@ -208,7 +202,7 @@ def test_cross_entropy_planted_no_max_subtraction():
     N, V = 3, 1003
     rng = np.random.default_rng(3)
     z, t = inputs(rng, "f32", (N, V), 3.0, 100.0), rng.integers(0, V, N)
-    loss, lse, _ = run_cross_entropy(planted(("expf(zj - m)", "expf(zj)")), "f32", z, t, 1.0 / N)
+    loss, lse, _ = run_cross_entropy(launcher(plant=("expf(zj - m)", "expf(zj)")), "f32", z, t, 1.0 / N)
     assert not np.allclose(lse, cross_entropy_reference(z, t, 1.0)[1], rtol=1e-3)
 
 
@@ -248,5 +242,5 @@ def test_adamw_matches_optimizer(copy, reverse):
 
 
 def test_adamw_planted_no_bias_correction():
-    ours, theirs = run_adamw(planted(("__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt)", "__fsqrt_rn(vi)")), False)
+    ours, theirs = run_adamw(launcher(plant=("__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt)", "__fsqrt_rn(vi)")), False)
     assert not np.allclose(ours[0][0], theirs[0][0], rtol=1e-3, atol=0)
