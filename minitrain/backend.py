@@ -29,6 +29,7 @@ MATMUL_BACKWARD = ("cublas", "kernels")
 matmul_backward = "cublas"  # the linear layer's backward on the GPU: xp.matmul or kernels/matmul_backward.cu
 
 DTYPES = {"fp32": numpy.dtype(numpy.float32), "fp64": numpy.dtype(numpy.float64)}
+PRECISIONS = (*DTYPES, "bf16")  # the names set_dtype (and --dtype) accepts
 BF16 = numpy.dtype(numpy.uint16)  # bfloat16 storage: the top 16 bits of a float32
 bf16 = False  # activations in bf16 (set_dtype("bf16")); parameters stay in `dtype`, float32
 
@@ -57,8 +58,8 @@ def set_dtype(name: str) -> None:
     """Set the dtype new parameters and inputs are created in: 'fp32' or 'fp64'; or 'bf16':
     float32 parameters with bf16 activations (mixed precision, on the CUDA kernels)."""
     global dtype, bf16
-    if name not in DTYPES and name != "bf16":
-        raise ValueError(f"unknown dtype {name!r}: expected one of {sorted(DTYPES) + ['bf16']}")
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown dtype {name!r}: expected one of {list(PRECISIONS)}")
     dtype, bf16 = DTYPES.get(name, DTYPES["fp32"]), name == "bf16"
 
 

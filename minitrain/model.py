@@ -33,15 +33,14 @@ class Model:
         self.params = params
 
     @classmethod
-    def from_arrays(cls, config, arrays, dtype=None):
+    def from_arrays(cls, config, arrays):
         """Copy arrays (name -> array, any float dtype; read-only memory maps too) into trainable
-        parameters in `dtype` (default: the backend's policy dtype)."""
-        dt = backend.dtype if dtype is None else dtype
-        return cls(config, {name: Tensor(backend.xp.array(a, dtype=dt), requires_grad=True, name=name)
+        parameters in the backend's policy dtype (backend.dtype)."""
+        return cls(config, {name: Tensor(backend.xp.array(a, dtype=backend.dtype), requires_grad=True, name=name)
                             for name, a in arrays.items()})
 
     @classmethod
-    def from_scratch(cls, config, seed=0, dtype=None):
+    def from_scratch(cls, config, seed=0):
         """N(0, 0.02) for the embedding and every linear weight, zero biases, RMSNorm weights 1.
         Drawn tensor by tensor in table order from one seeded generator: same seed, same model."""
         rng = numpy.random.default_rng(seed)
@@ -53,7 +52,7 @@ class Model:
                 arrays[name] = numpy.zeros(shape, dtype=numpy.float32)
             else:
                 arrays[name] = rng.standard_normal(shape, dtype=numpy.float32) * numpy.float32(INIT_STD)
-        return cls.from_arrays(config, arrays, dtype)
+        return cls.from_arrays(config, arrays)
 
     def parameters(self):
         """Every trainable tensor once (a tied head is the embedding)."""

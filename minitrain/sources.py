@@ -24,7 +24,7 @@ from minitrain.model import Model, check_tensors
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
-def load_model(path, dtype=None):
+def load_model(path):
     """A Model with the weights of `path`, strictly checked."""
     p = Path(path)
     if p.is_dir():
@@ -33,7 +33,7 @@ def load_model(path, dtype=None):
         raise InputError(f"{p}: no such file or directory")
     else:
         cfg, arrays = load_apr(p)
-    return Model.from_arrays(cfg, arrays, dtype)
+    return Model.from_arrays(cfg, arrays)
 
 
 def load_apr(path):

@@ -88,8 +88,8 @@ class TrainConfig:
             raise InputError(f"--optimizer {c.optimizer!r}: expected adamw or sgd")
         if c.schedule not in ("cosine", "constant"):
             raise InputError(f"--schedule {c.schedule!r}: expected cosine or constant")
-        if c.dtype not in (*backend.DTYPES, "bf16"):
-            raise InputError(f"--dtype {c.dtype!r}: expected one of {', '.join(backend.DTYPES)}, bf16")
+        if c.dtype not in backend.PRECISIONS:
+            raise InputError(f"--dtype {c.dtype!r}: expected one of {', '.join(backend.PRECISIONS)}")
         return c
 
 
@@ -122,12 +122,12 @@ def _check_arch(name, config, source):
 
 
 def build_model(cfg):
-    """The model to train: from --init (strictly checked), from a checkpoint, or from scratch."""
-    dtype = backend.DTYPES.get(cfg.dtype, backend.DTYPES["fp32"])  # bf16: fp32 master weights
+    """The model to train: from --init (strictly checked), from a checkpoint, or from scratch; its
+    parameters in backend.dtype (Run sets it from --dtype first: fp32 master weights under bf16)."""
     if cfg.init:
         from minitrain.sources import load_model
 
-        model = load_model(cfg.init, dtype)
+        model = load_model(cfg.init)
         if cfg.arch:
             _check_arch(cfg.arch, model.config, cfg.init)
         return model
@@ -135,7 +135,7 @@ def build_model(cfg):
         config = preset(cfg.arch)
     except ValueError as e:
         raise InputError(f"--arch: {e}") from None
-    return Model.from_scratch(config, seed=cfg.seed, dtype=dtype)
+    return Model.from_scratch(config, seed=cfg.seed)
 
 
 def configure(options):
