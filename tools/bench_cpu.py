@@ -7,10 +7,8 @@ the two alternate for --rounds rounds so that machine noise hits both alike. A p
 the model from scratch (minitrain's preset; the transformers class with the same config), runs
 --warmup steps, then times --steps steps of forward + backward + AdamW on random tokens, and
 reports its best step time and its peak resident memory. The parent also measures this machine's
-fp32 matmul peak (a large NumPy sgemm) in the same run.
-
-FLOPs per token (reference.md section 5): 6 N + 12 L H T, with N the parameters that take part in
-matmuls: everything but the embedding lookup, the lm_head included (counted even when tied).
+fp32 matmul peak (a large NumPy sgemm) in the same run. The step and the FLOPs per token are
+tools/workload.py's.
 """
 
 import argparse
@@ -21,15 +19,9 @@ import subprocess
 import sys
 import time
 
+from workload import flops_per_token, hf_model, minitrain_step, torch_step
+
 PRESETS = ["tiny-llama", "llama-370m", "qwen2.5-0.5b"]
-
-
-def flops_per_token(cfg, seq_len):
-    from minitrain.config import parameter_count
-
-    head = cfg.vocab_size * cfg.hidden_size
-    n = parameter_count(cfg) - head + (head if cfg.tie_word_embeddings else 0)  # lookup out, lm_head matmul in
-    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
 
 def sgemm_peak(size=2048, repeats=5):
@@ -50,23 +42,9 @@ def _timed(fn):
 
 
 def run_minitrain(preset, seq_len, batch, warmup, steps):
-    import numpy
-
     from minitrain.config import preset as get
-    from minitrain.model import Model
-    from minitrain.optim import AdamW
 
-    cfg = get(preset)
-    model = Model.from_scratch(cfg, seed=0)
-    opt = AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    ids = numpy.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq_len + 1))
-
-    def step():
-        for p in model.parameters():
-            p.zero_grad()
-        model.loss(ids[:, :-1], ids[:, 1:]).backward()
-        opt.step()
-
+    step, _ = minitrain_step(get(preset), batch, seq_len)
     return _steps(step, warmup, steps)
 
 
@@ -75,25 +53,12 @@ def run_torch(preset, seq_len, batch, warmup, steps):
     import transformers
 
     from minitrain.config import preset as get
-    from minitrain.hf import config_to_hf
 
     cfg = get(preset)
-    d = config_to_hf(cfg)
-    config_cls = transformers.LlamaConfig if cfg.family == "llama" else transformers.Qwen2Config
-    config = config_cls(**{k: v for k, v in d.items() if k not in ("architectures", "model_type", "torch_dtype")})
-    model_cls = transformers.LlamaForCausalLM if cfg.family == "llama" else transformers.Qwen2ForCausalLM
-    torch.manual_seed(0)
-    model = model_cls(config).float().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1))
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        logits = model(ids[:, :-1]).logits
-        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
-        opt.step()
-
-    return {**_steps(step, warmup, steps), "threads": torch.get_num_threads(), "attn": config._attn_implementation}
+    model = hf_model(transformers, cfg)
+    step = torch_step(torch, model, cfg, batch, seq_len)
+    return {**_steps(step, warmup, steps), "threads": torch.get_num_threads(),
+            "attn": model.config._attn_implementation}
 
 
 def _steps(step, warmup, steps):

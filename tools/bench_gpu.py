@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy  # noqa: E402
+from workload import flops_per_token, hf_model, minitrain_step, torch_step  # noqa: E402
 
 
 def timed(fn, sync, repeats):
@@ -39,56 +39,22 @@ def peak_bf16(torch):
     return 2 * 8192**3 / timed(lambda: a @ a, torch.cuda.synchronize, 5) / 1e12
 
 
-def flops_per_token(cfg, T):
-    from minitrain.config import parameter_count
-
-    head = cfg.vocab_size * cfg.hidden_size
-    n = parameter_count(cfg) - head + (head if cfg.tie_word_embeddings else 0)
-    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * T
-
-
-def minitrain_step(cfg, B, T, repeats, precision):
+def minitrain_time(cfg, B, T, repeats, precision):
     import cupy
 
     from minitrain import backend
-    from minitrain.model import Model
-    from minitrain.optim import AdamW
 
     backend.use("cuda")
     backend.set_dtype(precision)
-    model = Model.from_scratch(cfg, seed=0)
-    opt = AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    ids = numpy.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
-
-    def step():
-        for p in model.parameters():
-            p.zero_grad()
-        model.loss(ids[:, :-1], ids[:, 1:]).backward()
-        opt.step()
-
+    step, _ = minitrain_step(cfg, B, T)
     t = timed(step, cupy.cuda.Device().synchronize, repeats)
     backend.use("cpu")
     backend.set_dtype("fp32")
     return t
 
 
-def torch_step(torch, transformers, cfg, B, T, repeats, bf16):
-    from minitrain.hf import config_to_hf
-
-    d = config_to_hf(cfg)
-    config = transformers.Qwen2Config(**{k: v for k, v in d.items() if k not in ("architectures", "model_type",
-                                                                                 "torch_dtype")})
-    model = transformers.Qwen2ForCausalLM(config).cuda().float().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(ids[:, :-1]).logits
-        torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
-        opt.step()
-
+def torch_time(torch, transformers, cfg, B, T, repeats, bf16):
+    step = torch_step(torch, hf_model(transformers, cfg).cuda(), cfg, B, T, bf16)
     return timed(step, torch.cuda.synchronize, repeats)
 
 
@@ -138,10 +104,10 @@ def main():
     cfg, B, T = preset("qwen2.5-0.5b"), args.batch_size, args.seq_len
     peak = peak_bf16(torch)
     work = flops_per_token(cfg, T) * B * T
-    steps = [("minitrain (CuPy + kernels, fp32)", minitrain_step(cfg, B, T, args.repeats, "fp32")),
-             ("minitrain (CuPy + kernels, bf16 mixed)", minitrain_step(cfg, B, T, args.repeats, "bf16")),
-             ("HF + PyTorch eager, fp32", torch_step(torch, transformers, cfg, B, T, args.repeats, bf16=False)),
-             ("HF + PyTorch eager, bf16 autocast", torch_step(torch, transformers, cfg, B, T, args.repeats, bf16=True))]
+    steps = [("minitrain (CuPy + kernels, fp32)", minitrain_time(cfg, B, T, args.repeats, "fp32")),
+             ("minitrain (CuPy + kernels, bf16 mixed)", minitrain_time(cfg, B, T, args.repeats, "bf16")),
+             ("HF + PyTorch eager, fp32", torch_time(torch, transformers, cfg, B, T, args.repeats, bf16=False)),
+             ("HF + PyTorch eager, bf16 autocast", torch_time(torch, transformers, cfg, B, T, args.repeats, bf16=True))]
     attention = attention_rates(torch, B, T, 14, 2, 64)
     print(f"\n{torch.cuda.get_device_name()}: bf16 matmul peak {peak:.0f} TFLOP/s (8192^3, measured now)")
     print(f"Qwen2.5-0.5B training step, batch {B} x seq {T}, AdamW; FLOPs/token = 6N + 12LHT = "

@@ -2,15 +2,16 @@
 
     python tools/profile_cpu.py --preset llama-370m --seq-len 256 --steps 3
 
-Runs the same step as tools/bench_cpu.py (forward + backward + AdamW on random tokens) with a
-wall-clock timer around every Function's forward and backward and around the optimizer, and
-prints each op's time per step (the mean over --steps steps after one warm-up step), its share
-of the step, and for the matmul-bound ops the GFLOP/s they reach. What is left after the ops and
-the optimizer is the engine itself (graph walk, gradient bookkeeping).
+Runs the step that tools/bench_cpu.py times (tools/workload.py: forward + backward + AdamW on
+random tokens) with a wall-clock timer around every Function's forward and backward and around
+the optimizer, and prints each op's time per step (the mean over --steps steps after one warm-up
+step), its share of the step, and for the matmul-bound ops the GFLOP/s they reach. What is left
+after the ops and the optimizer is the engine itself (graph walk, gradient bookkeeping).
 """
 
 import argparse
 import collections
+import importlib
 import time
 
 
@@ -48,29 +49,19 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
 
-    import numpy
-
     from minitrain.autograd import Function
     from minitrain.config import preset
-    from minitrain.model import Model  # imports minitrain.ops: every Function subclass exists below
-    from minitrain.optim import AdamW
+    from workload import minitrain_step
 
     table = collections.defaultdict(float)
+    importlib.import_module("minitrain.ops")  # defines every op's Function subclass, all timed below
     for cls in all_functions(Function):
         for phase in ("forward", "backward"):
             if phase in cls.__dict__:
                 setattr(cls, phase, timed(table, (cls.__name__, phase), cls.__dict__[phase]))
     cfg = preset(args.preset)
-    model = Model.from_scratch(cfg, seed=0)
-    opt = AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    opt.step = timed(table, ("AdamW", "step"), opt.step)
-    ids = numpy.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1))
-
-    def step():
-        for p in model.parameters():
-            p.zero_grad()
-        model.loss(ids[:, :-1], ids[:, 1:]).backward()
-        opt.step()
+    step, opt = minitrain_step(cfg, args.batch_size, args.seq_len)
+    opt.step = timed(table, ("AdamW", "step"), opt.step)  # step() looks it up at each call
 
     step()
     table.clear()

@@ -1,0 +1,71 @@
+"""The training step that tools/bench_cpu.py, bench_gpu.py and profile_cpu.py time, written once
+so that every comparison runs the same work: a preset built from scratch, random tokens, forward
++ backward + AdamW (lr 1e-4, betas (0.9, 0.95), weight decay 0.1); in minitrain, and in Hugging
+Face transformers + PyTorch eager with the same config.
+
+FLOPs per token (reference.md section 5): 6 N + 12 L H T, with N the parameters that take part in
+matmuls: everything but the embedding lookup, the lm_head included (counted even when tied).
+"""
+
+ADAMW = {"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": 0.1}
+
+
+def flops_per_token(cfg, seq_len):
+    from minitrain.config import parameter_count
+
+    head = cfg.vocab_size * cfg.hidden_size
+    n = parameter_count(cfg) - head + (head if cfg.tie_word_embeddings else 0)  # lookup out, lm_head matmul in
+    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+def minitrain_step(cfg, batch, seq_len):
+    """(step, optimizer): step() runs one minitrain training step on the backend as it is set now
+    (device, dtype). The optimizer is returned so that a profiler can wrap its step."""
+    import numpy
+
+    from minitrain.model import Model
+    from minitrain.optim import AdamW
+
+    model = Model.from_scratch(cfg, seed=0)
+    opt = AdamW(model.parameters(), **ADAMW)
+    ids = numpy.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq_len + 1))
+
+    def step():
+        for p in model.parameters():
+            p.zero_grad()
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+        opt.step()
+
+    return step, opt
+
+
+def hf_model(transformers, cfg):
+    """The transformers model of the same architecture and config, randomly initialized (torch's
+    seed 0), fp32, in training mode, on the CPU."""
+    import torch
+
+    from minitrain.hf import config_to_hf
+
+    d = config_to_hf(cfg)
+    llama = cfg.family == "llama"
+    config = (transformers.LlamaConfig if llama else transformers.Qwen2Config)(
+        **{k: v for k, v in d.items() if k not in ("architectures", "model_type", "torch_dtype")})
+    torch.manual_seed(0)
+    return (transformers.LlamaForCausalLM if llama else transformers.Qwen2ForCausalLM)(config).float().train()
+
+
+def torch_step(torch, model, cfg, batch, seq_len, bf16=False):
+    """step() runs one PyTorch training step of `model` on its device; with bf16, the forward runs
+    under bf16 autocast (the loss stays fp32)."""
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), **ADAMW)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(ids[:, :-1]).logits
+        torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+        opt.step()
+
+    return step
