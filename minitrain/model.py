@@ -27,10 +27,14 @@ INIT_STD = 0.02
 
 class Model:
     def __init__(self, config, params):
-        """`params`: name -> Tensor, exactly the names and shapes of tensor_table(config)."""
+        """`params`: name -> Tensor, exactly the names and shapes of tensor_table(config), in any
+        order. They are kept in the table's order, whatever the source's (a safetensors file lists
+        its tensors sorted by name): `parameters()` is then the same sequence for a model built
+        from scratch, loaded from a checkpoint or from a file, so everything summed over it in
+        floating point (the global gradient norm) has the same bits in a resumed run."""
         check_tensors(config, {name: tuple(t.shape) for name, t in params.items()}, "model parameters")
         self.config = config
-        self.params = params
+        self.params = {name: params[name] for name in tensor_table(config)}
 
     @classmethod
     def from_arrays(cls, config, arrays):
@@ -55,7 +59,7 @@ class Model:
         return cls.from_arrays(config, arrays)
 
     def parameters(self):
-        """Every trainable tensor once (a tied head is the embedding)."""
+        """Every trainable tensor once (a tied head is the embedding), in tensor_table order."""
         return list(self.params.values())
 
     def num_parameters(self):

@@ -47,8 +47,9 @@ def _slices(n):
 def global_grad_norm(params):
     """sqrt(sum over every parameter of sum(g^2)), accumulated in float64: the true global L2 norm.
     Slice by slice, the exact float64 squares go to an aligned scratch and NumPy sums that (no
-    casting buffer of varying alignment), and the slices' sums are added in a fixed order, so the
-    norm (and the clipping factor) has the same bits in every run, a resumed one included."""
+    casting buffer of varying alignment); the slices' sums are added exactly (math.fsum, one
+    rounding at the end), so the total does not depend on the order of the parameters either.
+    The norm (and the clipping factor) has the same bits in every run, a resumed one included."""
     xp = backend.xp
     scratch = [backend.aligned_empty(CHUNK, xp.float64) for _ in range(WORKERS)]
     tasks = [(g, sl) for p in params if p.grad is not None for g in [p.grad.reshape(-1)] for sl in _slices(g.size)]
@@ -57,7 +58,7 @@ def global_grad_norm(params):
         g, sl = task
         return float(xp.multiply(g[sl], g[sl], out=scratch[w][: sl.stop - sl.start], dtype=xp.float64).sum())
 
-    return math.sqrt(sum(_run_slices(tasks, sum_of_squares)))
+    return math.sqrt(math.fsum(_run_slices(tasks, sum_of_squares)))
 
 
 def clip_grads(params, norm, max_norm):

@@ -124,6 +124,16 @@ def test_a_tied_model_has_no_lm_head_and_counts_every_parameter_once():
 ARRAYS = {n: t.data for n, t in Model.from_scratch(SMALL).params.items()}
 
 
+def test_parameters_come_in_table_order_whatever_the_order_of_the_source():
+    """A checkpoint's safetensors file lists its tensors sorted by name; a resumed model must still
+    give parameters() in the table's order, or sums over them (the global gradient norm) change
+    their rounding after --resume."""
+    shuffled = dict(sorted(ARRAYS.items(), reverse=True))
+    assert list(shuffled) != list(tensor_table(SMALL))
+    model = Model.from_arrays(SMALL, shuffled)
+    assert [t.name for t in model.parameters()] == list(model.params) == list(tensor_table(SMALL))
+
+
 @pytest.mark.parametrize("arrays, words", [
     ({n: a for n, a in ARRAYS.items() if n != "model.layers.1.self_attn.v_proj.bias"},
      "missing tensor model.layers.1.self_attn.v_proj.bias"),

@@ -1,11 +1,12 @@
-"""SGD and AdamW against torch.optim on the same parameters and gradients, in float64."""
+"""SGD and AdamW against torch.optim on the same parameters and gradients, in float64; the global
+gradient norm's independence of the parameters' order."""
 
 import numpy as np
 import pytest
 import torch
 
 from minitrain.autograd import Tensor
-from minitrain.optim import SGD, AdamW
+from minitrain.optim import SGD, AdamW, global_grad_norm
 
 
 def _params(seed):
@@ -49,3 +50,19 @@ def test_adamw_skips_parameters_without_gradient():
     p = Tensor(np.ones(3), requires_grad=True)
     AdamW([p], lr=0.1, weight_decay=0.5, decay_1d=True).step()
     np.testing.assert_array_equal(p.data, np.ones(3))
+
+
+def test_the_global_norm_does_not_depend_on_the_order_of_the_parameters():
+    """Squares summing to 2^53 (one parameter) and 1 (eight more): added left to right, each
+    2^53 + 1 rounds back to 2^53; the eight ones first give 2^53 + 8 exactly, and the two square
+    roots differ by 2 ulp. The norm adds the per-slice sums exactly (one rounding at the end), so
+    every order gives sqrt(2^53 + 8)."""
+    grads = [np.array([2.0 ** 26, 2.0 ** 26], dtype=np.float32)] + [np.ones(1, np.float32)] * 8
+    norms = set()
+    for order in (range(9), [*range(1, 9), 0], [4, 0, 8, 1, 2, 3, 5, 6, 7]):
+        params = [Tensor(np.zeros_like(grads[i]), requires_grad=True) for i in order]
+        for p, i in zip(params, order):
+            p.grad = grads[i].copy()
+        norms.add(global_grad_norm(params))
+    assert norms == {np.sqrt(2.0 ** 53 + 8.0)}
+    assert np.sqrt(2.0 ** 53 + 8.0) != np.sqrt(2.0 ** 53)
