@@ -1,0 +1,136 @@
+"""The float64 truth for the parity tests, and the rounding-error bounds they check against.
+
+The truth: transformers' model in float64 -- with its RoPE tables and RMSNorm computed in
+float64 too. transformers casts both to float32 even in a float64 model (the rotary embedding
+takes `.float()` of the positions and inverse frequencies; RMSNorm does `.to(torch.float32)`),
+which caps a "float64" comparison at ~1e-7. `float64_model` replaces those two forwards on the
+instance with the same formulas in the model's own dtype.
+
+Error model (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., 2.2 and 3.1). In
+a precision with unit roundoff u (2^-24 for fp32, 2^-53 for fp64) every operation is exact up to
+a factor 1 + d, |d| <= u, and a sum of n terms is exact up to gamma_n * sum |terms|, gamma_n ~ n u.
+Errors made along a chain of dependent steps add (to first order), so a result at the end of a
+chain whose sums have n_1, n_2, ... terms is within (n_1 + n_2 + ...) u of the exact value,
+relative to the magnitude of the terms it is summed from. `depth` adds those lengths up along
+the model: D_fwd for the logits, D_grad for a gradient (the backward retraces the forward chain,
+then sums over the B*T rows: 2 D_fwd + B T). This is the worst case; rounding errors of random
+sign grow like sqrt(n), not n, which leaves room for the network's own amplification. The bound
+holds on any IEEE machine, whatever its SIMD width or summation order: nothing in it is a
+measured property of one CPU.
+
+    logits, loss        |ours - exact| <= D_fwd u max|exact|
+    gradient of W       |ours - exact| <= D_grad u S_W, S_W the largest sum of term magnitudes
+                        over W's elements: |dY|^T |X| for a linear weight, sum |dY| for a bias,
+                        sum |dY * xhat| for an RMSNorm weight, sum |dX| over a token's positions
+                        for an embedding row (a tied one adds its head's |dZ|^T |h|). A gradient
+                        that nearly cancels (a key bias: softmax ignores what adds equally to a
+                        row's scores) is judged against its terms, not its small sum.
+    SGD, k steps        |w - exact| <= lr sum_t D_grad u S_W,t  +  k u max|w|
+    AdamW, k steps      element by element: an update m^/(sqrt(v^) + eps) divides the gradient's
+                        error by sqrt(v^_i), and is at most R_t in size (`adam_ratio_bound`), so
+                        |w_i - exact| <= lr sum_t min(2 R_t, D_grad u S_W,t / (sqrt(v^_t,i) + eps))
+                                         + k u |w_i|.
+Earlier steps' errors reach later gradients through the Hessian; over three steps at these
+learning rates that is a fraction of the per-step terms above, which the sum over steps covers.
+Two computations are compared by the sum of their bounds (the float64 truth has its own, tiny).
+"""
+
+import math
+
+import numpy as np
+import torch
+import transformers
+
+UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "fp64": 2.0 ** -53}
+
+
+def depth(cfg, batch, seq):
+    """(D_fwd, D_grad): the summed lengths of the sums along the model's longest chain, for a
+    ModelConfig and a (batch, seq) input."""
+    H, I, V, hd, nH = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim, cfg.num_attention_heads
+    layer = (H  # RMSNorm mean square
+             + H  # q/k/v projections
+             + hd  # scores q.k
+             + 2 * seq  # softmax sum, P V
+             + nH * hd  # o_proj
+             + H  # RMSNorm
+             + H  # gate/up projections
+             + I)  # down_proj
+    forward = cfg.num_hidden_layers * layer + H + H + V  # final norm, lm_head, the loss's softmax
+    return forward, 2 * forward + batch * seq
+
+
+def adam_ratio_bound(t, beta1, beta2):
+    """R_t, the largest |m^ / sqrt(v^)| after t steps of bias-corrected Adam, over all gradient
+    sequences: m^ = sum_s c_s g_s, v^ = sum_s d_s g_s^2, and Cauchy-Schwarz gives
+    |m^| <= sqrt(sum_s c_s^2 / d_s) sqrt(v^)."""
+    c = [(1 - beta1) * beta1 ** (t - s) / (1 - beta1 ** t) for s in range(1, t + 1)]
+    d = [(1 - beta2) * beta2 ** (t - s) / (1 - beta2 ** t) for s in range(1, t + 1)]
+    return math.sqrt(sum(ci * ci / di for ci, di in zip(c, d)))
+
+
+def float64_model(directory):
+    """transformers' model of an HF checkpoint directory, in float64 throughout."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64)
+    cfg = model.config
+    base, dim = cfg.rope_parameters["rope_theta"], cfg.head_dim
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+
+    def rotary(x, position_ids):
+        freqs = position_ids[..., None].to(torch.float64) * inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+
+    model.model.rotary_emb.forward = rotary
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            m.forward = lambda x, m=m: m.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
+    return model
+
+
+def loss_and_logits(model, inputs, targets):
+    logits = model(torch.tensor(inputs)).logits
+    return logits, torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     torch.tensor(targets).reshape(-1))
+
+
+def forward_backward(model, inputs, targets):
+    """(logits, loss, {name: gradient}, {name: S}) of one batch: the exact values and, per
+    parameter, the largest sum of term magnitudes behind an element of its gradient."""
+    inputs_of, grads_of, hooks = {}, {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) or type(m).__name__.endswith("RMSNorm"):
+            def keep(m, args, out, name=name):
+                inputs_of[name] = args[0].detach()
+                out.register_hook(lambda g: grads_of.__setitem__(name, g.detach()))
+            hooks.append(m.register_forward_hook(keep))
+    model.zero_grad()
+    logits, loss = loss_and_logits(model, inputs, targets)
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    modules, scales = dict(model.named_modules()), {}
+    for name, x in inputs_of.items():
+        m, dy = modules[name], grads_of[name].abs()
+        if isinstance(m, torch.nn.Embedding):
+            terms = torch.zeros_like(m.weight).index_add_(0, x.reshape(-1), dy.reshape(-1, dy.shape[-1]))
+            key = name + ".weight"
+        elif isinstance(m, torch.nn.Linear):
+            rows_dy, rows_x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]).abs()
+            terms = rows_dy.T @ rows_x
+            key = "model.embed_tokens.weight" if m.weight is model.model.embed_tokens.weight else name + ".weight"
+            if m.bias is not None:
+                scales[name + ".bias"] = float(rows_dy.sum(0).max())
+        else:  # RMSNorm: y = w * xhat
+            xhat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+            terms = (dy * xhat.abs()).reshape(-1, x.shape[-1]).sum(0)
+            key = name + ".weight"
+        scales[key] = scales.get(key, 0.0) + float(terms.max())  # a tied embedding: its rows and the head
+    grads = {n: p.grad.detach().numpy().copy() for n, p in model.named_parameters()}
+    return logits.detach().numpy(), float(loss.detach()), grads, scales
+
+
+def rel_to_bound(err, bound):
+    """The largest err / bound over the elements (0 where both are 0)."""
+    err, bound = np.broadcast_arrays(np.asarray(err, dtype=np.float64), np.asarray(bound, dtype=np.float64))
+    return float(np.max(np.where(err == 0, 0.0, err / np.maximum(bound, 1e-300)), initial=0.0))
