@@ -104,6 +104,7 @@ def test_model_steps_on_the_kernel_path_match_the_reference(kernels):
         close(weights[name], ref_weights[name])
 
 
+@pytest.mark.numerics
 def test_adamw_on_the_kernel_path_is_bit_identical(kernels):
     rng = np.random.default_rng(4)
     shapes = [(33, 17), (17,), (5, 3, 7)]

@@ -90,6 +90,7 @@ def test_model_config_rejects_an_impossible_architecture(changes, words):
 
 # Initialization
 
+@pytest.mark.numerics
 def test_from_scratch_is_deterministic_per_seed():
     a, b, c = (Model.from_scratch(SMALL, seed).params for seed in (3, 3, 4))
     for name in a:
@@ -124,6 +125,7 @@ def test_a_tied_model_has_no_lm_head_and_counts_every_parameter_once():
 ARRAYS = {n: t.data for n, t in Model.from_scratch(SMALL).params.items()}
 
 
+@pytest.mark.numerics
 def test_parameters_come_in_table_order_whatever_the_order_of_the_source():
     """A checkpoint's safetensors file lists its tensors sorted by name; a resumed model must still
     give parameters() in the table's order, or sums over them (the global gradient norm) change
@@ -172,6 +174,7 @@ def test_backward_fills_every_gradient_with_finite_values():
         assert np.isfinite(t.grad).all() and (t.grad != 0).any(), name
 
 
+@pytest.mark.numerics
 def test_changing_a_token_leaves_the_logits_before_it_bit_identical():
     model = Model.from_scratch(preset("tiny-llama"), seed=0)
     ids = random_ids(model.config, B=1, T=8)

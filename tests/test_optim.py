@@ -1,12 +1,16 @@
 """SGD and AdamW against torch.optim on the same parameters and gradients, in float64; the global
-gradient norm's independence of the parameters' order."""
+gradient norm's independence of the parameters' order; the threaded loops' independence of the
+number of threads."""
 
 import numpy as np
 import pytest
 import torch
 
 from minitrain.autograd import Tensor
+from minitrain import optim
 from minitrain.optim import SGD, AdamW, global_grad_norm
+
+pytestmark = pytest.mark.numerics  # tools/avx2_leg.py runs this file again on the AVX2 code paths
 
 
 def _params(seed):
@@ -66,3 +70,25 @@ def test_the_global_norm_does_not_depend_on_the_order_of_the_parameters():
         norms.add(global_grad_norm(params))
     assert norms == {np.sqrt(2.0 ** 53 + 8.0)}
     assert np.sqrt(2.0 ** 53 + 8.0) != np.sqrt(2.0 ** 53)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_threaded_adamw_and_norm_give_the_same_bits_with_any_number_of_threads(workers, monkeypatch):
+    """AdamW and the grad norm deal their slices to WORKERS threads; the slices are the same and the
+    results come back in slice order, so 1, 2 or 3 threads (any timing) give the same bits."""
+    def run():
+        rng = np.random.default_rng(5)
+        sizes = [3 * optim.CHUNK + 17, 5, optim.CHUNK - 1, 2 * optim.CHUNK]
+        params = [Tensor(rng.standard_normal(n).astype(np.float32), requires_grad=True) for n in sizes]
+        opt, norms = AdamW(params, lr=1e-2, weight_decay=0.1, decay_1d=True), []
+        for _ in range(3):
+            for p in params:
+                p.grad = rng.standard_normal(p.data.shape).astype(np.float32)
+            norms.append(global_grad_norm(params))
+            opt.step()
+        return norms, [p.data.tobytes() for p in params + opt.m + opt.v]
+
+    monkeypatch.setattr(optim, "WORKERS", 4)
+    expected = run()
+    monkeypatch.setattr(optim, "WORKERS", workers)
+    assert run() == expected
