@@ -23,6 +23,12 @@ def test_cross_entropy_full_qwen_vocab_fp32_is_stable_and_lean():
     z64 = z.astype(np.float64)
     m = z64.max(axis=-1, keepdims=True)
     lse = m[:, 0] + np.log(np.exp(z64 - m).sum(axis=-1))
+    # fp32 bounds (u = 2^-24): a pairwise sum of V terms is within (16 + log2(V / 128)) u ~ 27u of
+    # the sum of their magnitudes (NumPy sums blocks of 128 with 8 accumulators, then halves), and
+    # exp(z - m) adds |z - m| u <= 30u; the log turns that relative error of the sum into an absolute
+    # one, so the log-sum-exp m + log(sum) is within ~60u ~ 4e-6 and the loss (~12) within 1e-5
+    # relative with ~30x room. A gradient row (p - onehot) / N has sum |.| = 2 / N: its fp32 sum is
+    # within 27u * 2/N plus the softmax's own ~30u per element, under 1e-6.
     assert abs(float(loss.data) - (lse - z64[np.arange(N), t]).mean()) < 1e-5 * abs(float(loss.data))
     assert x.grad.dtype == np.float32 and np.isfinite(x.grad).all()
     np.testing.assert_allclose(x.grad.sum(axis=-1), 0, atol=1e-6)  # softmax - onehot sums to 0 per row
@@ -91,10 +97,20 @@ def test_rope_pairs_element_i_with_i_plus_half_not_its_neighbour():
 
 
 def test_rope_fp32_tables_follow_the_input_dtype():
-    x = np.random.default_rng(4).standard_normal((1, 300, 2, 64)).astype(np.float32)
+    """fp32 tables, as transformers makes them, against the float64 formula. The bound, element by
+    element (u = 2^-24): the angle pos * (1 / theta^(2i/hd)) is a power (at most 2 ulp = 4u
+    relative), a division and a product (u each): 6u |angle|; cos and sin of it are within 4 ulp
+    (<= 4u absolute, |cos| <= 1); y = x1 cos - x2 sin adds 3u of |x1| + |x2|. So
+    |y - exact| <= (|x1| + |x2|) (6u |angle| + 7u): at position 299 an angle error of ~1e-5 rad
+    dominates, whatever the CPU's pow and sin."""
+    hd, T, u = 64, 300, 2.0 ** -24
+    x = np.random.default_rng(4).standard_normal((1, T, 2, hd)).astype(np.float32)
     y = ops.rope(Tensor(x), 1_000_000.0).data
     assert y.dtype == np.float32
-    np.testing.assert_allclose(y, _hf_rope(x.astype(np.float64), 1e6, np.arange(300)), atol=5e-5)
+    angle = np.outer(np.arange(T), 1.0 / 1e6 ** (np.arange(0, hd, 2) / hd))  # (T, hd/2)
+    angle = np.concatenate([angle, angle], axis=-1)[:, None, :]  # (T, 1, hd): each pair shares its angle
+    pair = np.abs(x) + np.abs(np.concatenate([x[..., hd // 2:], x[..., : hd // 2]], axis=-1))  # |x1| + |x2|
+    assert (np.abs(y - _hf_rope(x.astype(np.float64), 1e6, np.arange(T))) <= pair * (6 * u * angle + 7 * u)).all()
 
 
 def test_embedding_rejects_ids_outside_the_vocabulary():
