@@ -69,6 +69,11 @@ def adam_ratio_bound(t, beta1, beta2):
     return math.sqrt(sum(ci * ci / di for ci, di in zip(c, d)))
 
 
+def rms_normalized(x, eps):
+    """x / sqrt(mean(x^2) + eps) over the last axis, in x's dtype: RMSNorm without its weight."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
 def float64_model(directory):
     """transformers' model of an HF checkpoint directory, in float64 throughout."""
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64)
@@ -84,11 +89,11 @@ def float64_model(directory):
     model.model.rotary_emb.forward = rotary
     for m in model.modules():
         if type(m).__name__.endswith("RMSNorm"):
-            m.forward = lambda x, m=m: m.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
+            m.forward = lambda x, m=m: m.weight * rms_normalized(x, m.variance_epsilon)
     return model
 
 
-def loss_and_logits(model, inputs, targets):
+def logits_and_loss(model, inputs, targets):
     logits = model(torch.tensor(inputs)).logits
     return logits, torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                      torch.tensor(targets).reshape(-1))
@@ -105,7 +110,7 @@ def forward_backward(model, inputs, targets):
                 out.register_hook(lambda g: grads_of.__setitem__(name, g.detach()))
             hooks.append(m.register_forward_hook(keep))
     model.zero_grad()
-    logits, loss = loss_and_logits(model, inputs, targets)
+    logits, loss = logits_and_loss(model, inputs, targets)
     loss.backward()
     for h in hooks:
         h.remove()
@@ -122,8 +127,7 @@ def forward_backward(model, inputs, targets):
             if m.bias is not None:
                 scales[name + ".bias"] = float(rows_dy.sum(0).max())
         else:  # RMSNorm: y = w * xhat
-            xhat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
-            terms = (dy * xhat.abs()).reshape(-1, x.shape[-1]).sum(0)
+            terms = (dy * rms_normalized(x, m.variance_epsilon).abs()).reshape(-1, x.shape[-1]).sum(0)
             key = name + ".weight"
         scales[key] = scales.get(key, 0.0) + float(terms.max())  # a tied embedding: its rows and the head
     grads = {n: p.grad.detach().numpy().copy() for n, p in model.named_parameters()}

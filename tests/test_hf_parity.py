@@ -216,7 +216,7 @@ def test_eval_command_matches_transformers_loss(pair, tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     windows = stream[: 6 * (T + 1)].reshape(6, T + 1).astype(np.int64)  # the 5-token tail is dropped
     with torch.no_grad():
-        expected = float(hf_oracle.loss_and_logits(truth, windows[:, :-1], windows[:, 1:])[1])
+        expected = float(hf_oracle.logits_and_loss(truth, windows[:, :-1], windows[:, 1:])[1])
     fwd = bounds(cfg, "fp32")[0]  # eval runs in fp32; its float64 mean over the batches adds ~u64
     assert result["tokens"] == 6 * T
     assert abs(result["loss"] - expected) <= fwd * expected

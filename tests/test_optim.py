@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from minitrain.autograd import Tensor
 from minitrain import optim
+from minitrain.autograd import Tensor
 from minitrain.optim import SGD, AdamW, global_grad_norm
 
 pytestmark = pytest.mark.numerics  # tools/avx2_leg.py runs this file again on the AVX2 code paths
