@@ -16,8 +16,9 @@ import os
 import shutil
 from pathlib import Path
 
-from minitrain import backend, safetensors_io
+from minitrain import backend
 from minitrain.errors import InputError
+from minitrain.formats import safetensors_io
 
 FORMAT = "minitrain-checkpoint-v1"
 

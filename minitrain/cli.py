@@ -72,7 +72,7 @@ def evaluate(init_path, data_path, seq_len, batch_size, batches, as_json):
     """Mean cross-entropy over all targets of the first BATCHES * BATCH_SIZE windows."""
     from minitrain.autograd import no_grad
     from minitrain.data import TokenWindows
-    from minitrain.sources import load_model
+    from minitrain.formats.sources import load_model
 
     model = load_model(init_path)
     data = TokenWindows(data_path, seq_len, model.config.vocab_size)
@@ -163,7 +163,7 @@ def pretrain(ctx, as_json, **options):
 def generate(init_path, tokenizer_path, prompt, max_new_tokens, temperature, top_k, seed):
     """Continue a prompt with a trained model; prints the prompt and the continuation."""
     from minitrain.generate import generate as sample
-    from minitrain.sources import load_model
+    from minitrain.formats.sources import load_model
     from minitrain.tokenize import find_eos, load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy
 
-from minitrain import hf
-from minitrain.apr import bf16, write_apr
-from minitrain.apr_meta import model_metadata
 from minitrain.config import parameter_count
 from minitrain.errors import InputError
+from minitrain.formats import hf
+from minitrain.formats.apr import bf16, write_apr
+from minitrain.formats.apr_meta import model_metadata
 
 ENCODE = {"f32": lambda a: numpy.asarray(a, numpy.float32), "f16": lambda a: numpy.asarray(a).astype(numpy.float16),
           "bf16": bf16}
@@ -44,7 +44,7 @@ def checked_tokenizer(path, config):
 
 def convert(src, dst, dtype="f32"):
     """Convert and return a one-line description of what was written."""
-    from minitrain.sources import load_apr
+    from minitrain.formats.sources import load_apr
 
     src, dst = Path(src), Path(dst)
     if dtype not in ENCODE:

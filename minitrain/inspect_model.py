@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 
 from minitrain import hf, safetensors_io
-from minitrain.apr import FLAG_NAMES, read_apr
 from minitrain.errors import InputError
+from minitrain.formats.apr import FLAG_NAMES, read_apr
 
 
 def inspect(path):
@@ -20,7 +20,7 @@ def inspect(path):
     p = Path(path)
     if p.is_dir():
         return _inspect_hf(p)
-    from minitrain.sources import load_apr
+    from minitrain.formats.sources import load_apr
 
     apr = read_apr(p)
     h = apr.header

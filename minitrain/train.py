@@ -19,13 +19,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from minitrain import backend, checkpoint
-from minitrain.apr import write_apr
-from minitrain.apr_meta import model_metadata
 from minitrain.autograd import no_grad
 from minitrain.config import PRESETS, ModelConfig, preset
 from minitrain.convert import apr_tensors, checked_tokenizer
 from minitrain.data import TokenWindows, TrainStream
 from minitrain.errors import InputError, TrainingAborted
+from minitrain.formats.apr import write_apr
+from minitrain.formats.apr_meta import model_metadata
 from minitrain.gpu import attention as attention_kernels
 from minitrain.model import Model
 from minitrain.optim import SGD, AdamW, clip_grads, global_grad_norm
@@ -125,7 +125,7 @@ def build_model(cfg):
     """The model to train: from --init (strictly checked), from a checkpoint, or from scratch; its
     parameters in backend.dtype (Run sets it from --dtype first: fp32 master weights under bf16)."""
     if cfg.init:
-        from minitrain.sources import load_model
+        from minitrain.formats.sources import load_model
 
         model = load_model(cfg.init)
         if cfg.arch:

@@ -13,10 +13,10 @@ import zlib
 import numpy
 import pytest
 
-from minitrain.apr import RawTensor, bf16, read_apr, write_apr
-from minitrain.apr_meta import TYPED_FIELDS, merge_strings, metadata_json, model_metadata, rust_f32
 from minitrain.config import ModelConfig
 from minitrain.errors import InputError
+from minitrain.formats.apr import RawTensor, bf16, read_apr, write_apr
+from minitrain.formats.apr_meta import TYPED_FIELDS, merge_strings, metadata_json, model_metadata, rust_f32
 
 # ------------------------------------------------------------------------------------- helpers
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
-from minitrain import hf
-from minitrain.apr import read_apr
-from minitrain.sources import load_model
+from minitrain.formats import hf
+from minitrain.formats.apr import read_apr
+from minitrain.formats.sources import load_model
 
 T = 16
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from minitrain.sources import load_model
+from minitrain.formats.sources import load_model
 from minitrain.tokenize import train_bpe
 from minitrain.train import Run, configure
 

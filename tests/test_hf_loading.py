@@ -13,9 +13,9 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
-from minitrain import hf
 from minitrain.config import ModelConfig
 from minitrain.errors import InputError
+from minitrain.formats import hf
 from minitrain.model import Model
 
 SMALL = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=4,

@@ -19,8 +19,9 @@ import transformers
 
 import hf_oracle
 from hf_oracle import UNIT_ROUNDOFF, adam_ratio_bound, depth, rel_to_bound
-from minitrain import backend, hf, ops
+from minitrain import backend, ops
 from minitrain.autograd import Tensor
+from minitrain.formats import hf
 from minitrain.model import Model
 from minitrain.ops.linear import Linear
 from minitrain.optim import SGD, AdamW

@@ -18,12 +18,12 @@ from types import SimpleNamespace
 import numpy
 import pytest
 
-from minitrain.apr import write_apr
-from minitrain.apr_meta import model_metadata
 from minitrain.config import PRESETS, ModelConfig, parameter_count
 from minitrain.convert import apr_tensors
+from minitrain.formats.apr import write_apr
+from minitrain.formats.apr_meta import model_metadata
+from minitrain.formats.sources import load_model
 from minitrain.model import Model
-from minitrain.sources import load_model
 from minitrain.tokenize import train_bpe
 
 SMALL = ModelConfig(family="qwen2", hidden_size=16, num_hidden_layers=2, num_attention_heads=4,

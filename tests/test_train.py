@@ -10,9 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from minitrain import checkpoint, safetensors_io
+from minitrain import checkpoint
 from minitrain.data import TokenWindows, TrainStream
 from minitrain.errors import InputError, TrainingAborted
+from minitrain.formats import safetensors_io
 from minitrain.schedule import learning_rate
 from minitrain.train import Run, configure
 

@@ -44,7 +44,7 @@ def hf_model(transformers, cfg):
     seed 0), fp32, in training mode, on the CPU."""
     import torch
 
-    from minitrain.hf import config_to_hf
+    from minitrain.formats.hf import config_to_hf
 
     d = config_to_hf(cfg)
     llama = cfg.family == "llama"

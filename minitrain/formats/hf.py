@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy
 
-from minitrain import safetensors_io
 from minitrain.config import FAMILIES, ModelConfig
 from minitrain.errors import InputError
+from minitrain.formats import safetensors_io
 from minitrain.model import check_tensors
 
 ENCODERS = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy
 
-from minitrain import apr_quant
-from minitrain.apr_meta import metadata_json
 from minitrain.errors import InputError
+from minitrain.formats import apr_quant
+from minitrain.formats.apr_meta import metadata_json
 
 MAGIC = b"APR\0"
 HEADER = struct.Struct("<4sBBHIQIQQI20s")  # the 64-byte header, field by field as above

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy
 
-from minitrain import hf
-from minitrain.apr import read_apr
-from minitrain.apr_meta import ROPE_NEOX
 from minitrain.config import FAMILIES, ModelConfig
 from minitrain.errors import InputError
+from minitrain.formats import hf
+from minitrain.formats.apr import read_apr
+from minitrain.formats.apr_meta import ROPE_NEOX
 from minitrain.model import Model, check_tensors
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
