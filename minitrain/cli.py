@@ -14,6 +14,16 @@ from minitrain import __version__
 from minitrain.errors import InputError, TrainingAborted
 
 
+def model_options(command):
+    """--arch and --rope-layout, for every command that reads a model."""
+    command = click.option("--rope-layout", type=click.Choice(["hf", "interleaved"]),
+                           help="For an .apr file with the ambiguous rope_type 0: hf = Hugging Face rows (apr "
+                                "import of an HF model), interleaved = llama.cpp's rows (apr import of a GGUF).")(command)
+    return click.option("--arch", metavar="NAME",
+                        help="A preset the model must match field by field; it also supplies the fields an "
+                             ".apr file lacks (aprender's CPU trainer writes none).")(command)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="minitrain")
 def cli():
@@ -62,19 +72,21 @@ def shapes(arch):
 
 
 @cli.command(name="eval")
-@click.option("--init", "init_path", required=True, metavar="PATH", help="Hugging Face checkpoint directory.")
+@click.option("--init", "init_path", required=True, metavar="PATH",
+              help="A model: .apr or .gguf file, or Hugging Face directory.")
+@model_options
 @click.option("--data", "data_path", required=True, metavar="PATH", help="A .bin file or a directory of .bin shards.")
 @click.option("--seq-len", type=click.IntRange(min=1), required=True)
 @click.option("--batch-size", type=click.IntRange(min=1), required=True)
 @click.option("--batches", type=click.IntRange(min=1), default=None, help="Default: every full batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
-def evaluate(init_path, data_path, seq_len, batch_size, batches, as_json):
+def evaluate(init_path, arch, rope_layout, data_path, seq_len, batch_size, batches, as_json):
     """Mean cross-entropy over all targets of the first BATCHES * BATCH_SIZE windows."""
     from minitrain.autograd import no_grad
     from minitrain.data import TokenWindows
     from minitrain.formats.sources import load_model
 
-    model = load_model(init_path)
+    model = load_model(init_path, arch, rope_layout)
     data = TokenWindows(data_path, seq_len, model.config.vocab_size)
     n = batches or len(data) // batch_size
     if n == 0 or n * batch_size > len(data):
@@ -96,8 +108,12 @@ def evaluate(init_path, data_path, seq_len, batch_size, batches, as_json):
 @cli.command(context_settings={"max_content_width": 100})
 @click.option("--arch", help="Architecture preset (llama-370m, qwen2.5-0.5b, tiny-llama, tiny-qwen2). With "
               "--init it must match the file, field by field.")
-@click.option("--init", help="Start from this checkpoint (a Hugging Face directory or an .apr file).")
-@click.option("--tokenizer", help="tokenizer.json to embed in final.apr (its vocabulary must fit the model's).")
+@click.option("--init", help="Start from this checkpoint (an .apr or .gguf file, or a Hugging Face directory).")
+@click.option("--rope-layout", type=click.Choice(["hf", "interleaved"]),
+              help="For an --init .apr file with the ambiguous rope_type 0: hf (Hugging Face rows) or "
+                   "interleaved (llama.cpp's rows).")
+@click.option("--tokenizer", help="tokenizer.json (or a .gguf's) to embed in final.apr (its vocabulary must fit "
+              "the model's).")
 @click.option("--mode", type=click.Choice(["finetune", "from-scratch"]),
               help="Hyperparameter defaults: finetune (lr 5e-5, warmup 100; the default with --init) or "
                    "from-scratch (lr 3e-4, warmup 1000).")
@@ -152,22 +168,27 @@ def pretrain(ctx, as_json, **options):
 
 
 @cli.command()
-@click.option("--init", "init_path", required=True, metavar="PATH", help="A model: .apr file or Hugging Face directory.")
-@click.option("--tokenizer", "tokenizer_path", required=True, metavar="PATH", help="tokenizer.json")
+@click.option("--init", "init_path", required=True, metavar="PATH",
+              help="A model: .apr or .gguf file, or Hugging Face directory.")
+@model_options
+@click.option("--tokenizer", "tokenizer_path", metavar="PATH",
+              help="tokenizer.json or a .gguf. Default: the model's own (an HF directory's tokenizer.json, a "
+                   "GGUF's embedded one).")
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
               help="0 = greedy (always the most likely token).")
 @click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0 = no top-k cut.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def generate(init_path, tokenizer_path, prompt, max_new_tokens, temperature, top_k, seed):
+def generate(init_path, arch, rope_layout, tokenizer_path, prompt, max_new_tokens, temperature, top_k, seed):
     """Continue a prompt with a trained model; prints the prompt and the continuation."""
-    from minitrain.generate import generate as sample
     from minitrain.formats.sources import load_model
-    from minitrain.tokenize import find_eos, load_tokenizer
+    from minitrain.generate import generate as sample
+    from minitrain.tokenize import find_eos, load_tokenizer, model_tokenizer
 
+    model = load_model(init_path, arch, rope_layout)
+    tokenizer_path = tokenizer_path or model_tokenizer(init_path)
     tokenizer = load_tokenizer(tokenizer_path)
-    model = load_model(init_path)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise InputError(f"{tokenizer_path}: tokenizer vocabulary {tokenizer.get_vocab_size()} is larger than "
                          f"the model's vocab_size {model.config.vocab_size}")
@@ -189,7 +210,8 @@ def plot(run_dir, output):
 
 
 @cli.command()
-@click.option("--tokenizer", "tokenizer_path", required=True, metavar="PATH", help="tokenizer.json")
+@click.option("--tokenizer", "tokenizer_path", required=True, metavar="PATH",
+              help="tokenizer.json, or a .gguf file (its embedded tokenizer)")
 @click.option("--out", "out_dir", required=True, metavar="DIR", help="Where shard-NNNNN.bin and manifest.json go.")
 @click.option("--content-field", default="content", show_default=True, help="The text field of JSONL records.")
 @click.option("--shard-tokens", type=click.IntRange(min=1), default=10_000_000, show_default=True)
@@ -206,26 +228,33 @@ def tokenize(tokenizer_path, out_dir, content_field, shard_tokens, inputs):
 
 @cli.command(name="inspect")
 @click.argument("path", metavar="PATH")
+@model_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
-def inspect_command(path, as_json):
-    """Format, flags, metadata, detected architecture and tensor table of an .apr file or a
-    Hugging Face checkpoint directory."""
+def inspect_command(path, arch, rope_layout, as_json):
+    """Format, flags, metadata, detected architecture and tensor table of an .apr or .gguf file
+    or a Hugging Face checkpoint directory."""
     from minitrain.inspect_model import inspect, render
 
-    info = inspect(path)
+    info = inspect(path, arch, rope_layout)
     click.echo(json.dumps(info, ensure_ascii=False) if as_json else render(info))
 
 
 @cli.command()
 @click.argument("src", metavar="SRC")
 @click.argument("dst", metavar="DST")
-@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f32", show_default=True,
-              help="Weights of the .apr written (HF -> APR).")
-def convert(src, dst, dtype):
-    """Hugging Face checkpoint directory -> .apr file, or .apr file -> Hugging Face directory."""
+@model_options
+@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f32", show_default=True,
+              help="Weights written: .apr f32/f16/bf16, .gguf any (q8_0: matrices in 8-bit blocks), an HF "
+                   "directory f32.")
+@click.option("--tokenizer", "tokenizer_path", metavar="PATH",
+              help="tokenizer.json or a .gguf to write with the model (default: SRC's own, if it has one; "
+                   "a .gguf needs one).")
+def convert(src, dst, arch, rope_layout, dtype, tokenizer_path):
+    """Any model source (.apr, .gguf, Hugging Face directory) to any of them: DST's extension picks
+    the format (.apr, .gguf; no extension = a Hugging Face directory)."""
     from minitrain.convert import convert as run
 
-    click.echo(run(src, dst, dtype))
+    click.echo(run(src, dst, dtype, tokenizer_path, arch, rope_layout))
 
 
 def main():

@@ -1,10 +1,17 @@
-"""`minitrain convert SRC DST`: a Hugging Face checkpoint directory to an `.apr` file, or back.
+"""`minitrain convert SRC DST`: any model source (.apr, .gguf, Hugging Face directory) to any
+of the three; DST's extension picks the format (.apr, .gguf, none = an HF directory), and any
+other extension is an error rather than a guess.
 
-HF -> APR: the weights in F32, F16 (NumPy's round-to-nearest-even, what the newest aprender does)
-or BF16, HF names and shapes, the architecture metadata `apr convert` writes, a tied head stored
-as a copy of the embedding (as `apr convert` does), and the tokenizer when the directory has a
-tokenizer.json. APR -> HF: config.json + model.safetensors in F32, loadable by transformers.
-F32 both ways is lossless.
+- .apr: F32, F16 (NumPy's round-to-nearest-even, what the newest aprender does) or BF16, HF names
+  and shapes, the architecture metadata `apr convert` writes, a tied head stored as a copy of the
+  embedding (as `apr convert` does), the tokenizer's vocabulary and merges when there is one.
+- .gguf: F32, F16, BF16 or Q8_0 matrices (formats/gguf.py), llama.cpp's names and q/k order, and
+  the tokenizer, which llama.cpp cannot run without.
+- an HF directory: config.json + model.safetensors in F32, and tokenizer.json when there is one,
+  loadable by transformers.
+
+The tokenizer is --tokenizer, else SRC's own (an HF directory's tokenizer.json, a GGUF's).
+F32 is lossless every way; a quantized GGUF is dequantized once, exactly, and stays so.
 """
 
 from pathlib import Path
@@ -13,12 +20,14 @@ import numpy
 
 from minitrain.config import parameter_count
 from minitrain.errors import InputError
-from minitrain.formats import hf
+from minitrain.formats import gguf, hf
 from minitrain.formats.apr import bf16, write_apr
 from minitrain.formats.apr_meta import model_metadata
 
 ENCODE = {"f32": lambda a: numpy.asarray(a, numpy.float32), "f16": lambda a: numpy.asarray(a).astype(numpy.float16),
           "bf16": bf16}
+TARGETS = {".apr": ("APR v2", tuple(ENCODE)), ".gguf": ("GGUF", tuple(gguf.WRITABLE)),
+           "": ("Hugging Face directory", ("f32",))}
 
 
 def apr_tensors(config, arrays, dtype="f32"):
@@ -31,7 +40,7 @@ def apr_tensors(config, arrays, dtype="f32"):
 
 
 def checked_tokenizer(path, config):
-    """A tokenizers.Tokenizer whose vocabulary fits the model's embedding rows."""
+    """A tokenizers.Tokenizer (tokenizer.json or a GGUF's) whose vocabulary fits the model's rows."""
     from minitrain.tokenize import load_tokenizer
 
     tokenizer = load_tokenizer(path)
@@ -42,24 +51,38 @@ def checked_tokenizer(path, config):
     return tokenizer
 
 
-def convert(src, dst, dtype="f32"):
+def convert(src, dst, dtype="f32", tokenizer_path=None, arch=None, rope_layout=None):
     """Convert and return a one-line description of what was written."""
-    from minitrain.formats.sources import load_apr
+    from minitrain.formats.sources import load_source, source_kind
+    from minitrain.tokenize import model_tokenizer
 
     src, dst = Path(src), Path(dst)
-    if dtype not in ENCODE:
-        raise InputError(f"--dtype {dtype!r}: expected f32, f16 or bf16")
-    if src.is_dir():
-        cfg, arrays = hf.load_dir(src)
-        tokenizer = checked_tokenizer(src / "tokenizer.json", cfg) if (src / "tokenizer.json").exists() else None
+    if dst.suffix not in TARGETS:
+        raise InputError(f"{dst}: extension {dst.suffix!r} names no format; write .apr, .gguf, or a directory "
+                         "name without an extension (Hugging Face)")
+    what, dtypes = TARGETS[dst.suffix]
+    if dtype not in dtypes:
+        raise InputError(f"--dtype {dtype}: {what} output is written as {', '.join(dtypes)}")
+    source_kind(src)  # exists
+    if tokenizer_path is None:
+        try:
+            tokenizer_path = model_tokenizer(src)
+        except InputError as e:
+            if dst.suffix == ".gguf":
+                raise InputError(f"{dst}: a GGUF file needs the tokenizer, and {e}") from None
+    cfg, arrays = load_source(src, arch, rope_layout)
+    tokenizer = checked_tokenizer(tokenizer_path, cfg) if tokenizer_path else None
+    with_tokenizer = f", tokenizer from {tokenizer_path}" if tokenizer else ""
+    if dst.suffix == ".apr":
         tensors = list(apr_tensors(cfg, arrays, dtype))
         write_apr(dst, tensors, model_metadata(cfg, parameter_count(cfg), tokenizer))
-        return f"{src} -> {dst}: APR v2, {dtype.upper()}, {len(tensors)} tensors" + \
-            (", tokenizer embedded" if tokenizer else "")
-    if not src.exists():
-        raise InputError(f"{src}: no such file or directory")
-    if dtype != "f32":
-        raise InputError(f"--dtype {dtype}: an APR file converts to a Hugging Face directory in f32 only")
-    cfg, arrays = load_apr(src)
+        return f"{src} -> {dst}: APR v2, {dtype.upper()}, {len(tensors)} tensors{with_tokenizer}"
+    if dst.suffix == ".gguf":
+        fallback = gguf.write_gguf(dst, cfg, arrays, tokenizer, dtype)
+        note = f" ({len(fallback)} matrices in F16: rows not a multiple of 32)" if fallback else ""
+        return f"{src} -> {dst}: GGUF {cfg.family}, {dtype.upper()}{note}{with_tokenizer}"
     hf.save_dir(dst, cfg, arrays)
-    return f"{src} -> {dst}: Hugging Face directory (config.json + model.safetensors, F32), {len(arrays)} tensors"
+    if tokenizer:
+        tokenizer.save(str(dst / "tokenizer.json"))
+    return f"{src} -> {dst}: Hugging Face directory (config.json + model.safetensors, F32), {len(arrays)} " \
+           f"tensors{with_tokenizer}"

@@ -1,38 +1,48 @@
-"""`minitrain inspect PATH`: what a model file or directory holds, without loading its weights.
+"""`minitrain inspect PATH`: what a model file or directory holds, and what minitrain would load.
 
 For an `.apr` file: the header (version, flags by name, footer), the metadata, the architecture
 minitrain would load (or why it would refuse), and the tensor table (name, dtype, shape, bytes).
-For a Hugging Face directory: config.json, the architecture, and the tensors from the
-safetensors headers.
+For a `.gguf` file: its version, its keys, the architecture, and its tensors as the file names and
+types them (shapes in NumPy's row-major order). For a Hugging Face directory: config.json, the
+architecture, and the tensors from the safetensors headers.
 """
 
 import json
 import math
 from pathlib import Path
 
-from minitrain import hf, safetensors_io
 from minitrain.errors import InputError
+from minitrain.formats import gguf, hf, safetensors_io
 from minitrain.formats.apr import FLAG_NAMES, read_apr
 
 
-def inspect(path):
+def inspect(path, arch=None, rope_layout=None):
     """The description as a dict: format, metadata, architecture, tensors (and format details)."""
-    p = Path(path)
-    if p.is_dir():
-        return _inspect_hf(p)
-    from minitrain.formats.sources import load_apr
+    from minitrain.formats.sources import load_source, source_kind
 
+    p = Path(path)
+    kind = source_kind(p)
+    architecture = _architecture(lambda: load_source(p, arch, rope_layout)[0])
+    if kind == "hf":
+        return _inspect_hf(p, architecture)
+    if kind == "gguf":
+        reader = gguf.open_gguf(p)
+        values = gguf.fields(reader)
+        return {"format": "gguf", "version": str(values.pop("GGUF.version")),
+                "metadata": {k: v for k, v in values.items() if not k.startswith("GGUF.")},
+                "architecture": architecture,
+                "tensors": [{"name": t.name, "dtype": t.tensor_type.name, "shape": [int(d) for d in reversed(t.shape)],
+                             "nbytes": int(t.n_bytes)} for t in reader.tensors]}
     apr = read_apr(p)
     h = apr.header
-    info = {"format": "apr", "version": ".".join(map(str, h["version"])), "magic": h["magic"],
+    return {"format": "apr", "version": ".".join(map(str, h["version"])), "magic": h["magic"],
             "flags": [name for bit, name in FLAG_NAMES.items() if h["flags"] & bit], "footer": apr.has_footer,
-            "metadata": apr.metadata, "architecture": _architecture(lambda: load_apr(p)[0]),
+            "metadata": apr.metadata, "architecture": architecture,
             "tensors": [{"name": t.name, "dtype": t.dtype_name, "shape": list(t.shape), "nbytes": t.size}
                         for t in apr.tensors.values()]}
-    return info
 
 
-def _inspect_hf(directory):
+def _inspect_hf(directory, architecture):
     metadata = hf._load_json(directory / "config.json")
     tensors = []
     for f in hf._shard_files(directory):
@@ -41,7 +51,7 @@ def _inspect_hf(directory):
                      "nbytes": t["data_offsets"][1] - t["data_offsets"][0]} for n, t in header.items()]
     tensors.sort(key=lambda t: t["name"].encode())
     return {"format": "hf-safetensors", "metadata": metadata,
-            "architecture": _architecture(lambda: hf.load_dir(directory)[0]), "tensors": tensors}
+            "architecture": architecture, "tensors": tensors}
 
 
 def _architecture(load):
@@ -64,6 +74,8 @@ def render(info):
     if info["format"] == "apr":
         lines.append(f"format        APR v{info['version']} (magic {info['magic']!r}), flags "
                      f"{', '.join(info['flags']) or 'none'}, footer CRC {'present and verified' if info['footer'] else 'absent'}")
+    elif info["format"] == "gguf":
+        lines.append(f"format        GGUF v{info['version']} (llama.cpp)")
     else:
         lines.append("format        Hugging Face checkpoint directory (config.json + safetensors)")
     arch = info["architecture"]

@@ -38,14 +38,30 @@ def find_eos(tokenizer, source="tokenizer"):
 
 
 def load_tokenizer(path):
-    """A `tokenizers.Tokenizer` from a tokenizer.json file."""
+    """A `tokenizers.Tokenizer` from a tokenizer.json file, or the one a GGUF file embeds."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such tokenizer file")
+    if p.suffix == ".gguf":
+        from minitrain.formats.gguf import read_tokenizer
+
+        return read_tokenizer(p)
     try:
         return Tokenizer.from_file(str(p))
     except Exception as e:  # the library raises a bare Exception with serde's message
         raise InputError(f"{p}: not a valid tokenizer.json ({e})") from None
+
+
+def model_tokenizer(model_path):
+    """The tokenizer file that comes with a model: an HF directory's tokenizer.json, a GGUF
+    itself. An .apr file's embedded vocabulary is not enough (it lacks the pre-tokenizer)."""
+    from minitrain.formats.sources import source_kind
+
+    kind, p = source_kind(model_path), Path(model_path)
+    if kind == "gguf" or (kind == "hf" and (p / "tokenizer.json").is_file()):
+        return p if kind == "gguf" else p / "tokenizer.json"
+    what = "no tokenizer.json" if kind == "hf" else "an .apr file, whose embedded vocabulary lacks the pre-tokenizer"
+    raise InputError(f"{p}: {what}; give --tokenizer tokenizer.json (or the .gguf it came from)")
 
 
 def input_files(paths):

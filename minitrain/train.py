@@ -15,7 +15,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from minitrain import backend, checkpoint
@@ -41,6 +41,7 @@ class TrainConfig:
     out: str = None
     arch: str = None
     init: str = None
+    rope_layout: str = None  # for an --init .apr file whose rope_type 0 is ambiguous
     tokenizer: str = None  # embedded in final.apr; its vocabulary must fit the model's
     mode: str = None  # finetune with --init, else from-scratch
     val_data: str = None
@@ -111,26 +112,13 @@ def arch_name(config):
     return next((name for name, c in PRESETS.items() if c == config), f"{config.family} (custom)")
 
 
-def _check_arch(name, config, source):
-    expected = preset(name) if name in PRESETS else None
-    if expected is None:
-        raise InputError(f"--arch {name!r}: unknown; expected one of {', '.join(PRESETS)}")
-    diffs = [f"{f.name}: --arch {getattr(expected, f.name)} vs file {getattr(config, f.name)}"
-             for f in fields(ModelConfig) if getattr(expected, f.name) != getattr(config, f.name)]
-    if diffs:
-        raise InputError(f"{source}: does not match --arch {name}: {'; '.join(diffs)}")
-
-
 def build_model(cfg):
     """The model to train: from --init (strictly checked), from a checkpoint, or from scratch; its
     parameters in backend.dtype (Run sets it from --dtype first: fp32 master weights under bf16)."""
     if cfg.init:
         from minitrain.formats.sources import load_model
 
-        model = load_model(cfg.init)
-        if cfg.arch:
-            _check_arch(cfg.arch, model.config, cfg.init)
-        return model
+        return load_model(cfg.init, cfg.arch, cfg.rope_layout)
     try:
         config = preset(cfg.arch)
     except ValueError as e:

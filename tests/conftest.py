@@ -22,3 +22,19 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("CUDA kernels: ptxas -v (registers, spill stores/loads in bytes)")
         for source, arch, kernel, regs, st, ld in REPORT:
             terminalreporter.write_line(f"{source:<16} {arch}  {kernel:<40} {regs:>3} registers  spills {st}/{ld}")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct GGUF (tools/fetch_smollm2.py: downloaded once, cached).
+    Without it the tests that need it are skipped, with the reason in the summary: never passed."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("fetch_smollm2", Path(__file__).parent.parent / "tools" / "fetch_smollm2.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    try:
+        return tool.fetch()
+    except RuntimeError as e:
+        pytest.skip(f"REAL-MODEL TESTS NOT RUN: SmolLM2-135M could not be fetched ({e})")

@@ -74,11 +74,12 @@ def rms_normalized(x, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def float64_model(directory):
-    """transformers' model of an HF checkpoint directory, in float64 throughout."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64)
+def float64_model(directory, gguf_file=None):
+    """transformers' model of an HF checkpoint directory (or of the GGUF file `gguf_file` in it,
+    through transformers' own GGUF loader), in float64 throughout."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float64)
     cfg = model.config
-    base, dim = cfg.rope_parameters["rope_theta"], cfg.head_dim
+    base, dim = cfg.rope_parameters["rope_theta"], getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
 
     def rotary(x, position_ids):

@@ -114,10 +114,19 @@ def test_short_file(small, tmp_path):
 
 
 def test_bad_magic(small, tmp_path):
+    path = tmp_path / "bad.apr"
+    path.write_bytes(b"GGML" + small.blob[4:])
+    line = refusal(minitrain("pretrain", path, small.data, tmp_path / "out"), tmp_path / "out")
+    assert str(path) in line and "not an APR file" in line and b"GGML".hex() in line
+
+
+def test_gguf_magic_is_read_as_gguf_whatever_the_name(small, tmp_path):
+    """The magic, not the extension, picks the reader: APR bytes behind a GGUF magic are a
+    corrupt GGUF file."""
     path = tmp_path / "gguf.apr"
     path.write_bytes(b"GGUF" + small.blob[4:])
     line = refusal(minitrain("pretrain", path, small.data, tmp_path / "out"), tmp_path / "out")
-    assert str(path) in line and "not an APR file" in line and b"GGUF".hex() in line
+    assert str(path) in line and "corrupt GGUF file" in line
 
 
 def test_v1_file(small, tmp_path):
@@ -298,7 +307,7 @@ def test_loading_twice_gives_byte_identical_weights(small):
     ({"meta": {"model_type": "llama"}}, ["metadata says llama, qwen2", "tensors are 'qwen2'"]),
     ({"meta": {"hidden_size": 32}}, ["metadata hidden_size 32 but the tensors say 16"]),
     ({"meta": {"num_heads": None, "head_dim": None}}, ["neither num_heads nor head_dim"]),
-    ({"meta": {"rope_type": 0}}, ["rope_type 0 (adjacent pairs)"]),
+    ({"meta": {"rope_type": 0}}, ["rope_type 0 is ambiguous", "--rope-layout hf", "--rope-layout interleaved"]),
     ({"meta": {"rms_norm_eps": None}}, ["rms_norm_eps is missing"]),
     ({"meta": {"model_type": "gpt2", "architecture": None, "hf_model_type": None}}, ["model type gpt2 is not supported"]),
     ({"add": {"model.layers.0.self_attn.q_norm.weight": numpy.ones(4, numpy.float32)}}, ["q_norm/k_norm", "Qwen3"]),

@@ -2,6 +2,10 @@
 
     python tools/bench_cpu.py --preset qwen2.5-0.5b --seq-len 256 --batch-size 1 --steps 3
 
+Beside the presets, `smollm2-135m` is the real SmolLM2-135M's architecture, read from its GGUF
+file (tools/fetch_smollm2.py): a small model with a large vocabulary, where Python's per-op
+overhead shows most.
+
 For each preset, each framework runs in its own fresh process (so peak memory is its own), and
 the two alternate for --rounds rounds so that machine noise hits both alike. A process builds
 the model from scratch (minitrain's preset; the transformers class with the same config), runs
@@ -21,7 +25,20 @@ import time
 
 from workload import flops_per_token, hf_model, minitrain_step, torch_step
 
-PRESETS = ["tiny-llama", "llama-370m", "qwen2.5-0.5b"]
+PRESETS = ["tiny-llama", "smollm2-135m", "llama-370m", "qwen2.5-0.5b"]
+
+
+def config_of(name):
+    """A preset's ModelConfig, or the real SmolLM2-135M's (from its GGUF file)."""
+    if name != "smollm2-135m":
+        from minitrain.config import preset
+
+        return preset(name)
+    from fetch_smollm2 import fetch
+
+    from minitrain.formats.gguf import load_gguf
+
+    return load_gguf(fetch())[0]
 
 
 def sgemm_peak(size=2048, repeats=5):
@@ -41,20 +58,15 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
-def run_minitrain(preset, seq_len, batch, warmup, steps):
-    from minitrain.config import preset as get
-
-    step, _ = minitrain_step(get(preset), batch, seq_len)
+def run_minitrain(cfg, seq_len, batch, warmup, steps):
+    step, _ = minitrain_step(cfg, batch, seq_len)
     return _steps(step, warmup, steps)
 
 
-def run_torch(preset, seq_len, batch, warmup, steps):
+def run_torch(cfg, seq_len, batch, warmup, steps):
     import torch
     import transformers
 
-    from minitrain.config import preset as get
-
-    cfg = get(preset)
     model = hf_model(transformers, cfg)
     step = torch_step(torch, model, cfg, batch, seq_len)
     return {**_steps(step, warmup, steps), "threads": torch.get_num_threads(),
@@ -69,7 +81,7 @@ def _steps(step, warmup, steps):
 
 
 def child(framework, args):
-    out = subprocess.run([sys.executable, __file__, "--child", framework, "--preset", args.preset_one,
+    out = subprocess.run([sys.executable, __file__, "--child", framework, "--config", json.dumps(args.config.as_dict()),
                           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
                           "--warmup", str(args.warmup), "--steps", str(args.steps)],
                          capture_output=True, text=True)
@@ -80,20 +92,22 @@ def child(framework, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", action="append", choices=PRESETS, help="repeatable; default: all three")
+    parser.add_argument("--preset", action="append", choices=PRESETS, help="repeatable; default: all four")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--child", choices=["minitrain", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)  # a child's ModelConfig, as JSON
     args = parser.parse_args()
     if args.child:
-        run = run_minitrain if args.child == "minitrain" else run_torch
-        print(json.dumps(run(args.preset[0], args.seq_len, args.batch_size, args.warmup, args.steps)))
-        return
-    from minitrain.config import preset as get
+        from minitrain.config import ModelConfig
 
+        run = run_minitrain if args.child == "minitrain" else run_torch
+        print(json.dumps(run(ModelConfig(**json.loads(args.config)), args.seq_len, args.batch_size, args.warmup,
+                             args.steps)))
+        return
     peak = sgemm_peak()
     print(f"machine: {os.cpu_count()} CPUs, NumPy sgemm peak {peak:.1f} GFLOP/s (2048^3, best of 5); "
           f"seq {args.seq_len}, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
@@ -101,7 +115,7 @@ def main():
     print(f"{'preset':<14} {'framework':<10} {'step s':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'% peak':>7} "
           f"{'peak RSS MiB':>13}  ratio minitrain/torch")
     for preset in args.preset or PRESETS:
-        args.preset_one = preset
+        args.config = config_of(preset)
         best = {}
         for _ in range(args.rounds):
             for framework in ("minitrain", "torch"):
@@ -109,7 +123,7 @@ def main():
                 if framework not in best or r["best_s"] < best[framework]["best_s"]:
                     best[framework] = {**r, "peak_rss_mib": max(r["peak_rss_mib"], best.get(framework, r)["peak_rss_mib"])}
         tokens = args.seq_len * args.batch_size
-        work = flops_per_token(get(preset), args.seq_len) * tokens / 1e9
+        work = flops_per_token(args.config, args.seq_len) * tokens / 1e9
         for framework in ("minitrain", "torch"):
             r = best[framework]
             ratio = best["torch"]["best_s"] / best["minitrain"]["best_s"] if framework == "minitrain" else ""
