@@ -121,7 +121,7 @@ def test_arch_must_agree_with_the_tensors_and_with_every_field_present(family):
     other = {"tiny-llama": "tiny-qwen2", "tiny-qwen2": "tiny-llama"}[family.name]
     path = family.apr("cpu.apr", family.entrenar_meta(cuda=False))
     refused(run("eval", "--init", path, "--data", family.data, "--seq-len", T, "--batch-size", B, "--arch", other),
-            str(path))
+            str(path), f"--arch {other} is {preset(other).family}")
     path = family.apr("theta.apr", {**family.entrenar_meta(cuda=False), "rope_theta": 500000.0})
     refused(run("eval", "--init", path, "--data", family.data, "--seq-len", T, "--batch-size", B,
                 "--arch", family.name), "rope_theta", "500000.0")
@@ -157,5 +157,8 @@ def test_rope_layout_that_contradicts_the_file_or_has_no_file_to_apply_to(family
     path = family.apr("rope2.apr", family.full_meta())  # rope_type 2
     refused(run("eval", "--init", path, "--data", family.data, "--seq-len", T, "--batch-size", B,
                 "--rope-layout", "interleaved"), "rope_type 2", "contradicts")
+    path = family.apr("cuda.apr", family.entrenar_meta(cuda=True))  # no rope_type: entrenar's HF rows
+    refused(run("eval", "--init", path, "--data", family.data, "--seq-len", T, "--batch-size", B,
+                "--rope-layout", "interleaved"), "no rope_type means", "contradicts")
     refused(run("eval", "--init", family.dir / "hf", "--data", family.data, "--seq-len", T, "--batch-size", B,
                 "--rope-layout", "hf"), "--rope-layout is for .apr files")

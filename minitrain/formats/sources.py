@@ -118,9 +118,10 @@ def _rope_layout(meta, given, source):
         raise InputError(f"{source}: rope_type 0 is ambiguous: aprender writes it over Hugging Face rows "
                          "(apr import/convert of an HF model) and over llama.cpp's interleaved rows (its GGUF "
                          "import); say which with --rope-layout hf or --rope-layout interleaved")
-    if rope_type == ROPE_NEOX and given == "interleaved":
-        raise InputError(f"{source}: rope_type 2 says Hugging Face rows (split halves); --rope-layout "
-                         "interleaved contradicts it")
+    if rope_type != ROPE_ADJACENT and given == "interleaved":
+        said = "rope_type 2 says" if rope_type == ROPE_NEOX else "no rope_type means (entrenar writes none)"
+        raise InputError(f"{source}: {said} Hugging Face rows (split halves); --rope-layout interleaved "
+                         "contradicts it")
     return given or "hf"
 
 
@@ -151,6 +152,9 @@ def config_from_apr(meta, shapes, tied, source, arch=None):
     q_rows = shapes["model.layers.0.self_attn.q_proj.weight"][0]
     kv_rows = shapes["model.layers.0.self_attn.k_proj.weight"][0] if "model.layers.0.self_attn.k_proj.weight" in shapes else None
     inter = shapes["model.layers.0.mlp.gate_proj.weight"][0] if "model.layers.0.mlp.gate_proj.weight" in shapes else None
+    if arch is not None and PRESETS[arch].family != family:
+        raise InputError(f"{source}: the tensors are a {family} model ({'with' if family == 'qwen2' else 'without'} "
+                         f"q/k/v biases); --arch {arch} is {PRESETS[arch].family}")
     given = dict(meta)
     if arch is not None:  # the preset fills what the metadata lacks; check_arch compares the rest
         preset = PRESETS[arch]
