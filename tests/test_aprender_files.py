@@ -6,8 +6,9 @@ error handling of the console entry point, without a Python start-up per call).
   "entrenar-checkpoint"`, the hyperparameters but no rope_type and no head_dim, HF q/k rows.
   It loads as it is, to the weights of the same model's HF directory.
 - `apr pretrain`, CPU trainer: only architecture, model_name, version, format. Refused without
-  `--arch`; with a matching `--arch` it loads; with one that disagrees with the tensors or with a
-  field the file does have, refused naming the field.
+  `--arch`; with a matching `--arch` it loads; with one of the other family, refused naming both;
+  with one that disagrees with the tensors' shapes or a field the file does have, refused naming
+  the field.
 - rope_type 0, ambiguous: `apr import` of an HF model (HF rows) and aprender's raw GGUF import
   (rows permuted to llama.cpp's interleaved order). Refused without `--rope-layout`; with the
   right one the loss is transformers' float64 loss on the ORIGINAL HF directory, with the wrong
@@ -241,9 +242,15 @@ def test_cpu_trainer_file_with_a_matching_arch_loads_as_the_hf_directory(llama):
     assert eval_loss(path, llama.data, "--arch", "tiny-llama") == llama.hf_loss
 
 
-@pytest.mark.parametrize("arch", ["tiny-qwen2", "llama-370m"], ids=["other-family", "same-family-other-shapes"])
-def test_cpu_trainer_file_with_an_arch_that_disagrees_with_the_tensors_is_refused(llama, arch):
+def test_cpu_trainer_file_with_an_arch_of_the_other_family_is_refused_naming_both(llama):
+    path = llama.apr("cpu.apr", llama.cpu_trainer_meta())
+    refusal(cli(*eval_args(path, llama.data, "--arch", "tiny-qwen2")), str(path), "a llama model",
+            "--arch tiny-qwen2 is qwen2")
+
+
+def test_cpu_trainer_file_with_an_arch_of_other_shapes_is_refused_naming_the_field(llama):
     """The line names a shape field, the preset's value of it, and a different value the tensors give."""
+    arch = "llama-370m"
     path = llama.apr("cpu.apr", llama.cpu_trainer_meta())
     line = refusal(cli(*eval_args(path, llama.data, "--arch", arch)), str(path))
     m = re.search(rf"--arch {arch} (\w+) (\S+) but the tensors say (\S+)$", line)
@@ -353,6 +360,13 @@ def test_rope_layout_interleaved_contradicts_rope_type_2(family):
     refusal(cli(*eval_args(path, family.data, "--rope-layout", "interleaved")), str(path), "rope_type 2",
             "contradicts")
     assert eval_loss(path, family.data, "--rope-layout", "hf") == family.hf_loss  # agreeing is fine
+
+
+def test_rope_layout_interleaved_contradicts_a_file_without_rope_type(family):
+    """entrenar writes no rope_type: its rows are Hugging Face's, so interleaved cannot apply."""
+    path = family.apr("cuda.apr", family.cuda_trainer_meta())
+    refusal(cli(*eval_args(path, family.data, "--rope-layout", "interleaved")), str(path), "no rope_type means",
+            "contradicts")
 
 
 @pytest.mark.parametrize("layout", ["hf", "interleaved"])
