@@ -2,7 +2,8 @@
 // its backward.
 //
 // Element i < hd/2 of a head pairs with element i + hd/2 (not with i + 1); the pair at time t is
-// rotated by the angle a whose cos and sin are the fp32 tables cos[t, i], sin[t, i] of (T, hd/2):
+// rotated by the angle a whose cos and sin are the fp32 tables cos[t, i], sin[t, i] of (T, hd/2)
+// (seq = T), or cos[b*T + t, i] of (B*T, hd/2) when each row has its own positions (seq = B*T):
 //   y1 = x1 cos a - x2 sin a,   y2 = x2 cos a + x1 sin a
 // A rotation is orthogonal, so the backward is the inverse rotation (a -> -a, i.e. sin -> -sin):
 //   dx1 = dy1 cos a + dy2 sin a,   dx2 = dy2 cos a - dy1 sin a

@@ -167,23 +167,15 @@ def pretrain(ctx, as_json, **options):
             click.echo(f"{key}: {value}")
 
 
-@cli.command()
-@click.option("--init", "init_path", required=True, metavar="PATH",
-              help="A model: .apr or .gguf file, or Hugging Face directory.")
-@model_options
-@click.option("--tokenizer", "tokenizer_path", metavar="PATH",
-              help="tokenizer.json or a .gguf. Default: the model's own (an HF directory's tokenizer.json, a "
-                   "GGUF's embedded one).")
-@click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
-              help="0 = greedy (always the most likely token).")
-@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0 = no top-k cut.")
-@click.option("--seed", type=int, default=0, show_default=True)
-def generate(init_path, arch, rope_layout, tokenizer_path, prompt, max_new_tokens, temperature, top_k, seed):
-    """Continue a prompt with a trained model; prints the prompt and the continuation."""
+def tokenizer_option(command):
+    return click.option("--tokenizer", "tokenizer_path", metavar="PATH",
+                        help="tokenizer.json or a .gguf. Default: the model's own (an HF directory's "
+                             "tokenizer.json, a GGUF's embedded one).")(command)
+
+
+def model_and_tokenizer(init_path, arch, rope_layout, tokenizer_path):
+    """The model, its tokenizer (given, or the model's own) and the tokenizer's EOS id."""
     from minitrain.formats.sources import load_model
-    from minitrain.generate import generate as sample
     from minitrain.tokenize import find_eos, load_tokenizer, model_tokenizer
 
     model = load_model(init_path, arch, rope_layout)
@@ -192,11 +184,57 @@ def generate(init_path, arch, rope_layout, tokenizer_path, prompt, max_new_token
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise InputError(f"{tokenizer_path}: tokenizer vocabulary {tokenizer.get_vocab_size()} is larger than "
                          f"the model's vocab_size {model.config.vocab_size}")
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    if not prompt_ids:
+    return model, tokenizer, find_eos(tokenizer, tokenizer_path)
+
+
+def sampling_options(command):
+    """--temperature, --top-k, --top-p, --seed: how generate and humaneval pick tokens."""
+    for option in reversed([
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
+                     help="0 = greedy (always the most likely token)."),
+        click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0 = no top-k cut."),
+        click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+                     help="Sample only from the most likely tokens whose probability reaches P (1 = no cut)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]):
+        command = option(command)
+    return command
+
+
+@cli.command()
+@click.option("--init", "init_path", required=True, metavar="PATH",
+              help="A model: .apr or .gguf file, or Hugging Face directory.")
+@model_options
+@tokenizer_option
+@click.option("--prompt", "prompts", required=True, multiple=True,
+              help="Text to continue; repeat it for a batch (each continued on its own).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
+@sampling_options
+@click.option("--stop", "stops", multiple=True, metavar="TEXT",
+              help="End a continuation at this text, which is not printed (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
+def generate(init_path, arch, rope_layout, tokenizer_path, prompts, max_new_tokens, temperature, top_k, top_p, seed,
+             stops, as_json):
+    """Continue prompts with a model (KV cache; greedy at --temperature 0); prints each prompt with
+    its continuation. JSON: text, ids, finish (eos|stop|length) of the first prompt, completions
+    (every prompt's), prefill_tokens_per_sec, decode_tokens_per_sec."""
+    from minitrain.generate import Sampling
+    from minitrain.generate import generate as sample
+
+    model, tokenizer, eos = model_and_tokenizer(init_path, arch, rope_layout, tokenizer_path)
+    ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    if not all(ids):
         raise InputError("--prompt is empty")
-    ids = sample(model, prompt_ids, max_new_tokens, temperature, top_k, seed, stop_id=find_eos(tokenizer, tokenizer_path))
-    click.echo(tokenizer.decode(ids))
+    completions, timing = sample(model, ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed), eos,
+                                 stops, tokenizer.decode)
+    rates = timing.rates()
+    click.echo(f"prefill {rates['prefill_tokens_per_sec']:.1f} tokens/s, decode "
+               f"{rates['decode_tokens_per_sec']:.1f} tokens/s", err=True)
+    if as_json:
+        every = [{"prompt": p, "text": c.text, "ids": c.ids, "finish": c.finish} for p, c in zip(prompts, completions)]
+        click.echo(json.dumps({**{k: every[0][k] for k in ("text", "ids", "finish")}, "completions": every, **rates}))
+    else:
+        click.echo("\n\n".join(p + c.text for p, c in zip(prompts, completions)))
 
 
 @cli.command()

@@ -54,7 +54,7 @@ def checked_tokenizer(path, config):
 def convert(src, dst, dtype="f32", tokenizer_path=None, arch=None, rope_layout=None):
     """Convert and return a one-line description of what was written."""
     from minitrain.formats.sources import load_source, source_kind
-    from minitrain.tokenize import model_tokenizer
+    from minitrain.tokenize import NoTokenizer, model_tokenizer
 
     src, dst = Path(src), Path(dst)
     if dst.suffix not in TARGETS:
@@ -64,14 +64,17 @@ def convert(src, dst, dtype="f32", tokenizer_path=None, arch=None, rope_layout=N
     if dtype not in dtypes:
         raise InputError(f"--dtype {dtype}: {what} output is written as {', '.join(dtypes)}")
     source_kind(src)  # exists
-    if tokenizer_path is None:
+    cfg, arrays = load_source(src, arch, rope_layout)
+    if tokenizer_path is not None:
+        tokenizer = checked_tokenizer(tokenizer_path, cfg)
+    else:  # the source's own, if it has one
         try:
             tokenizer_path = model_tokenizer(src)
-        except InputError as e:
+            tokenizer = checked_tokenizer(tokenizer_path, cfg)
+        except NoTokenizer as e:
             if dst.suffix == ".gguf":
                 raise InputError(f"{dst}: a GGUF file needs the tokenizer, and {e}") from None
-    cfg, arrays = load_source(src, arch, rope_layout)
-    tokenizer = checked_tokenizer(tokenizer_path, cfg) if tokenizer_path else None
+            tokenizer_path = tokenizer = None
     with_tokenizer = f", tokenizer from {tokenizer_path}" if tokenizer else ""
     if dst.suffix == ".apr":
         tensors = list(apr_tensors(cfg, arrays, dtype))

@@ -6,7 +6,7 @@ Both are decoder-only and pre-norm. For token ids (B, T):
     per layer:
         h = rmsnorm(x) ;  q, k, v = h Wq^T (+bq), h Wk^T (+bk), h Wv^T (+bv)   biases: Qwen2 only
         q, k = rope(q), rope(k)                                     (B, T, nH|nKV, hd)
-        x = x + attention(q, k, v) Wo^T                             causal, GQA
+        x = x + attention(q, k, v) Wo^T                             causal, GQA (or over a KV cache)
         h = rmsnorm(x)
         x = x + (silu(h Wgate^T) * (h Wup^T)) Wdown^T               SwiGLU MLP
     logits = rmsnorm(x) Whead^T                                     Whead = embed when tied
@@ -69,9 +69,10 @@ class Model:
     def head(self):
         return self.params["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
 
-    def forward(self, ids):
-        """ids (B, T) integer -> logits (B, T, V), in fp32 also under mixed precision."""
-        logits = ops.linear(self.hidden(ids), self.head)  # (B, T, V)
+    def forward(self, ids, cache=None):
+        """ids (B, T) integer -> logits (B, T, V), in fp32 also under mixed precision. With a
+        KVCache (kv_cache.py), ids are the next T tokens after those the cache holds."""
+        logits = ops.linear(self.hidden(ids, cache), self.head)  # (B, T, V)
         return ops.cast(logits, "fp32") if backend.bf16 else logits
 
     def loss(self, ids, targets):
@@ -79,12 +80,15 @@ class Model:
         chunked, so the (B*T, V) logits are never held whole."""
         return ops.linear_cross_entropy(self.hidden(ids), self.head, backend.xp.asarray(targets))
 
-    def hidden(self, ids):
-        """ids (B, T) integer -> the final normalized hidden states (B, T, H), the lm_head's input."""
+    def hidden(self, ids, cache=None):
+        """ids (B, T) integer -> the final normalized hidden states (B, T, H), the lm_head's input.
+        Without a cache the T tokens are positions 0..T-1; with one they follow what it holds,
+        their k, v join it, and attention reads all of it (inference only: no graph)."""
         c, P = self.config, self.params
         ids = backend.xp.asarray(ids)  # token ids live where the weights live (a no-op on the CPU)
         B, T = ids.shape
         nH, nKV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        positions = None if cache is None else cache.positions(T)  # (B, T) each row's own
         x = ops.embedding(P["model.embed_tokens.weight"], ids)  # (B, T, H)
         if backend.bf16:  # mixed precision: activations in bf16 from here on, parameters stay fp32
             x = ops.cast(x, "bf16")
@@ -95,15 +99,19 @@ class Model:
             q = ops.linear(h, P[p + "self_attn.q_proj.weight"], P.get(p + "self_attn.q_proj.bias"))  # (B, T, nH*hd)
             k = ops.linear(h, P[p + "self_attn.k_proj.weight"], P.get(p + "self_attn.k_proj.bias"))  # (B, T, nKV*hd)
             v = ops.linear(h, P[p + "self_attn.v_proj.weight"], P.get(p + "self_attn.v_proj.bias"))  # (B, T, nKV*hd)
-            q = ops.rope(q.reshape(B, T, nH, hd), c.rope_theta)  # (B, T, nH, hd)
-            k = ops.rope(k.reshape(B, T, nKV, hd), c.rope_theta)  # (B, T, nKV, hd)
-            a = ops.attention(q, k, v.reshape(B, T, nKV, hd)).reshape(B, T, nH * hd)  # (B, T, nH*hd)
+            q = ops.rope(q.reshape(B, T, nH, hd), c.rope_theta, positions)  # (B, T, nH, hd)
+            k = ops.rope(k.reshape(B, T, nKV, hd), c.rope_theta, positions)  # (B, T, nKV, hd)
+            v = v.reshape(B, T, nKV, hd)
+            a = ops.attention(q, k, v) if cache is None else cache.attend(i, q, k, v)  # (B, T, nH, hd)
+            a = a.reshape(B, T, nH * hd)
             x = x + ops.linear(a, P[p + "self_attn.o_proj.weight"])  # (B, T, H)
             # MLP block
             h = ops.rmsnorm(x, P[p + "post_attention_layernorm.weight"], c.rms_norm_eps)  # (B, T, H)
             gate = ops.linear(h, P[p + "mlp.gate_proj.weight"])  # (B, T, I)
             up = ops.linear(h, P[p + "mlp.up_proj.weight"])  # (B, T, I)
             x = x + ops.linear(ops.swiglu(gate, up), P[p + "mlp.down_proj.weight"])  # (B, T, H)
+        if cache is not None:
+            cache.advance(T)
         return ops.rmsnorm(x, P["model.norm.weight"], c.rms_norm_eps)  # (B, T, H)
 
 

@@ -37,31 +37,52 @@ def find_eos(tokenizer, source="tokenizer"):
     raise InputError(f"{source}: no end-of-text token; tried {', '.join(EOS_NAMES)}")
 
 
+class NoTokenizer(InputError):
+    """A model that carries no usable tokenizer (as opposed to a broken one)."""
+
+
 def load_tokenizer(path):
-    """A `tokenizers.Tokenizer` from a tokenizer.json file, or the one a GGUF file embeds."""
+    """A `tokenizers.Tokenizer` from a tokenizer.json file, or the one a GGUF or APR file embeds."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such tokenizer file")
-    if p.suffix == ".gguf":
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
         from minitrain.formats.gguf import read_tokenizer
 
         return read_tokenizer(p)
+    if magic in (b"APR\0", b"APR2"):
+        from minitrain.formats.apr import read_apr
+        from minitrain.formats.apr_meta import TOKENIZER_JSON
+
+        meta = read_apr(p).metadata
+        if TOKENIZER_JSON not in meta:
+            has = "a vocabulary without its pre-tokenizer" if "tokenizer.vocabulary" in meta else "no tokenizer"
+            raise NoTokenizer(f"{p}: the file embeds {has}; give --tokenizer tokenizer.json (or the .gguf it "
+                             "came from)")
+        return _parsed(p, lambda: Tokenizer.from_str(meta[TOKENIZER_JSON]))
+    return _parsed(p, lambda: Tokenizer.from_file(str(p)))
+
+
+def _parsed(path, parse):
     try:
-        return Tokenizer.from_file(str(p))
+        return parse()
     except Exception as e:  # the library raises a bare Exception with serde's message
-        raise InputError(f"{p}: not a valid tokenizer.json ({e})") from None
+        raise InputError(f"{path}: not a valid tokenizer.json ({e})") from None
 
 
 def model_tokenizer(model_path):
-    """The tokenizer file that comes with a model: an HF directory's tokenizer.json, a GGUF
-    itself. An .apr file's embedded vocabulary is not enough (it lacks the pre-tokenizer)."""
+    """The tokenizer file that comes with a model: an HF directory's tokenizer.json, a GGUF or
+    APR file itself (load_tokenizer reads what it embeds)."""
     from minitrain.formats.sources import source_kind
 
     kind, p = source_kind(model_path), Path(model_path)
-    if kind == "gguf" or (kind == "hf" and (p / "tokenizer.json").is_file()):
-        return p if kind == "gguf" else p / "tokenizer.json"
-    what = "no tokenizer.json" if kind == "hf" else "an .apr file, whose embedded vocabulary lacks the pre-tokenizer"
-    raise InputError(f"{p}: {what}; give --tokenizer tokenizer.json (or the .gguf it came from)")
+    if kind in ("gguf", "apr"):
+        return p
+    if (p / "tokenizer.json").is_file():
+        return p / "tokenizer.json"
+    raise NoTokenizer(f"{p}: no tokenizer.json; give --tokenizer tokenizer.json (or the .gguf it came from)")
 
 
 def input_files(paths):

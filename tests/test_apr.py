@@ -440,7 +440,7 @@ def test_model_metadata_with_tokenizer(tmp_path):
     custom = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
     assert custom == {"tokenizer.vocabulary": ["<unk>", "a", "b", "ab", "</s>", "<s>", "<unk>", "<unk>"],
                       "tokenizer.vocab_size": 8, "tokenizer.model": "BPE", "tokenizer.bos_token_id": 5,
-                      "tokenizer.eos_token_id": 4, "tokenizer.merges": ["a b"]}
+                      "tokenizer.eos_token_id": 4, "tokenizer.merges": ["a b"], "tokenizer.json": tok.to_str()}
     write_apr(tmp_path / "m.apr", [("w", numpy.zeros(1, numpy.float32))], meta)
     assert read_apr(tmp_path / "m.apr").metadata == {**meta, "license": None, "data_source": None,
                                                      "data_license": None, "total_size": 0}

@@ -73,6 +73,15 @@ def test_generate_is_seeded_and_greedy_is_deterministic(run_dir):
     assert sampled[0] == sampled[1] != sampled[2]
 
 
+def test_generate_uses_the_tokenizer_an_apr_file_embeds(run_dir):
+    d, _ = run_dir
+    base = ["generate", "--init", str(d / "out" / "final.apr"), "--prompt", "def add", "--max-new-tokens", "8",
+            "--temperature", "0"]
+    own, given = minitrain(*base), minitrain(*base, "--tokenizer", str(d / "tokenizer.json"))
+    assert own.returncode == 0, own.stderr
+    assert own.stdout == given.stdout and own.stdout.startswith("def add")
+
+
 def test_generate_refuses_a_tokenizer_larger_than_the_model(run_dir, tmp_path):
     d, _ = run_dir
     (tmp_path / "big.txt").write_text("".join(chr(0x4E00 + i) for i in range(9000)))  # 9000 distinct tokens

@@ -22,7 +22,7 @@ from minitrain.formats import gguf
 from minitrain.formats.gguf_vocab import PRE_TOKENIZERS, gguf_fields, pre_tokenizer_name, tokenizer_from_fields
 from minitrain.formats.sources import load_model
 from minitrain.model import Model
-from minitrain.tokenize import train_bpe
+from minitrain.tokenize import load_tokenizer, train_bpe
 
 Q = gguf_py.GGMLQuantizationType
 TEXT = "def f(x):\n    return x + 12345  # café — 日本語\n\n\tclass It's: pass\r\n   "
@@ -261,5 +261,14 @@ def test_convert_refuses_what_it_cannot_write(small_gguf, tmp_path, args, words)
 
 
 def test_a_gguf_needs_a_tokenizer(small_gguf, tmp_path):
+    assert run("convert", str(small_gguf), str(tmp_path / "hf")).returncode == 0
+    (tmp_path / "hf" / "tokenizer.json").unlink()
+    refused(run("convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf")), "needs the tokenizer", "--tokenizer")
+
+
+def test_an_apr_converted_from_a_gguf_carries_its_tokenizer_back(small_gguf, tmp_path):
     assert run("convert", str(small_gguf), str(tmp_path / "m.apr")).returncode == 0
-    refused(run("convert", str(tmp_path / "m.apr"), str(tmp_path / "m.gguf")), "needs the tokenizer", "--tokenizer")
+    assert run("convert", str(tmp_path / "m.apr"), str(tmp_path / "m.gguf")).returncode == 0
+    text = "def f(x):\n    return x + 1  # café"
+    ids = [load_tokenizer(p).encode(text).ids for p in (small_gguf, tmp_path / "m.apr", tmp_path / "m.gguf")]
+    assert ids[0] == ids[1] == ids[2] and len(ids[0]) > 3

@@ -133,6 +133,23 @@ def test_rope(dtype, reverse):
         close(dec(y), rope(Tensor(x), THETA).data, tol)
 
 
+@pytest.mark.parametrize("reverse", SCHEDULES)
+def test_rope_with_each_rows_own_positions(reverse):
+    """Tables of (B*T, hd/2) rows: row b's token t at its own position (left-padded prompts in
+    the KV-cache decoder), against the model's op given the (B, T) positions."""
+    x, _, _, _ = rope_case("f32")
+    B, T, _, hd = x.shape
+    positions = np.array([np.arange(T) + 40, np.arange(T) - 3])  # (B, T); negative: padding slots
+    cos, sin = (np.ascontiguousarray(t.reshape(B * T, hd // 2))
+                for t in rope_tables(T, hd, THETA, np.dtype(np.float32), positions))
+    y = np.zeros(x.shape, np.float32)
+    fused.rope_forward(launcher(reverse), x, cos, sin, y)
+    close(y, rope(Tensor(x), THETA, positions).data, 1e-5)
+    for b in range(B):  # and row by row, each against the reference at its positions
+        cb, sb = rope_tables(T, hd, THETA, np.dtype(np.float32), positions[b])
+        close(y[b:b + 1], rotate_reference(x[b:b + 1], cb, sb), 1e-5)
+
+
 def test_rope_planted_backward_sign():
     x, dy, cos, sin = rope_case("f32")
     dx = np.zeros(dy.shape, np.float32)

@@ -84,6 +84,10 @@ def test_rope_matches_the_hf_rotate_half_formulation(theta):
     positions = np.array([0, 5, 6, 7, 100, 2, 3, 4, 9, 1, 4096])
     np.testing.assert_allclose(ops.rope(Tensor(x), theta, positions).data, _hf_rope(x, theta, positions),
                                atol=1e-10)
+    per_row = np.stack([positions, positions[::-1] + 7])  # (B, T): each row its own positions
+    y = ops.rope(Tensor(x), theta, per_row).data
+    for b in range(2):
+        np.testing.assert_allclose(y[b], _hf_rope(x[b], theta, per_row[b]), atol=1e-10)
 
 
 def test_rope_pairs_element_i_with_i_plus_half_not_its_neighbour():

@@ -23,7 +23,7 @@ from minitrain import backend
 from minitrain.autograd import no_grad
 from minitrain.formats.gguf import load_gguf
 from minitrain.formats.sources import load_model
-from minitrain.generate import generate
+from minitrain.generate import Sampling, generate
 from minitrain.tokenize import load_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -103,7 +103,7 @@ def test_greedy_generation_equals_transformers_token_for_token(smollm2, oracle, 
     model = load_model(smollm2)
     for prompt in PROMPTS:
         ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-        ours = generate(model, ids, 12, temperature=0)
+        ours = ids + generate(model, [ids], 12, Sampling(temperature=0))[0][0].ids
         with torch.no_grad():
             theirs = oracle.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, top_k=None, top_p=None)
         assert ours == theirs[0].tolist(), (prompt, tokenizer.decode(ours), tokenizer.decode(theirs[0].tolist()))

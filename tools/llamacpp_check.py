@@ -34,7 +34,7 @@ def main():
         sys.exit("llamacpp_check: llama_cpp is not installed; see this script's docstring for the build")
 
     from minitrain.formats.sources import load_model
-    from minitrain.generate import generate
+    from minitrain.generate import Sampling, generate
     from minitrain.tokenize import load_tokenizer
 
     tokenizer = load_tokenizer(args.gguf)
@@ -47,7 +47,7 @@ def main():
     for prompt in args.prompt or PROMPTS:
         ours_prompt = tokenizer.encode(prompt, add_special_tokens=False).ids
         theirs_prompt = llm.tokenize(prompt.encode(), add_bos=False, special=True)
-        ours = generate(model, ours_prompt, args.max_new_tokens, temperature=0, stop_id=eos)[len(ours_prompt):]
+        ours = generate(model, [ours_prompt], args.max_new_tokens, Sampling(temperature=0), eos)[0][0].ids
         llm.reset()
         theirs = []
         for token in llm.generate(theirs_prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):

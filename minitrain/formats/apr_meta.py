@@ -114,16 +114,23 @@ def model_metadata(config, param_count, tokenizer=None):
 BOS_NAMES, EOS_NAMES = ("<s>", "<|begin_of_text|>"), ("<|endoftext|>", "</s>", "<eos>")
 
 
+TOKENIZER_JSON = "tokenizer.json"  # minitrain's own key: the whole tokenizer.json, as a string
+
+
 def tokenizer_metadata(tokenizer, vocab_size):
     """The tokenizer.* custom keys realizar reads (doc §3.2): the vocabulary indexed by id,
     padded with "<unk>" to max(vocab_size, max id + 1), the model type, the BOS/EOS ids when one
-    of the usual names is present, and the merges as "a b" strings."""
-    spec = json.loads(tokenizer.to_str())["model"]
+    of the usual names is present, and the merges as "a b" strings. Plus TOKENIZER_JSON, the
+    tokenizer itself (its pre-tokenizer, normalizer and decoder, which those keys lack), so the
+    file is its own --tokenizer; aprender ignores the key."""
+    whole = tokenizer.to_str()
+    spec = json.loads(whole)["model"]
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     words = ["<unk>"] * max(vocab_size, max(vocab.values(), default=-1) + 1)
     for token, i in vocab.items():
         words[i] = token
-    meta = {"tokenizer.vocabulary": words, "tokenizer.vocab_size": len(words), "tokenizer.model": spec["type"]}
+    meta = {"tokenizer.vocabulary": words, "tokenizer.vocab_size": len(words), "tokenizer.model": spec["type"],
+            TOKENIZER_JSON: whole}
     for key, names in (("tokenizer.bos_token_id", BOS_NAMES), ("tokenizer.eos_token_id", EOS_NAMES)):
         found = [vocab[n] for n in names if n in vocab]
         if found:

@@ -54,16 +54,19 @@ def rmsnorm_backward(launch, dy, x, w, r, dx, dw, partial):
 
 
 def _rope(launch, direction, x, cos, sin, y):
+    """The kernel reads table row (b*T + t) % rows: rows = T shares one table over the batch,
+    rows = B*T gives every row its own positions."""
     B, T, nH, hd = x.shape
-    if hd % 2 or cos.shape != (T, hd // 2) or sin.shape != (T, hd // 2):
+    rows = cos.shape[0]
+    if hd % 2 or rows not in (T, B * T) or cos.shape != (rows, hd // 2) or sin.shape != cos.shape:
         raise ValueError(f"rope kernel: x (B, T, nH, hd) = {tuple(x.shape)} needs an even hd and cos, sin of "
-                         f"({T}, {hd // 2}); found cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+                         f"({T} or {B * T}, {hd // 2}); found cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
     launch("rope", f"rope_{direction}_{suffix(x)}", elementwise_grid(x.size // 2), (BLOCK,),
-           (x, cos, sin, y, x.size, T, nH, hd))
+           (x, cos, sin, y, x.size, rows, nH, hd))
 
 
 def rope_forward(launch, x, cos, sin, y):
-    """y = x rotated by position, x (B, T, nH, hd), cos and sin float32 (T, hd/2); y may be x."""
+    """y = x rotated by position, x (B, T, nH, hd), cos and sin float32 (T or B*T, hd/2); y may be x."""
     _rope(launch, "forward", x, cos, sin, y)
 
 

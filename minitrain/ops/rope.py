@@ -24,7 +24,7 @@ def _angles(xp, positions, hd, theta, dtype):
     # Computed in the working dtype the way Hugging Face does: fp32 for fp32 models.
     exponent = xp.arange(0, hd, 2).astype(dtype) / dtype.type(hd)  # 2i/hd, i < hd/2
     inv_freq = 1.0 / (dtype.type(theta) ** exponent)  # (hd/2,)
-    return positions.astype(dtype)[:, None] * inv_freq[None, :]  # (T, hd/2)
+    return positions.astype(dtype)[..., None] * inv_freq  # (T, hd/2) or (B, T, hd/2)
 
 
 def rope_tables(T, hd, theta, dtype, positions=None):
@@ -44,19 +44,21 @@ class RoPE(Function):
     A rotation is orthogonal, so its Jacobian's transpose is the inverse rotation (a -> -a):
         dx1 = dy1 cos a + dy2 sin a
         dx2 = dy2 cos a - dy1 sin a
-    `positions` (T,) defaults to 0..T-1 (every training window starts at position 0).
+    `positions` (T,) defaults to 0..T-1 (every training window starts at position 0); (B, T)
+    gives each row its own (a batch of left-padded prompts in the KV-cache decoder).
     """
 
     def forward(self, x, theta, positions=None):
         B, T, nH, hd = x.shape
-        cos, sin = rope_tables(T, hd, theta, x.dtype, positions)  # (T, hd/2) each
-        if launch := backend.kernels(x):  # kernels/rope.cu
+        cos, sin = rope_tables(T, hd, theta, x.dtype, positions)  # (T, hd/2) or (B, T, hd/2) each
+        if launch := backend.kernels(x):  # kernels/rope.cu: per-row tables are (B*T, hd/2) rows
             y = backend.xp.empty_like(x)
+            cos, sin = cos.reshape(-1, hd // 2), sin.reshape(-1, hd // 2)
             fused.rope_forward(launch, backend.xp.ascontiguousarray(x), cos, sin, y)
             self.save(cos, sin)
             return y
-        cos = cos.astype(x.dtype, copy=False)[:, None, :]  # (T, 1, hd/2): broadcast over heads
-        sin = sin.astype(x.dtype, copy=False)[:, None, :]
+        cos = cos.astype(x.dtype, copy=False)[..., None, :]  # (T, 1, hd/2) or (B, T, 1, hd/2): over heads
+        sin = sin.astype(x.dtype, copy=False)[..., None, :]
         self.save(cos, sin)
         return _rotate(x, cos, sin)
 
