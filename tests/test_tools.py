@@ -1,4 +1,4 @@
-"""The CPU benchmark and profiler run end to end (tiny preset, one step), so docs/performance.md
+"""The CPU benchmarks and profiler run end to end (tiny sizes, one step), so docs/performance.md
 stays reproducible. Timings are printed, never asserted."""
 
 import re
@@ -35,3 +35,11 @@ def test_bench_compares_both_frameworks():
     assert re.search(r"sgemm peak [\d.]+ GFLOP/s", out), out
     assert re.search(r"tiny-llama\s+minitrain .* [\d.]+x$", out, re.M), out
     assert re.search(r"tiny-llama\s+torch .*torch threads", out), out
+
+
+@pytest.mark.slow
+def test_bench_generate_compares_both_frameworks(smollm2):
+    out = run("bench_generate.py", "--model", "smollm2-135m", "--prompt-tokens", "8", "--new-tokens", "2",
+              "--repeats", "1", "--rounds", "1")
+    assert re.search(r"smollm2-135m\s+minitrain\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, re.M), out
+    assert re.search(r"smollm2-135m\s+transformers\s+[\d.]+\s+[\d.]+\s+\(torch threads", out), out
