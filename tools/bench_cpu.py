@@ -19,11 +19,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
-from workload import flops_per_token, hf_model, minitrain_step, torch_step
+from workload import child, flops_per_token, hf_model, minitrain_step, torch_step
 
 PRESETS = ["tiny-llama", "smollm2-135m", "llama-370m", "qwen2.5-0.5b"]
 
@@ -80,16 +79,6 @@ def _steps(step, warmup, steps):
     return {"best_s": min(times), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def child(framework, args):
-    out = subprocess.run([sys.executable, __file__, "--child", framework, "--config", json.dumps(args.config.as_dict()),
-                          "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
-                          "--warmup", str(args.warmup), "--steps", str(args.steps)],
-                         capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"{framework} child failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", action="append", choices=PRESETS, help="repeatable; default: all four")
@@ -119,7 +108,8 @@ def main():
         best = {}
         for _ in range(args.rounds):
             for framework in ("minitrain", "torch"):
-                r = child(framework, args)
+                r = child(__file__, framework, "--config", json.dumps(args.config.as_dict()), "--seq-len",
+                          args.seq_len, "--batch-size", args.batch_size, "--warmup", args.warmup, "--steps", args.steps)
                 if framework not in best or r["best_s"] < best[framework]["best_s"]:
                     best[framework] = {**r, "peak_rss_mib": max(r["peak_rss_mib"], best.get(framework, r)["peak_rss_mib"])}
         tokens = args.seq_len * args.batch_size

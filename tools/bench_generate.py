@@ -17,11 +17,12 @@ default, every core), OpenBLAS's default (every core).
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from workload import child
 
 MODELS = ["smollm2-135m", "qwen2.5-0.5b"]
 
@@ -84,15 +85,6 @@ def run_torch(directory, prompt, new, repeats):
                 "threads": torch.get_num_threads(), "attn": model.config._attn_implementation}
 
 
-def child(framework, directory, prompt, args):
-    out = subprocess.run([sys.executable, __file__, "--child", framework, "--dir", directory, "--prompt",
-                          json.dumps(prompt), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)],
-                         capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"{framework} child failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", choices=MODELS, help="repeatable; default: both")
@@ -120,7 +112,8 @@ def main():
             best = {}
             for _ in range(args.rounds):
                 for framework in ("minitrain", "transformers"):
-                    r = child(framework, str(Path(d) / "hf"), prompt, args)
+                    r = child(__file__, framework, "--dir", Path(d) / "hf", "--prompt", json.dumps(prompt),
+                              "--new-tokens", args.new_tokens, "--repeats", args.repeats)
                     old = best.get(framework, r)
                     best[framework] = {**r, "one": min(r["one"], old["one"]), "all": min(r["all"], old["all"])}
         rate = {f: (args.prompt_tokens / r["one"], args.new_tokens / (r["all"] - r["one"])) for f, r in best.items()}

@@ -5,7 +5,13 @@ Face transformers + PyTorch eager with the same config.
 
 FLOPs per token (reference.md section 5): 6 N + 12 L H T, with N the parameters that take part in
 matmuls: everything but the embedding lookup, the lm_head included (counted even when tied).
+
+Also child(): how the benchmarks run each framework in a fresh process of their own script.
 """
+
+import json
+import subprocess
+import sys
 
 ADAMW = {"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": 0.1}
 
@@ -69,3 +75,13 @@ def torch_step(torch, model, cfg, batch, seq_len, bf16=False):
         opt.step()
 
     return step
+
+
+def child(script, framework, *args):
+    """Run `python script --child framework args...` and return the JSON object its last stdout
+    line holds; a failed child ends the benchmark with its stderr."""
+    out = subprocess.run([sys.executable, script, "--child", framework, *map(str, args)], capture_output=True,
+                         text=True)
+    if out.returncode:
+        raise SystemExit(f"{framework} child failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
