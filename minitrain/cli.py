@@ -11,6 +11,7 @@ import sys
 import click
 
 from minitrain import __version__
+from minitrain.dist import launch_rank
 from minitrain.errors import InputError, TrainingAborted
 
 
@@ -160,6 +161,8 @@ def pretrain(ctx, as_json, **options):
         from minitrain.demo import run_demo
 
         report = run_demo()
+    if launch_rank() != 0:  # data parallel: rank 0 reports
+        return
     if as_json:
         click.echo(json.dumps(report))
     else:
@@ -360,10 +363,12 @@ def main():
     except click.exceptions.Exit as e:
         code = e.exit_code
     except InputError as e:
-        click.echo(f"minitrain: error: {e}", err=True)
+        if launch_rank() == 0:  # every rank finds the same bad input: the line once
+            click.echo(f"minitrain: error: {e}", err=True)
         code = 2
     except TrainingAborted as e:
-        click.echo(f"minitrain: training aborted: {e}", err=True)
+        if launch_rank() == 0:  # the ranks' values are identical, and so is the abort
+            click.echo(f"minitrain: training aborted: {e}", err=True)
         code = 3
     except click.ClickException as e:  # usage errors and bad parameters
         click.echo(f"minitrain: error: {e.format_message()}", err=True)

@@ -1,8 +1,10 @@
 """`minitrain pretrain`: the training loop (semantics: ../shared/docs/reference.md section 3).
 
-One step = `grad_accum` micro-batches of `batch_size` windows. Each micro-batch loss (a mean
-over its B*T targets) is back-propagated with weight 1/grad_accum, so the summed gradient is the
-gradient of the mean over all grad_accum*B*T targets: the same as one big batch. Then: the
+One step = `grad_accum` micro-batches of `batch_size` windows (on each of N ranks under
+`mpiexec -n N`: dist.py). Each micro-batch loss (a mean over its B*T targets) is back-propagated
+on its own with weight 1/(N*grad_accum), and the micro-batch gradients are summed in micro-batch
+order, so the step's gradient is the gradient of the mean over all N*grad_accum*B*T targets: the
+same as one big batch, and bit for bit the same for any split into ranks. Then: the
 global gradient norm (reported before clipping), clipping, the scheduled learning rate set on the
 optimizer, the update. Before the first update the validation loss is measured (`init_loss`).
 
@@ -18,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from minitrain import backend, checkpoint
+from minitrain import backend, checkpoint, dist
 from minitrain.autograd import no_grad
 from minitrain.config import PRESETS, ModelConfig, preset
 from minitrain.convert import apr_tensors, checked_tokenizer
@@ -158,7 +160,11 @@ class Run:
         self.cfg, self.log = cfg, log
         self.start_time = time.perf_counter()
         self.state = {"step": 0, "init_loss": None, "last_val_loss": None}
+        self.group = dist.world()
+        self.lead = self.group.rank == 0  # the rank that writes every file and every line
         cfg.device = _device(cfg.device)
+        if self.group.size > 1 and cfg.device == "cuda":
+            raise InputError("data parallel runs on CPU ranks so far; --device cuda takes one process")
         if cfg.dtype == "bf16" and cfg.device != "cuda":
             raise InputError(f"--dtype bf16 on {cfg.device}: bf16 mixed precision runs on the CUDA kernels; "
                              "use --device cuda, or --dtype fp32 on the CPU")
@@ -184,13 +190,18 @@ class Run:
         else:
             self.optimizer = AdamW(params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay, cfg.decay_1d)
         if resumed:
+            if state.get("ranks", 1) != self.group.size:
+                raise InputError(f"--resume {cfg.resume}: the run had {state.get('ranks', 1)} rank(s), this one has "
+                                 f"{self.group.size}; resume with the same mpiexec -n")
             self.optimizer.load_state(state["optimizer"], opt_arrays)
             self.state = {k: state[k] for k in self.state}
         self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.metrics = self._open_metrics()
-        self.tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len
-        (self.out / "run.json").write_text(json.dumps(self._run_info(), indent=1) + "\n")
+        self.micro_per_step = self.group.size * cfg.grad_accum  # micro-batches of a step, all ranks
+        self.tokens_per_step = self.micro_per_step * cfg.batch_size * cfg.seq_len
+        if self.lead:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.metrics = self._open_metrics()
+            (self.out / "run.json").write_text(json.dumps(self._run_info(), indent=1) + "\n")
 
     def _data(self, cfg, vocab):
         self.windows = TokenWindows(cfg.data, cfg.seq_len, vocab)
@@ -227,44 +238,58 @@ class Run:
         mc = self.model.config
         return {"config": asdict(self.cfg), "arch": arch_name(mc), "model_config": mc.as_dict(),
                 "params": self.model.num_parameters(), "train_windows": self.n_train,
-                "val_windows": len(self.val_ids) if self.val_source else 0,
-                "tokens_per_step": self.cfg.grad_accum * self.cfg.batch_size * self.cfg.seq_len}
+                "val_windows": len(self.val_ids) if self.val_source else 0, "ranks": self.group.size,
+                "tokens_per_step": self.tokens_per_step}
 
     def _write(self, record):
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
+        if self.lead:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
 
     def _say(self, text):
-        print(text, file=self.log, flush=True)
+        if self.lead:
+            print(text, file=self.log, flush=True)
 
     # --- losses -----------------------------------------------------------------------------
 
     def evaluate(self):
-        """Mean loss over the validation windows (batches of batch_size), or None without any."""
+        """Mean loss over the validation windows (batches of batch_size), or None without any.
+        Rank r evaluates batches r, r+N, ...; the sums run over all batches in batch order."""
         if self.val_source is None:
             return None
-        B, total, count = self.cfg.batch_size, 0.0, 0
+        B, mine = self.cfg.batch_size, []
+        starts = range(0, len(self.val_ids), B)
         with no_grad():
-            for i in range(0, len(self.val_ids), B):
-                inputs, targets = self.val_source.batch(self.val_ids[i: i + B])
-                total += float(self.model.loss(inputs, targets).data) * inputs.size
-                count += inputs.size
+            for k in range(self.group.rank, len(starts), self.group.size):
+                inputs, targets = self.val_source.batch(self.val_ids[starts[k]: starts[k] + B])
+                mine.append((k, float(self.model.loss(inputs, targets).data) * inputs.size, inputs.size))
+        total, count = 0.0, 0
+        for _, weighted, size in sorted(self.group.gather(mine)):
+            total += weighted
+            count += size
         return total / count
 
     def train_step(self, step):
         """One update; returns (mean loss, pre-clip grad norm, lr)."""
-        cfg, params = self.cfg, self.model.parameters()
-        for p in params:
-            p.zero_grad()
-        weight = backend.xp.asarray(1.0 / cfg.grad_accum, dtype=backend.dtype)
-        loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            first = (step * cfg.grad_accum + micro) * cfg.batch_size
-            inputs, targets = self.stream.batch(first, cfg.batch_size)
+        cfg, params, group = self.cfg, self.model.parameters(), self.group
+        weight = backend.xp.asarray(1.0 / self.micro_per_step, dtype=backend.dtype)
+        grads, losses = [], []  # this rank's micro-batch gradients (rank 0: already summed) and losses
+        for a in range(cfg.grad_accum):
+            micro = step * self.micro_per_step + group.rank * cfg.grad_accum + a  # global micro-batch index
+            inputs, targets = self.stream.batch(micro * cfg.batch_size, cfg.batch_size)
+            for p in params:
+                p.zero_grad()
             loss = self.model.loss(inputs, targets)
             loss.backward(weight)
-            loss_sum += float(loss.data)
-        loss = loss_sum / cfg.grad_accum
+            losses.append(float(loss.data))
+            g = [p.grad for p in params]
+            if grads and group.rank == 0:  # the first in the chain sums as it goes: one buffer
+                grads = [dist.sum_in_order([grads[0], g])]
+            else:
+                grads.append(g)
+        for p, g in zip(params, group.ordered_sum(grads)):
+            p.grad = g
+        loss = sum(group.gather(losses)) / self.micro_per_step  # left to right, in micro-batch order
         if not math.isfinite(loss):
             raise TrainingAborted(f"step {step + 1}: the training loss is {loss}; stopping (lower --lr?)")
         norm = global_grad_norm(params)
@@ -326,19 +351,23 @@ class Run:
         return self.finish(train_time, last_loss, cfg.steps - first_step)
 
     def save_checkpoint(self):
+        if not self.lead:
+            return
         step = self.state["step"]
         checkpoint.save(self.out / f"step-{step}", self.model, self.optimizer,
-                        {**self.state, "next_sample": step * self.cfg.grad_accum * self.cfg.batch_size,
+                        {**self.state, "next_sample": step * self.micro_per_step * self.cfg.batch_size,
+                         "ranks": self.group.size,
                          "data_order": {"order": self.cfg.data_order, "seed": self.cfg.seed,
                                         "rng": "numpy.random.default_rng([seed, epoch]).permutation per epoch"},
                          "config": asdict(self.cfg), "model_config": self.model.config.as_dict()})
 
     def finish(self, train_time, last_loss, steps_run):
         model, mc = self.model, self.model.config
-        arrays = {n: backend.to_numpy(t.data) for n, t in model.params.items()}
-        write_apr(self.out / "final.apr", apr_tensors(mc, arrays),
-                  model_metadata(mc, model.num_parameters(), self.tokenizer))
-        self.metrics.close()
+        if self.lead:
+            arrays = {n: backend.to_numpy(t.data) for n, t in model.params.items()}
+            write_apr(self.out / "final.apr", apr_tensors(mc, arrays),
+                      model_metadata(mc, model.num_parameters(), self.tokenizer))
+            self.metrics.close()
         report = {"status": "ok", "arch": arch_name(mc), "params": model.num_parameters(), "steps": self.cfg.steps,
                   "tokens": self.cfg.steps * self.tokens_per_step, "init_loss": self.state["init_loss"],
                   "final_train_loss": last_loss, "final_val_loss": self.state["last_val_loss"],

@@ -1,0 +1,85 @@
+"""Data parallel over MPI (minitrain/dist.py), launched for real: `mpiexec -n N minitrain
+pretrain` (MPICH from PyPI, the `dist` extra; oversubscribed on a 2-core machine) against one
+process with grad-accum N times larger on the same windows. Bit for bit: the same final.apr
+bytes and the same metrics (losses, gradient norms, validation losses)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy
+import pytest
+
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    MPIEXEC is None or __import__("importlib").util.find_spec("mpi4py") is None,
+    reason="DATA-PARALLEL TESTS NOT RUN: no mpiexec or mpi4py (pip install -e '.[dist]')")]
+
+# tiny-llama has a tied head: the embedding's two gradient contributions per micro-batch are where
+# a summation order that followed the split would show first. Shuffled windows, a real lr.
+COMMON = ["pretrain", "--arch", "tiny-llama", "--mode", "from-scratch", "--seq-len", "32", "--batch-size", "2",
+          "--val-windows", "6", "--eval-every", "1", "--lr", "1e-3", "--warmup-steps", "0", "--data-order", "shuffle",
+          "--seed", "3", "--json"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dp") / "tokens.bin"
+    numpy.random.default_rng(0).integers(0, 8192, 60 * 33).astype("<u4").tofile(path)
+    return path
+
+
+def pretrain(ranks, out, *args):
+    launch = [MPIEXEC, "-n", str(ranks)] if ranks > 1 else []
+    return subprocess.run([*launch, sys.executable, "-m", "minitrain", *COMMON, "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def metrics(out):
+    """Every record without its timings."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_sec", "wall_s")}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a, b):
+    assert (a / "final.apr").read_bytes() == (b / "final.apr").read_bytes()
+    assert metrics(a) == metrics(b)
+
+
+@pytest.mark.parametrize("ranks, accum", [(2, 1), (4, 1), (2, 2)])
+def test_n_ranks_equal_one_process_with_n_times_the_accumulation(ranks, accum, data, tmp_path):
+    one = pretrain(1, tmp_path / "one", "--data", data, "--steps", "3", "--grad-accum", str(ranks * accum))
+    assert one.returncode == 0, one.stderr
+    dp = pretrain(ranks, tmp_path / "dp", "--data", data, "--steps", "3", "--grad-accum", str(accum))
+    assert dp.returncode == 0, dp.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "dp")
+    report = json.loads(dp.stdout.strip().splitlines()[-1])  # printed once, by rank 0
+    assert dp.stdout.count('"status"') == 1 and report["tokens"] == 3 * ranks * accum * 2 * 32
+    assert [line.split()[0] for line in dp.stderr.splitlines()].count("init_loss") == 1  # progress once too
+    assert json.loads((tmp_path / "dp" / "run.json").read_text())["ranks"] == ranks
+
+
+def test_resume_continues_exactly_with_the_same_ranks_and_refuses_another_count(data, tmp_path):
+    # a constant lr: the cut run's 2 steps and the whole run's 4 follow the same schedule
+    whole = pretrain(2, tmp_path / "whole", "--data", data, "--steps", "4", "--schedule", "constant")
+    assert whole.returncode == 0, whole.stderr
+    first = pretrain(2, tmp_path / "cut", "--data", data, "--steps", "2", "--save-every", "2", "--schedule", "constant")
+    assert first.returncode == 0, first.stderr
+    resumed = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "minitrain", "pretrain", "--resume",
+                              str(tmp_path / "cut" / "step-2"), "--steps", "4"], capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(tmp_path / "whole", tmp_path / "cut")
+    other = subprocess.run([sys.executable, "-m", "minitrain", "pretrain", "--resume",
+                            str(tmp_path / "cut" / "step-2"), "--steps", "4"], capture_output=True, text=True)
+    assert other.returncode == 2 and "the run had 2 rank(s), this one has 1" in other.stderr
+
+
+def test_bad_input_is_exit_2_from_every_rank_with_the_line_once(tmp_path):
+    out = pretrain(2, tmp_path / "bad", "--data", tmp_path / "missing.bin", "--steps", "1")
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("minitrain: error:")]
+    assert len(lines) == 1 and "missing.bin" in lines[0], out.stderr
+    assert not (tmp_path / "bad").exists()
