@@ -1,7 +1,8 @@
 """The `minitrain` command line (contract: ../shared/docs/interface.md).
 
 Exit codes: 0 success, 1 anything unexpected (or a failed check), 2 bad usage or bad input,
-3 training aborted. Errors are one line on stderr, never a traceback.
+3 training aborted (also when, under mpiexec, a rank is lost). Errors are one line on stderr,
+never a traceback.
 """
 
 import json
@@ -11,7 +12,7 @@ import sys
 import click
 
 from minitrain import __version__
-from minitrain.dist import launch_rank
+from minitrain.dist import RankLost, launch_rank
 from minitrain.errors import InputError, TrainingAborted
 
 
@@ -145,6 +146,9 @@ def evaluate(init_path, arch, rope_layout, data_path, seq_len, batch_size, batch
 @click.option("--dtype", type=click.Choice(["fp32", "fp64", "bf16"]), help="Default fp32.")
 @click.option("--out", help="Run directory: final.apr, metrics.jsonl, run.json, step-N/ (default runs/<date-time>).")
 @click.option("--resume", help="Continue exactly from a checkpoint OUT/step-N.")
+@click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Under mpiexec: how long a rank waits for another (dead or hung?) before all stop "
+                   "(default 300).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
 @click.pass_context
 def pretrain(ctx, as_json, **options):
@@ -370,6 +374,12 @@ def main():
         if launch_rank() == 0:  # the ranks' values are identical, and so is the abort
             click.echo(f"minitrain: training aborted: {e}", err=True)
         code = 3
+    except RankLost as e:  # the others may be waiting on the lost one too: take the whole job down
+        click.echo(f"minitrain: error: {e}; stopping every rank", err=True)
+        from mpi4py import MPI
+
+        code = 3
+        MPI.COMM_WORLD.Abort(code)
     except click.ClickException as e:  # usage errors and bad parameters
         click.echo(f"minitrain: error: {e.format_message()}", err=True)
         code = e.exit_code

@@ -22,6 +22,7 @@ Without mpiexec (no MPI environment variables) it is one process and mpi4py is n
 """
 
 import os
+import time
 
 from minitrain.errors import InputError
 
@@ -39,6 +40,10 @@ def sum_in_order(grads):
     return total
 
 
+class RankLost(Exception):
+    """Another rank stopped answering (died or hung): this rank gives up after the timeout."""
+
+
 class Single:
     """One process: rank 0 of 1."""
 
@@ -48,32 +53,54 @@ class Single:
         """grads: this rank's micro-batch gradients, in order. -> the step's gradient G."""
         return sum_in_order(grads)
 
-    def gather(self, values):
-        """This rank's floats, in order -> every rank's, in rank order."""
-        return list(values)
+    def gather(self, rows, per_rank, width):
+        """This rank's rows (tuples of `width` floats, at most per_rank of them; a rank may have
+        none) -> every rank's, in rank order."""
+        return list(rows)
 
 
 class MPIGroup(Single):
-    def __init__(self, comm):
-        self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
+    """MPI's world. Every exchange is non-blocking and polled (1 ms sleeps, so a waiting rank
+    leaves the cores to the ranks still computing) against a deadline of `timeout` seconds: a
+    rank that died or hung makes the others raise RankLost instead of waiting forever."""
+
+    def __init__(self, comm, timeout):
+        self.comm, self.rank, self.size, self.timeout = comm, comm.Get_rank(), comm.Get_size(), timeout
 
     def ordered_sum(self, grads):
         if self.rank == 0:
             total = sum_in_order(grads)
         else:
             total = [x.copy() for x in grads[0]]  # a buffer of each shape and dtype, overwritten
-            for i, t in enumerate(total):
-                self.comm.Recv(t, source=self.rank - 1, tag=i)
+            self._wait([self.comm.Irecv(t, source=self.rank - 1, tag=i) for i, t in enumerate(total)],
+                       f"the running gradient sum from rank {self.rank - 1}")
             total = sum_in_order([total] + grads)
         if self.rank < self.size - 1:
-            for i, t in enumerate(total):
-                self.comm.Send(t, dest=self.rank + 1, tag=i)
-        for t in total:  # the last rank's G to everyone
-            self.comm.Bcast(t, root=self.size - 1)
+            self._wait([self.comm.Isend(t, dest=self.rank + 1, tag=i) for i, t in enumerate(total)],
+                       f"rank {self.rank + 1} to take the running gradient sum")
+        self._wait([self.comm.Ibcast(t, root=self.size - 1) for t in total],  # the last rank's G to all
+                   f"the step's gradient from rank {self.size - 1}")
         return total
 
-    def gather(self, values):
-        return [v for part in self.comm.allgather(list(values)) for v in part]
+    def gather(self, rows, per_rank, width):
+        import numpy
+
+        mine = numpy.full((per_rank, width + 1), numpy.nan)  # column 0: 1 for a row, NaN for padding
+        if rows:
+            mine[:len(rows), 0], mine[:len(rows), 1:] = 1.0, rows
+        every = numpy.empty((self.size, per_rank, mine.shape[1]))
+        self._wait([self.comm.Iallgather(mine, every)], "every rank's losses")
+        return [tuple(float(v) for v in row[1:]) for row in every.reshape(-1, mine.shape[1]) if row[0] == 1.0]
+
+    def _wait(self, requests, what):
+        from mpi4py import MPI
+
+        deadline = time.monotonic() + self.timeout
+        while not MPI.Request.Testall(requests):
+            if time.monotonic() > deadline:
+                raise RankLost(f"rank {self.rank}: waited {self.timeout:g} s for {what}: that rank died or hung "
+                               "(--dist-timeout)")
+            time.sleep(0.001)
 
 
 def launched_by_mpi():
@@ -86,8 +113,9 @@ def launch_rank():
     return next((int(os.environ[v]) for v in RANK_VARIABLES if v in os.environ), 0)
 
 
-def world():
-    """The process group this process belongs to: MPI's world under mpiexec -n N > 1, else Single."""
+def world(timeout):
+    """The process group this process belongs to: MPI's world under mpiexec -n N > 1 (waits
+    bounded by `timeout` seconds), else Single."""
     if not launched_by_mpi():
         return Single()
     try:
@@ -95,4 +123,4 @@ def world():
     except ImportError:
         raise InputError("started by mpiexec with several ranks, but mpi4py is not installed: "
                          "pip install 'minitrain[dist]'") from None
-    return MPIGroup(MPI.COMM_WORLD)
+    return MPIGroup(MPI.COMM_WORLD, timeout)

@@ -34,7 +34,7 @@ from minitrain.optim import SGD, AdamW, clip_grads, global_grad_norm
 from minitrain.schedule import learning_rate
 
 MODE_DEFAULTS = {"finetune": {"lr": 5e-5, "warmup_steps": 100}, "from-scratch": {"lr": 3e-4, "warmup_steps": 1000}}
-RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "resume"}  # may differ from the checkpoint's run
+RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "resume", "dist_timeout"}  # may differ from the checkpoint's run
 
 
 @dataclass
@@ -71,6 +71,7 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "fp32"
     resume: str = None
+    dist_timeout: float = 300.0  # seconds a rank waits for another before it gives up (mpiexec)
 
     def resolved(self):
         """A copy with the mode-dependent defaults filled in, and sanity checks."""
@@ -160,7 +161,7 @@ class Run:
         self.cfg, self.log = cfg, log
         self.start_time = time.perf_counter()
         self.state = {"step": 0, "init_loss": None, "last_val_loss": None}
-        self.group = dist.world()
+        self.group = dist.world(cfg.dist_timeout)
         self.lead = self.group.rank == 0  # the rank that writes every file and every line
         cfg.device = _device(cfg.device)
         if self.group.size > 1 and cfg.device == "cuda":
@@ -264,7 +265,7 @@ class Run:
                 inputs, targets = self.val_source.batch(self.val_ids[starts[k]: starts[k] + B])
                 mine.append((k, float(self.model.loss(inputs, targets).data) * inputs.size, inputs.size))
         total, count = 0.0, 0
-        for _, weighted, size in sorted(self.group.gather(mine)):
+        for _, weighted, size in sorted(self.group.gather(mine, -(-len(starts) // self.group.size), 3)):
             total += weighted
             count += size
         return total / count
@@ -289,7 +290,7 @@ class Run:
                 grads.append(g)
         for p, g in zip(params, group.ordered_sum(grads)):
             p.grad = g
-        loss = sum(group.gather(losses)) / self.micro_per_step  # left to right, in micro-batch order
+        loss = sum(v for v, in group.gather([(v,) for v in losses], cfg.grad_accum, 1)) / self.micro_per_step  # in order
         if not math.isfinite(loss):
             raise TrainingAborted(f"step {step + 1}: the training loss is {loss}; stopping (lower --lr?)")
         norm = global_grad_norm(params)

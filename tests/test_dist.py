@@ -83,3 +83,46 @@ def test_bad_input_is_exit_2_from_every_rank_with_the_line_once(tmp_path):
     lines = [line for line in out.stderr.splitlines() if line.startswith("minitrain: error:")]
     assert len(lines) == 1 and "missing.bin" in lines[0], out.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def rank_pid(out, rank):
+    """The pid of the minitrain process of `rank` in the job writing to `out`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if str(out).encode() in cmdline and f"PMI_RANK={rank}".encode() in environ:
+            return int(proc.name)
+    raise AssertionError(f"no process of rank {rank} writing {out}")
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_lost_rank_stops_the_job_non_zero_within_the_timeout(fault, data, tmp_path):
+    """Rank 1 is SIGKILLed (the launcher sees it die) or SIGSTOPped (nobody hears from it again:
+    the others must give up after --dist-timeout) while the job trains."""
+    import signal
+    import time
+
+    out = tmp_path / "job"
+    job = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "minitrain", *COMMON, "--out", str(out),
+                            "--data", str(data), "--steps", "100000", "--dist-timeout", "3"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not ((out / "metrics.jsonl").exists() and '"step"' in (out / "metrics.jsonl").read_text()):
+            assert job.poll() is None, job.communicate()
+            time.sleep(0.2)
+        pid = rank_pid(out, 1)
+        os_kill = __import__("os").kill
+        os_kill(pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        start = time.monotonic()
+        _, err = job.communicate(timeout=60)
+        elapsed = time.monotonic() - start
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0, err
+    assert elapsed < 30, elapsed
+    if fault == "hung":
+        assert "waited 3 s for" in err and "died or hung" in err and "Traceback" not in err, err
