@@ -194,20 +194,6 @@ def model_and_tokenizer(init_path, arch, rope_layout, tokenizer_path):
     return model, tokenizer, find_eos(tokenizer, tokenizer_path)
 
 
-def sampling_options(command):
-    """--temperature, --top-k, --top-p, --seed: how generate and humaneval pick tokens."""
-    for option in reversed([
-        click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
-                     help="0 = greedy (always the most likely token)."),
-        click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0 = no top-k cut."),
-        click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
-                     help="Sample only from the most likely tokens whose probability reaches P (1 = no cut)."),
-        click.option("--seed", type=int, default=0, show_default=True),
-    ]):
-        command = option(command)
-    return command
-
-
 @cli.command()
 @click.option("--init", "init_path", required=True, metavar="PATH",
               help="A model: .apr or .gguf file, or Hugging Face directory.")
@@ -216,7 +202,12 @@ def sampling_options(command):
 @click.option("--prompt", "prompts", required=True, multiple=True,
               help="Text to continue; repeat it for a batch (each continued on its own).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
-@sampling_options
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
+              help="0 = greedy (always the most likely token).")
+@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0 = no top-k cut.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+              help="Sample only from the most likely tokens whose probability reaches P (1 = no cut).")
+@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--stop", "stops", multiple=True, metavar="TEXT",
               help="End a continuation at this text, which is not printed (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")

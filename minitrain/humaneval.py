@@ -20,13 +20,14 @@ parses (ast.parse): code that is at least Python, passing or not.
 """
 
 import ast
+import dataclasses
 import json
 import math
 import sys
 import time
 
 from minitrain.errors import InputError
-from minitrain.generate import Sampling, generate
+from minitrain.generate import generate
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's stop sequences
 BATCH_ROWS = 8  # prompts decoded together (problems x samples, in order)
@@ -80,8 +81,8 @@ def evaluate(model, tokenizer, eos, problems, samples, sampling, max_new_tokens,
     for b in range(0, len(rows), BATCH_ROWS):
         batch = rows[b:b + BATCH_ROWS]
         prompts = [tokenizer.encode(prompt(p), add_special_tokens=False).ids for p, _ in batch]
-        seed = Sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed + b)
-        completions, timing = generate(model, prompts, max_new_tokens, seed, eos, STOP, tokenizer.decode)
+        batch_sampling = dataclasses.replace(sampling, seed=sampling.seed + b)  # each batch its own draws
+        completions, timing = generate(model, prompts, max_new_tokens, batch_sampling, eos, STOP, tokenizer.decode)
         generating += timing.prefill_s + timing.decode_s
         new_tokens += sum(len(c.ids) for c in completions)
         for (problem, sample), c in zip(batch, completions):
