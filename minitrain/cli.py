@@ -279,13 +279,14 @@ def humaneval(init_path, arch, rope_layout, tokenizer_path, limit, samples, temp
         raise InputError(f"humaneval refuses to run model-written code here: {missing}")
     problems = he.load_problems(limit)
     model, tokenizer, eos = model_and_tokenizer(init_path, arch, rope_layout, tokenizer_path)
+    out = he.open_records(out_path) if out_path else None
     if temperature is None:
         temperature = 0.0 if samples == 1 else 0.8
     report, records = he.evaluate(model, tokenizer, eos, problems, samples, Sampling(temperature, 0, top_p, seed),
                                   max_new_tokens, Limits(cpu_s=timeout, wall_s=2 * timeout))
     report = {**report, "temperature": temperature, "top_p": top_p}
-    if out_path:
-        he.write_records(out_path, records)
+    if out:
+        he.write_records(out, records)
     if as_json:
         click.echo(json.dumps(report))
     else:

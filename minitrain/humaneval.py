@@ -25,6 +25,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 from minitrain.errors import InputError
 from minitrain.generate import generate
@@ -112,8 +113,19 @@ def summary(records, problems, samples, tokens_per_sec, wall_s):
     return report
 
 
-def write_records(path, records):
-    with open(path, "w") as f:
+def open_records(path):
+    """The --out file, created (with its directory) before any generation, so a path that cannot
+    be written fails at once, not after the run."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("w")
+    except OSError as e:
+        raise InputError(f"--out {path}: cannot write: {e.strerror}") from None
+
+
+def write_records(f, records):
+    with f:
         for r in records:
             f.write(json.dumps(r) + "\n")
 

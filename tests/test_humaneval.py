@@ -75,14 +75,14 @@ def test_humaneval_end_to_end_on_the_real_model(smollm2, tmp_path):
     fail, the report's keys and ranges hold, and the repository is as it was."""
     before = tracked_files_state()
     out = subprocess.run([sys.executable, "-m", "minitrain", "humaneval", "--init", str(smollm2), "--limit", "3",
-                          "--max-new-tokens", "128", "--out", str(tmp_path / "samples.jsonl"), "--json"],
+                          "--max-new-tokens", "128", "--out", str(tmp_path / "new" / "samples.jsonl"), "--json"],
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "ETA" in out.stderr and "humaneval: 3/3 problems" in out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["problems"] == 3 and report["samples"] == 1 and report["temperature"] == 0.0
     assert 0 <= report["pass@1"] <= 1 and 0 <= report["valid_python"] <= 1 and report["tokens_per_sec"] > 0
-    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "new" / "samples.jsonl").read_text().splitlines()]
     assert [r["task_id"] for r in records] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
     assert all(r["status"] in ("passed", "failed", "timed out") for r in records), records
     assert report["pass@1"] == numpy.mean([r["passed"] for r in records])
@@ -101,3 +101,11 @@ def test_humaneval_refuses_without_a_sandbox(monkeypatch, tmp_path, capsys):
     assert exit.value.code == 2
     assert capsys.readouterr().err == ("minitrain: error: humaneval refuses to run model-written code here: the "
                                        "kernel has no Landlock (Linux 5.13+)\n")
+
+
+def test_an_out_path_that_cannot_be_written_is_refused_before_any_generation(smollm2, tmp_path):
+    (tmp_path / "file").write_text("")
+    out = subprocess.run([sys.executable, "-m", "minitrain", "humaneval", "--init", str(smollm2), "--limit", "1",
+                          "--out", str(tmp_path / "file" / "samples.jsonl")], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith("minitrain: error: --out "), out.stderr
+    assert "humaneval:" not in out.stderr  # no problem was generated
