@@ -31,13 +31,14 @@ def _fsync(path):
         os.close(fd)
 
 
-def save(directory, model, optimizer, state):
+def save(directory, model, optimizer_state, state):
+    """optimizer_state: (scalars, arrays) of the whole optimizer (Optimizer.state())."""
     directory = Path(directory)
     tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     safetensors_io.save(tmp / "model.safetensors", {n: backend.to_numpy(t.data) for n, t in model.params.items()})
-    scalars, arrays = optimizer.state()
+    scalars, arrays = optimizer_state
     if arrays:
         safetensors_io.save(tmp / "optimizer.safetensors", {n: backend.to_numpy(a) for n, a in arrays.items()})
     (tmp / "state.json").write_text(json.dumps({"format": FORMAT, **state, "optimizer": scalars}, indent=1) + "\n")

@@ -149,6 +149,8 @@ def evaluate(init_path, arch, rope_layout, data_path, seq_len, batch_size, batch
 @click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Under mpiexec: how long a rank waits for another (dead or hung?) before all stop "
                    "(default 300).")
+@click.option("--zero", type=click.IntRange(0, 1), metavar="0|1",
+              help="1: shard AdamW's moments across the mpiexec ranks (ZeRO-1; the same bits; default 0).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
 @click.pass_context
 def pretrain(ctx, as_json, **options):

@@ -18,12 +18,19 @@ The losses of the micro-batches travel the same way (gathered, then summed in or
 rank reports the same mean loss, computes the same norm, clips and updates alike: the weights
 stay identical on every rank without ever being sent.
 
+Under ZeRO-1 (`--zero 1`, minitrain/zero.py) the last rank scatters G, each piece to the rank
+that owns it, instead of broadcasting it whole, and each owner broadcasts its updated piece of the
+parameters (`share`); a checkpoint's optimizer state is collected on rank 0 (`collect`).
+A `layout` is, per rank, the (parameter index, start, stop) pieces of the flattened parameters
+that rank owns.
+
 Without mpiexec (no MPI environment variables) it is one process and mpi4py is not imported.
 """
 
 import os
 import time
 
+from minitrain import backend
 from minitrain.errors import InputError
 
 LAUNCH_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")  # MPICH (Hydra), Open MPI
@@ -32,8 +39,8 @@ RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
 
 def sum_in_order(grads):
     """grads: micro-batch gradients (a list, in order, of lists of arrays, one per parameter),
-    summed left to right into the first list, in place."""
-    total = grads[0]
+    summed left to right into the first list's arrays (in place where they are contiguous)."""
+    total = [backend.xp.ascontiguousarray(t) for t in grads[0]]  # C order: pieces are slices of reshape(-1)
     for g in grads[1:]:
         for t, x in zip(total, g):
             t += x
@@ -49,9 +56,21 @@ class Single:
 
     rank, size = 0, 1
 
-    def ordered_sum(self, grads):
-        """grads: this rank's micro-batch gradients, in order. -> the step's gradient G."""
+    def ordered_sum(self, grads, layout=None):
+        """grads: this rank's micro-batch gradients, in order. -> the step's gradient G: all of it,
+        or with a layout, correct in this rank's pieces (the rest of the arrays are partial sums)."""
         return sum_in_order(grads)
+
+    def share(self, arrays, layout):
+        """Each piece of `arrays` from the rank that owns it to every rank, in place."""
+
+    def collect(self, mine, layout, like):
+        """This rank's per-piece arrays (`mine`, in the order of layout[rank]) -> on rank 0, whole
+        arrays shaped like the arrays `like`, each piece from its owner; None on the other ranks."""
+        whole = [backend.xp.empty_like(x) for x in like]
+        for m, (i, a, b) in zip(mine, layout[0]):
+            whole[i].reshape(-1)[a:b] = m
+        return whole
 
     def gather(self, rows, per_rank, width):
         """This rank's rows (tuples of `width` floats, at most per_rank of them; a rank may have
@@ -67,7 +86,7 @@ class MPIGroup(Single):
     def __init__(self, comm, timeout):
         self.comm, self.rank, self.size, self.timeout = comm, comm.Get_rank(), comm.Get_size(), timeout
 
-    def ordered_sum(self, grads):
+    def ordered_sum(self, grads, layout=None):
         if self.rank == 0:
             total = sum_in_order(grads)
         else:
@@ -78,9 +97,35 @@ class MPIGroup(Single):
         if self.rank < self.size - 1:
             self._wait([self.comm.Isend(t, dest=self.rank + 1, tag=i) for i, t in enumerate(total)],
                        f"rank {self.rank + 1} to take the running gradient sum")
-        self._wait([self.comm.Ibcast(t, root=self.size - 1) for t in total],  # the last rank's G to all
-                   f"the step's gradient from rank {self.size - 1}")
+        last = self.size - 1
+        if layout is None:
+            self._wait([self.comm.Ibcast(t, root=last) for t in total],  # the last rank's G to all
+                       f"the step's gradient from rank {last}")
+        elif self.rank == last:  # its pieces to the owners
+            self._wait([self.comm.Isend(total[i].reshape(-1)[a:b], dest=q, tag=k)
+                        for q, k, (i, a, b) in _numbered(layout) if q != last],
+                       "every rank to take its shard of the step's gradient")
+        else:
+            self._wait([self.comm.Irecv(total[i].reshape(-1)[a:b], source=last, tag=k)
+                        for q, k, (i, a, b) in _numbered(layout) if q == self.rank],
+                       f"this rank's shard of the step's gradient from rank {last}")
         return total
+
+    def share(self, arrays, layout):
+        self._wait([self.comm.Ibcast(arrays[i].reshape(-1)[a:b], root=q) for q, _, (i, a, b) in _numbered(layout)],
+                   "every rank's shard of the updated parameters")
+
+    def collect(self, mine, layout, like):
+        own = [k for q, k, _ in _numbered(layout) if q == self.rank]
+        if self.rank != 0:
+            self._wait([self.comm.Isend(m, dest=0, tag=k) for m, k in zip(mine, own)],
+                       "rank 0 to take this rank's shard of the optimizer state")
+            return None
+        whole = Single.collect(self, mine, layout, like)
+        self._wait([self.comm.Irecv(whole[i].reshape(-1)[a:b], source=q, tag=k)
+                    for q, k, (i, a, b) in _numbered(layout) if q != 0],
+                   "every rank's shard of the optimizer state")
+        return whole
 
     def gather(self, rows, per_rank, width):
         import numpy
@@ -103,8 +148,19 @@ class MPIGroup(Single):
             time.sleep(0.001)
 
 
+def _numbered(layout):
+    """(owner, piece number, piece) for every piece of a layout: the number is the message tag."""
+    owned = [(q, piece) for q, pieces in enumerate(layout) for piece in pieces]
+    return [(q, k, piece) for k, (q, piece) in enumerate(owned)]
+
+
+def launch_size():
+    """How many ranks the launcher started (1 without mpiexec), known before MPI starts."""
+    return max([int(os.environ[v]) for v in LAUNCH_VARIABLES if v in os.environ] or [1])
+
+
 def launched_by_mpi():
-    return any(int(os.environ.get(v, "1")) > 1 for v in LAUNCH_VARIABLES)
+    return launch_size() > 1
 
 
 def launch_rank():

@@ -44,31 +44,37 @@ def _slices(n):
     return [slice(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
 
 
-def global_grad_norm(params):
-    """sqrt(sum over every parameter of sum(g^2)), accumulated in float64: the true global L2 norm.
-    Slice by slice, the exact float64 squares go to an aligned scratch and NumPy sums that (no
-    casting buffer of varying alignment); the slices' sums are added exactly (math.fsum, one
-    rounding at the end), so the total does not depend on the order of the parameters either.
-    The norm (and the clipping factor) has the same bits in every run, a resumed one included."""
+def sums_of_squares(arrays):
+    """sum(g^2) of every CHUNK-element slice of every 1-D array (in order), each accumulated in
+    float64: the exact float64 squares go to an aligned scratch and NumPy sums that (no casting
+    buffer of varying alignment), so a slice's sum depends on its elements alone, not on which
+    array or which rank holds it (ZeRO-1's shards start on CHUNK boundaries: minitrain/zero.py)."""
     xp = backend.xp
     scratch = [backend.aligned_empty(CHUNK, xp.float64) for _ in range(WORKERS)]
-    tasks = [(g, sl) for p in params if p.grad is not None for g in [p.grad.reshape(-1)] for sl in _slices(g.size)]
+    tasks = [(g, sl) for g in arrays for sl in _slices(g.size)]
 
     def sum_of_squares(w, task):
         g, sl = task
         return float(xp.multiply(g[sl], g[sl], out=scratch[w][: sl.stop - sl.start], dtype=xp.float64).sum())
 
-    return math.sqrt(math.fsum(_run_slices(tasks, sum_of_squares)))
+    return _run_slices(tasks, sum_of_squares)
 
 
-def clip_grads(params, norm, max_norm):
-    """Scale every gradient by max_norm / norm when the global norm exceeds max_norm (the
-    direction of the update is kept; its length is capped)."""
+def global_grad_norm(params):
+    """sqrt(sum over every parameter of sum(g^2)): the true global L2 norm. The slices' float64
+    sums are added exactly (math.fsum, one rounding at the end), so the total depends neither on
+    the order of the parameters nor on how they are split. The norm (and the clipping factor) has
+    the same bits in every run, a resumed or a sharded one included."""
+    return math.sqrt(math.fsum(sums_of_squares([p.grad.reshape(-1) for p in params if p.grad is not None])))
+
+
+def clip_grads(grads, norm, max_norm):
+    """Scale every gradient array (in place) by max_norm / norm when the global norm exceeds
+    max_norm (the direction of the update is kept; its length is capped)."""
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
-        for p in params:
-            if p.grad is not None:
-                p.grad *= p.grad.dtype.type(scale)
+        for g in grads:
+            g *= g.dtype.type(scale)
 
 
 class SGD:
@@ -82,11 +88,14 @@ class SGD:
             if p.grad is not None:
                 p.data -= p.data.dtype.type(self.lr) * p.grad
 
-    def state(self):
+    def state(self, assemble=None):
         return {}, {}
 
     def load_state(self, scalars, arrays):
         pass
+
+    def state_bytes(self):
+        return 0
 
 
 class AdamW:
@@ -97,15 +106,20 @@ class AdamW:
         p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
     By default 1-D tensors (norm weights, biases) get no weight decay (`decay_1d=True` changes it).
+    Every line is elementwise, so any subset of the elements can be updated on its own with the
+    same bits: `pieces`, (parameter index, start, stop) ranges of the flattened parameters, are
+    the elements this optimizer updates and keeps m and v for (flat, one pair per piece); by
+    default every parameter whole, and under ZeRO-1 this rank's shard (minitrain/zero.py).
     """
 
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay_1d=False):
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay_1d=False, pieces=None):
         self.params = list(params)
         self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
         self.weight_decay, self.decay_1d = weight_decay, decay_1d
         self.t = 0
-        self.m = [backend.xp.zeros_like(p.data) for p in self.params]
-        self.v = [backend.xp.zeros_like(p.data) for p in self.params]
+        self.pieces = [(i, 0, p.data.size) for i, p in enumerate(self.params)] if pieces is None else pieces
+        self.m = [backend.xp.zeros(b - a, self.params[i].data.dtype) for i, a, b in self.pieces]
+        self.v = [backend.xp.zeros(b - a, self.params[i].data.dtype) for i, a, b in self.pieces]
 
     def step(self):
         self.t += 1
@@ -113,19 +127,18 @@ class AdamW:
         step_size = lr / (1 - b1 ** self.t)
         bc2_sqrt = math.sqrt(1 - b2 ** self.t)
         tasks = []
-        for p, m, v in zip(self.params, self.m, self.v):
-            g = p.grad
+        for (i, a, b), m, v in zip(self.pieces, self.m, self.v):
+            p, g = self.params[i].data, self.params[i].grad
             if g is None:
                 continue
-            decays = self.weight_decay and (p.data.ndim >= 2 or self.decay_1d)
-            if launch := backend.kernels(p.data, g):  # kernels/adamw.cu: the same arithmetic, one pass
-                fused.adamw_step(launch, p.data.reshape(-1), backend.xp.ascontiguousarray(g).reshape(-1),
-                                 m.reshape(-1), v.reshape(-1), lr=lr, b1=b1, b2=b2, eps=self.eps,
+            decays = self.weight_decay and (p.ndim >= 2 or self.decay_1d)
+            ps, gs = p.reshape(-1)[a:b], backend.xp.ascontiguousarray(g).reshape(-1)[a:b]  # p is contiguous: a view
+            if launch := backend.kernels(p, g):  # kernels/adamw.cu: the same arithmetic, one pass
+                fused.adamw_step(launch, ps, gs, m, v, lr=lr, b1=b1, b2=b2, eps=self.eps,
                                  wd=self.weight_decay if decays else 0.0, step_size=step_size, bc2_sqrt=bc2_sqrt)
                 continue
-            flat = (p.data.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1))
             decay = 1 - lr * self.weight_decay if decays else None
-            tasks += [(flat, sl, decay) for sl in _slices(p.data.size)]
+            tasks += [((ps, gs, m, v), sl, decay) for sl in _slices(b - a)]
         if tasks:
             dt = tasks[0][0][0].dtype
             scratch = [(backend.aligned_empty(CHUNK, dt), backend.aligned_empty(CHUNK, dt)) for _ in range(WORKERS)]
@@ -150,15 +163,28 @@ class AdamW:
         xp.multiply(ms, step_size, out=s2)
         ps -= xp.divide(s2, s1, out=s2)
 
-    def state(self):
-        """(scalars, arrays): the step count, and both moments of every parameter by name."""
+    def state(self, assemble=None):
+        """(scalars, arrays): the step count, and both moments of every parameter by name, shaped
+        like it. `assemble` (ZeRO-1: zero.Shards.assemble) turns the per-piece moments into whole
+        ones, on the lead rank only (elsewhere: no arrays); without it the pieces are whole."""
+        whole = assemble or (lambda flat: [f.reshape(self.params[i].data.shape)
+                                           for (i, a, b), f in zip(self.pieces, flat)])
+        m, v = whole(self.m), whole(self.v)
+        if m is None:
+            return {"t": self.t}, {}
         arrays = {}
-        for p, m, v in zip(self.params, self.m, self.v):
-            arrays[f"m.{p.name}"], arrays[f"v.{p.name}"] = m, v
+        for p, pm, pv in zip(self.params, m, v):
+            arrays[f"m.{p.name}"], arrays[f"v.{p.name}"] = pm, pv
         return {"t": self.t}, arrays
 
     def load_state(self, scalars, arrays):
+        """The whole moments (any sharding saved them) -> this optimizer's pieces of them."""
         self.t = int(scalars["t"])
-        for i, p in enumerate(self.params):
-            self.m[i] = backend.xp.array(arrays[f"m.{p.name}"], dtype=p.data.dtype)  # a writable copy
-            self.v[i] = backend.xp.array(arrays[f"v.{p.name}"], dtype=p.data.dtype)
+        for k, (i, a, b) in enumerate(self.pieces):
+            p = self.params[i]
+            self.m[k] = backend.xp.array(arrays[f"m.{p.name}"].reshape(-1)[a:b], dtype=p.data.dtype)  # a writable copy
+            self.v[k] = backend.xp.array(arrays[f"v.{p.name}"].reshape(-1)[a:b], dtype=p.data.dtype)
+
+    def state_bytes(self):
+        """Bytes of optimizer state this process holds (m and v)."""
+        return sum(m.nbytes + v.nbytes for m, v in zip(self.m, self.v))

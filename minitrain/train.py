@@ -15,12 +15,13 @@ the previous one, raises TrainingAborted (exit 3) before the bad value is logged
 
 import json
 import math
+import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from minitrain import backend, checkpoint, dist
+from minitrain import backend, checkpoint, dist, zero
 from minitrain.autograd import no_grad
 from minitrain.config import PRESETS, ModelConfig, preset
 from minitrain.convert import apr_tensors, checked_tokenizer
@@ -34,7 +35,7 @@ from minitrain.optim import SGD, AdamW, clip_grads, global_grad_norm
 from minitrain.schedule import learning_rate
 
 MODE_DEFAULTS = {"finetune": {"lr": 5e-5, "warmup_steps": 100}, "from-scratch": {"lr": 3e-4, "warmup_steps": 1000}}
-RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "resume", "dist_timeout"}  # may differ from the checkpoint's run
+RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "resume", "dist_timeout", "zero"}  # may differ from the checkpoint's run
 
 
 @dataclass
@@ -72,6 +73,7 @@ class TrainConfig:
     dtype: str = "fp32"
     resume: str = None
     dist_timeout: float = 300.0  # seconds a rank waits for another before it gives up (mpiexec)
+    zero: int = 0  # 1: AdamW's moments sharded across the ranks (ZeRO-1, minitrain/zero.py)
 
     def resolved(self):
         """A copy with the mode-dependent defaults filled in, and sanity checks."""
@@ -92,6 +94,10 @@ class TrainConfig:
             raise InputError(f"--optimizer {c.optimizer!r}: expected adamw or sgd")
         if c.schedule not in ("cosine", "constant"):
             raise InputError(f"--schedule {c.schedule!r}: expected cosine or constant")
+        if c.zero not in (0, 1):
+            raise InputError(f"--zero {c.zero}: expected 0 (off) or 1 (shard AdamW's moments)")
+        if c.zero and c.optimizer == "sgd":
+            raise InputError("--zero 1 shards AdamW's moments; --optimizer sgd keeps none (drop --zero)")
         if c.dtype not in backend.PRECISIONS:
             raise InputError(f"--dtype {c.dtype!r}: expected one of {', '.join(backend.PRECISIONS)}")
         return c
@@ -132,9 +138,11 @@ def build_model(cfg):
 def configure(options):
     """(TrainConfig, resumed) from the options given on the command line (name -> value).
 
-    With `resume`, the configuration is the checkpoint's; only steps, out and the eval/save
-    cadence may be given anew (out defaults to the checkpoint's parent directory), and any other
-    option given with a different value is an error: the run would not continue exactly.
+    With `resume`, the configuration is the checkpoint's; only steps, out, the eval/save cadence,
+    --dist-timeout and --zero may be given anew (out defaults to the checkpoint's parent
+    directory), and any other option given with a different value is an error: the run would not
+    continue exactly. The number of ranks may change if the micro-batches per step do not: N ranks
+    x grad-accum A must equal the checkpoint's (A follows from N when not given).
     `resumed` is (state, model arrays, optimizer arrays) from the checkpoint, else None.
     """
     if not options.get("resume"):
@@ -145,9 +153,17 @@ def configure(options):
     resumed = checkpoint.load(options["resume"])
     saved = TrainConfig(**resumed[0]["config"])
     diffs = [f"--{k.replace('_', '-')} {v} (checkpoint: {getattr(saved, k)})" for k, v in options.items()
-             if k not in RESUMABLE_CHANGES and v != getattr(saved, k)]
+             if k not in RESUMABLE_CHANGES | {"grad_accum"} and v != getattr(saved, k)]
     if diffs:
         raise InputError(f"--resume {options['resume']}: options differ from the checkpoint's run: {'; '.join(diffs)}")
+    ranks, was = dist.launch_size(), resumed[0].get("ranks", 1)
+    micro = was * saved.grad_accum  # micro-batches per step: what makes the steps the same
+    accum = options.get("grad_accum", max(1, micro // ranks))
+    if ranks * accum != micro:
+        raise InputError(f"--resume {options['resume']}: the run took {micro} micro-batches per step ({was} rank(s) x "
+                         f"--grad-accum {saved.grad_accum}); {ranks} rank(s) x --grad-accum {accum} would take "
+                         f"{ranks * accum}. Resume with mpiexec -n N and --grad-accum A where N x A = {micro}")
+    saved.grad_accum = accum
     saved.out = str(Path(options["resume"]).parent)
     for k in RESUMABLE_CHANGES & options.keys():
         setattr(saved, k, options[k])
@@ -186,14 +202,13 @@ class Run:
         self.tokenizer = checked_tokenizer(cfg.tokenizer, mc) if cfg.tokenizer else None
         self._data(cfg, mc.vocab_size)
         params = self.model.parameters()
+        self.shards = zero.Shards(self.group, params) if cfg.zero else None
         if cfg.optimizer == "sgd":
             self.optimizer = SGD(params, cfg.lr)
         else:
-            self.optimizer = AdamW(params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay, cfg.decay_1d)
+            self.optimizer = AdamW(params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay, cfg.decay_1d,
+                                   pieces=self.shards and self.shards.mine)
         if resumed:
-            if state.get("ranks", 1) != self.group.size:
-                raise InputError(f"--resume {cfg.resume}: the run had {state.get('ranks', 1)} rank(s), this one has "
-                                 f"{self.group.size}; resume with the same mpiexec -n")
             self.optimizer.load_state(state["optimizer"], opt_arrays)
             self.state = {k: state[k] for k in self.state}
         self.out = Path(cfg.out)
@@ -288,19 +303,21 @@ class Run:
                 grads = [dist.sum_in_order([grads[0], g])]
             else:
                 grads.append(g)
-        for p, g in zip(params, group.ordered_sum(grads)):
-            p.grad = g
+        for p, g in zip(params, group.ordered_sum(grads, self.shards and self.shards.layout)):
+            p.grad = g  # under ZeRO-1: right in this rank's shard only
         loss = sum(v for v, in group.gather([(v,) for v in losses], cfg.grad_accum, 1)) / self.micro_per_step  # in order
         if not math.isfinite(loss):
             raise TrainingAborted(f"step {step + 1}: the training loss is {loss}; stopping (lower --lr?)")
-        norm = global_grad_norm(params)
+        norm = self.shards.grad_norm() if self.shards else global_grad_norm(params)
         if not math.isfinite(norm):
             raise TrainingAborted(f"step {step + 1}: the gradient norm is {norm}; stopping (lower --lr?)")
-        clip_grads(params, norm, cfg.grad_clip)
+        clip_grads(self.shards.grads() if self.shards else [p.grad for p in params], norm, cfg.grad_clip)
         lr = learning_rate(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                            total_steps=cfg.steps, schedule=cfg.schedule)
         self.optimizer.lr = lr
         self.optimizer.step()
+        if self.shards:
+            self.shards.share()
         return loss, norm, lr
 
     def _eval_and_gate(self, step):
@@ -352,15 +369,25 @@ class Run:
         return self.finish(train_time, last_loss, cfg.steps - first_step)
 
     def save_checkpoint(self):
+        optimizer_state = self.optimizer.state(self.shards and self.shards.assemble)  # ZeRO-1: from every rank
         if not self.lead:
             return
         step = self.state["step"]
-        checkpoint.save(self.out / f"step-{step}", self.model, self.optimizer,
+        checkpoint.save(self.out / f"step-{step}", self.model, optimizer_state,
                         {**self.state, "next_sample": step * self.micro_per_step * self.cfg.batch_size,
                          "ranks": self.group.size,
                          "data_order": {"order": self.cfg.data_order, "seed": self.cfg.seed,
                                         "rng": "numpy.random.default_rng([seed, epoch]).permutation per epoch"},
                          "config": asdict(self.cfg), "model_config": self.model.config.as_dict()})
+
+    def _memory(self):
+        """Measured on every rank: the optimizer state it holds and its peak RSS (bytes)."""
+        rows = self.group.gather([(self.optimizer.state_bytes(), _peak_rss())], 1, 2)
+        memory = [{"rank": r, "optimizer_state_bytes": int(o), "peak_rss_bytes": int(m)} for r, (o, m) in enumerate(rows)]
+        if self.group.size > 1 or self.shards:
+            state, rss = (", ".join(f"{m[key] / 1e6:.1f}" for m in memory) for key in ("optimizer_state_bytes", "peak_rss_bytes"))
+            self._say(f"memory per rank{' (ZeRO-1)' if self.shards else ''}: optimizer state {state} MB | peak RSS {rss} MB")
+        return memory
 
     def finish(self, train_time, last_loss, steps_run):
         model, mc = self.model, self.model.config
@@ -373,10 +400,16 @@ class Run:
                   "tokens": self.cfg.steps * self.tokens_per_step, "init_loss": self.state["init_loss"],
                   "final_train_loss": last_loss, "final_val_loss": self.state["last_val_loss"],
                   "tokens_per_sec": steps_run * self.tokens_per_step / train_time if train_time else None,
-                  "wall_s": time.perf_counter() - self.start_time, "out": str(self.out)}
+                  "wall_s": time.perf_counter() - self.start_time, "out": str(self.out),
+                  "memory_per_rank": self._memory()}
         self._say(f"done: {report['steps']} steps, init_loss {report['init_loss']:.4f} -> final train loss "
                   f"{_fmt(last_loss)}, val loss {_fmt(report['final_val_loss'])}; wrote {self.out / 'final.apr'}")
         return report
+
+
+def _peak_rss():
+    """This process's peak resident memory in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _fmt(x):

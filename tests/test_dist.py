@@ -1,7 +1,8 @@
 """Data parallel over MPI (minitrain/dist.py), launched for real: `mpiexec -n N minitrain
 pretrain` (MPICH from PyPI, the `dist` extra; oversubscribed on a 2-core machine) against one
 process with grad-accum N times larger on the same windows. Bit for bit: the same final.apr
-bytes and the same metrics (losses, gradient norms, validation losses)."""
+bytes and the same metrics (losses, gradient norms, validation losses); under ZeRO-1 too, whose
+checkpoints hold the whole optimizer state and resume on another number of ranks."""
 
 import json
 import shutil
@@ -61,20 +62,77 @@ def test_n_ranks_equal_one_process_with_n_times_the_accumulation(ranks, accum, d
     assert json.loads((tmp_path / "dp" / "run.json").read_text())["ranks"] == ranks
 
 
-def test_resume_continues_exactly_with_the_same_ranks_and_refuses_another_count(data, tmp_path):
+def resume(ranks, checkpoint, *args):
+    launch = [MPIEXEC, "-n", str(ranks)] if ranks > 1 else []
+    return subprocess.run([*launch, sys.executable, "-m", "minitrain", "pretrain", "--resume", str(checkpoint),
+                           "--steps", "4", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_resume_continues_exactly_with_the_same_ranks(data, tmp_path):
     # a constant lr: the cut run's 2 steps and the whole run's 4 follow the same schedule
     whole = pretrain(2, tmp_path / "whole", "--data", data, "--steps", "4", "--schedule", "constant")
     assert whole.returncode == 0, whole.stderr
     first = pretrain(2, tmp_path / "cut", "--data", data, "--steps", "2", "--save-every", "2", "--schedule", "constant")
     assert first.returncode == 0, first.stderr
-    resumed = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "minitrain", "pretrain", "--resume",
-                              str(tmp_path / "cut" / "step-2"), "--steps", "4"], capture_output=True, text=True,
-                             timeout=600)
+    resumed = resume(2, tmp_path / "cut" / "step-2")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(tmp_path / "whole", tmp_path / "cut")
-    other = subprocess.run([sys.executable, "-m", "minitrain", "pretrain", "--resume",
-                            str(tmp_path / "cut" / "step-2"), "--steps", "4"], capture_output=True, text=True)
-    assert other.returncode == 2 and "the run had 2 rank(s), this one has 1" in other.stderr
+
+
+# --- ZeRO-1 -----------------------------------------------------------------------------------
+# 4 micro-batches per step, 4 steps at a constant lr, a checkpoint at step 2: one process with
+# grad-accum 4 is the run that every sharded, split and resumed run below must reproduce.
+ZERO_RUN = ["--steps", "4", "--schedule", "constant", "--save-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def one_process(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero") / "one"
+    run = pretrain(1, out, "--data", data, *ZERO_RUN, "--grad-accum", "4")
+    assert run.returncode == 0, run.stderr
+    return out, json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def assert_same_checkpoint(a, b):
+    """The whole optimizer state, not a shard: the same bytes as one process's."""
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("ranks, accum", [(4, 1), (2, 2)])
+def test_zero1_gives_the_bits_of_one_process_with_a_shard_of_the_optimizer_per_rank(ranks, accum, data, tmp_path,
+                                                                                      one_process):
+    one, single = one_process
+    dp = pretrain(ranks, tmp_path / "zero", "--data", data, *ZERO_RUN, "--grad-accum", str(accum), "--zero", "1")
+    assert dp.returncode == 0, dp.stderr
+    assert_same_run(one, tmp_path / "zero")
+    assert_same_checkpoint(one / "step-2", tmp_path / "zero" / "step-2")
+    # measured: every rank holds m and v (8 bytes per fp32 parameter) for its shard alone
+    state = [m["optimizer_state_bytes"] for m in json.loads(dp.stdout.strip().splitlines()[-1])["memory_per_rank"]]
+    assert [m["optimizer_state_bytes"] for m in single["memory_per_rank"]] == [8 * single["params"]]
+    assert len(state) == ranks and sum(state) == 8 * single["params"]
+    assert all(abs(s - 8 * single["params"] / ranks) < 8 * (1 << 16) for s in state)  # within one CHUNK
+    assert "memory per rank (ZeRO-1): optimizer state" in dp.stderr
+
+
+def test_a_zero1_run_resumes_exactly_on_another_number_of_ranks(data, tmp_path, one_process):
+    one, _ = one_process
+    cut = tmp_path / "cut"
+    first = pretrain(2, cut, "--data", data, *ZERO_RUN[:-2], "--steps", "2", "--save-every", "2", "--grad-accum", "2",
+                     "--zero", "1")
+    assert first.returncode == 0, first.stderr
+    assert_same_checkpoint(one / "step-2", cut / "step-2")
+    on_four = resume(4, cut / "step-2", "--zero", "1")  # grad-accum follows: 4 ranks x 1
+    assert on_four.returncode == 0, on_four.stderr
+    assert_same_run(one, cut)
+    alone = resume(1, cut / "step-2", "--zero", "0", "--out", str(tmp_path / "alone"))  # 1 process x 4, unsharded
+    assert alone.returncode == 0, alone.stderr
+    assert (one / "final.apr").read_bytes() == (tmp_path / "alone" / "final.apr").read_bytes()
+    for ranks, args in ((3, ()), (1, ("--grad-accum", "2"))):  # 3 x 1 or 1 x 2 micro-batches: another step
+        refused = resume(ranks, cut / "step-2", *args)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.count("minitrain: error:") == 1
+        assert "the run took 4 micro-batches per step (2 rank(s) x --grad-accum 2)" in refused.stderr
 
 
 def test_bad_input_is_exit_2_from_every_rank_with_the_line_once(tmp_path):

@@ -245,7 +245,7 @@ def run_adamw(run, copy):
                              step_size=LR / (1 - b1 ** t), bc2_sqrt=math.sqrt(1 - b2 ** t),
                              p_bf16=w16 if copy else None)
         opt.step()
-    return ours, [[p.data, m, v] for p, m, v in zip(params, opt.m, opt.v)]
+    return ours, [[p.data, m.reshape(p.shape), v.reshape(p.shape)] for p, m, v in zip(params, opt.m, opt.v)]  # flat moments
 
 
 @pytest.mark.parametrize("reverse", SCHEDULES)
