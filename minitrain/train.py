@@ -177,11 +177,9 @@ class Run:
         self.cfg, self.log = cfg, log
         self.start_time = time.perf_counter()
         self.state = {"step": 0, "init_loss": None, "last_val_loss": None}
-        self.group = dist.world(cfg.dist_timeout)
-        self.lead = self.group.rank == 0  # the rank that writes every file and every line
         cfg.device = _device(cfg.device)
-        if self.group.size > 1 and cfg.device == "cuda":
-            raise InputError("data parallel runs on CPU ranks so far; --device cuda takes one process")
+        self.group = dist.world(cfg.dist_timeout, cfg.device)
+        self.lead = self.group.rank == 0  # the rank that writes every file and every line
         if cfg.dtype == "bf16" and cfg.device != "cuda":
             raise InputError(f"--dtype bf16 on {cfg.device}: bf16 mixed precision runs on the CUDA kernels; "
                              "use --device cuda, or --dtype fp32 on the CPU")

@@ -184,3 +184,22 @@ def test_a_lost_rank_stops_the_job_non_zero_within_the_timeout(fault, data, tmp_
     assert elapsed < 30, elapsed
     if fault == "hung":
         assert "waited 3 s for" in err and "died or hung" in err and "Traceback" not in err, err
+
+
+# --- NCCL (--device cuda), through its CPU stand-in ------------------------------------------------
+STANDIN = Path(__file__).with_name("nccl_standin.py")
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_the_nccl_group_moves_the_bytes_the_mpi_group_moves(ranks):
+    run = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, str(STANDIN), "same-bits"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("NCCLGroup == MPIGroup") == ranks
+
+
+def test_a_silent_rank_makes_the_nccl_group_abort_nccl_and_give_up():
+    run = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(STANDIN), "hang"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "rank 0: RankLost after 1." in run.stdout and "aborted=True" in run.stdout, run.stdout
