@@ -43,3 +43,14 @@ def test_bench_generate_compares_both_frameworks(smollm2):
               "--repeats", "1", "--rounds", "1")
     assert re.search(r"smollm2-135m\s+minitrain\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, re.M), out
     assert re.search(r"smollm2-135m\s+transformers\s+[\d.]+\s+[\d.]+\s+\(torch threads", out), out
+
+
+@pytest.mark.slow
+def test_bench_zero_measures_the_shards_and_checks_the_bytes():
+    pytest.importorskip("mpi4py")
+    out = run("bench_zero.py", "--arch", "tiny-llama", "--ranks", "1", "2", "--steps", "1")
+    rows = {(r[0], r[1]): float(r[2].replace(",", "")) for r in
+            ([c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if re.match(r"\| \d x \d", line))}
+    assert len(rows) == 4 and "DIFFERENT" not in out, out
+    assert rows["1 x 4", "0"] == rows["1 x 4", "1"] == rows["2 x 2", "0"], out  # every rank holds all of m and v
+    assert abs(rows["2 x 2", "1"] - rows["2 x 2", "0"] / 2) < 1.0, out  # half, within a 0.5 MB slice
