@@ -29,10 +29,12 @@ from minitrain.ops.basic import Add, Mean, Mul, Reshape, Sum, Transpose
 from minitrain.ops.cross_entropy import CrossEntropy, LinearCrossEntropy
 from minitrain.ops.embedding import Embedding
 from minitrain.ops.linear import Linear
+from minitrain.ops.lora import LoRALinear
 from minitrain.ops.rmsnorm import RMSNorm
 from minitrain.ops.rope import RoPE
 
 EPS, ATOL, RTOL = 1e-3, 1e-5, 1e-4
+FROZEN_W = numpy.random.default_rng(7).standard_normal((5, 6))  # a constant, not an input: no dW
 ELEMENTWISE_MAX = 3000  # differentiable elements up to which the element-by-element check runs
 
 
@@ -180,6 +182,14 @@ def cases():
         C("linear", ops.linear, lambda r: {"x": _normal(r, 7, 5), "W": _normal(r, 3, 5)}, (Linear,), "no bias"),
         C("linear", ops.linear, lambda r: {"x": _normal(r, 1, 1, 4), "W": _normal(r, 6, 4), "b": _normal(r, 6)},
           (Linear,), "T=1"),
+        # LoRA: W + s B A with W and b differentiated too, a frozen W (no dW), dropout's mask
+        C("lora_linear", lambda x, W, b, A, B: ops.lora_linear(x, W, b, A, B, scale=2.0),
+          lambda r: {"x": _normal(r, 2, 3, 5), "W": _normal(r, 4, 5), "b": _normal(r, 4), "A": _normal(r, 2, 5),
+                     "B": _normal(r, 4, 2)}, (LoRALinear,), "rank 2, alpha/R = 2"),
+        C("lora_linear", lambda x, A, B, keep: ops.lora_linear(x, backend.xp.asarray(FROZEN_W), None, A, B, scale=0.5,
+                                                               keep=keep, p=0.25),
+          lambda r: {"x": _normal(r, 7, 6), "A": _normal(r, 3, 6), "B": _normal(r, 5, 3),
+                     "keep": (r.random((7, 6)) > 0.25).astype(numpy.int8)}, (LoRALinear,), "frozen W, dropout 0.25"),
         # embedding: repeated ids must accumulate
         C("embedding", ops.embedding,
           lambda r: {"W": _normal(r, 10, 4), "ids": numpy.array([[1, 3, 3, 0, 9], [3, 1, 1, 1, 7]])},

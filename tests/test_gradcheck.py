@@ -100,3 +100,37 @@ def test_gradcheck_reports_every_op_of_the_issue():
     needed = {"linear", "embedding", "rmsnorm", "rope", "attention", "silu", "swiglu", "cross_entropy",
               "add", "mul", "sum", "mean", "reshape", "transpose"}
     assert needed <= set(G.op_names())
+
+
+def test_realistic_bug_lora_dA_without_the_dropout_mask(monkeypatch):
+    """dA formed from x instead of the dropped-out x_d: right without dropout, wrong with it."""
+    from minitrain.ops.lora import LoRALinear
+
+    original = LoRALinear.forward
+
+    def undropped(self, x, W, b, A, B, *, scale, keep=None, p=0.0):
+        y = original(self, x, W, b, A, B, scale=scale, keep=keep, p=p)
+        saved = list(self.saved)
+        saved[1] = x.reshape(-1, x.shape[-1])  # x_d := x
+        self.saved = tuple(saved)
+        return y
+
+    monkeypatch.setattr(LoRALinear, "forward", undropped)
+    no_dropout, dropout = _cases("lora_linear")
+    assert G.check(no_dropout).passed and not G.check(dropout).passed
+
+
+def test_a_frozen_weight_gets_no_gradient_and_a_zero_B_is_the_base_layer_exactly():
+    from minitrain import ops
+    from minitrain.autograd import Tensor
+
+    rng = np.random.default_rng(0)
+    x, W, b = (Tensor(rng.standard_normal(s), requires_grad=True) for s in ((3, 4), (5, 4), (5,)))
+    A, B = Tensor(rng.standard_normal((2, 4)), requires_grad=True), Tensor(np.zeros((5, 2)), requires_grad=True)
+    W.requires_grad = b.requires_grad = False
+    y = ops.lora_linear(x, W, b, A, B, scale=8.0)
+    assert y.data.tobytes() == ops.linear(x, W, b).data.tobytes()  # B = 0 at step 0: the base model
+    assert y.ctx.saved[0] is None  # dW's input is not even kept
+    ops.sum(y).backward()
+    assert W.grad is None and b.grad is None and A.grad is not None and B.grad is not None
+    np.testing.assert_array_equal(A.grad, 0)  # dA = s (G B)ᵀ X_d, and B = 0
