@@ -32,9 +32,13 @@ def data(tmp_path_factory):
     return path
 
 
+def launch(ranks):
+    """The command prefix that starts `ranks` processes (none for one)."""
+    return [MPIEXEC, "-n", str(ranks)] if ranks > 1 else []
+
+
 def pretrain(ranks, out, *args):
-    launch = [MPIEXEC, "-n", str(ranks)] if ranks > 1 else []
-    return subprocess.run([*launch, sys.executable, "-m", "minitrain", *COMMON, "--out", str(out), *args],
+    return subprocess.run([*launch(ranks), sys.executable, "-m", "minitrain", *COMMON, "--out", str(out), *args],
                           capture_output=True, text=True, timeout=600)
 
 
@@ -63,8 +67,7 @@ def test_n_ranks_equal_one_process_with_n_times_the_accumulation(ranks, accum, d
 
 
 def resume(ranks, checkpoint, *args):
-    launch = [MPIEXEC, "-n", str(ranks)] if ranks > 1 else []
-    return subprocess.run([*launch, sys.executable, "-m", "minitrain", "pretrain", "--resume", str(checkpoint),
+    return subprocess.run([*launch(ranks), sys.executable, "-m", "minitrain", "pretrain", "--resume", str(checkpoint),
                            "--steps", "4", *args], capture_output=True, text=True, timeout=600)
 
 

@@ -33,16 +33,14 @@ def main():
     if mpiexec is None:
         sys.exit("bench_zero: no mpiexec: pip install -e '.[dist]'")
     if args.arch:
-        model, vocab = ["--arch", args.arch, "--mode", "from-scratch"], None
+        from minitrain.config import preset
+
+        model, vocab = ["--arch", args.arch, "--mode", "from-scratch"], preset(args.arch).vocab_size
     else:
         sys.path.insert(0, str(Path(__file__).parent))
         from fetch_smollm2 import fetch
 
-        model, vocab = ["--init", str(fetch())], 49152
-    if vocab is None:
-        from minitrain.config import preset
-
-        vocab = preset(args.arch).vocab_size
+        model, vocab = ["--init", str(fetch())], 49152  # SmolLM2's vocabulary
     import numpy
 
     rows, reference = [], None

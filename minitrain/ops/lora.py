@@ -23,7 +23,8 @@ class LoRALinear(Function):
 
     def forward(self, x, W, b, A, B, *, scale, keep=None, p=0.0):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        xd = x2 if keep is None else x2 * (keep.reshape(x2.shape) / (1.0 - p)).astype(x2.dtype)  # (N, in)
+        mask = None if keep is None else (keep.reshape(x2.shape) / (1.0 - p)).astype(x2.dtype)  # (N, in): keep / (1 - p)
+        xd = x2 if mask is None else x2 * mask  # (N, in)
         H = xd @ A.T  # (N, R)
         y = x2 @ W.T  # (N, out)
         y += scale * (H @ B.T)
@@ -31,19 +32,19 @@ class LoRALinear(Function):
             y += b
         needs = self.needs_grad
         self.save(x2 if needs[1] else None, xd if needs[3] else None, H if needs[4] else None,
-                  W if needs[0] else None, A if needs[0] else None, B, scale, keep, p, x.shape)
+                  W if needs[0] else None, A if needs[0] else None, B, scale, mask if needs[0] else None, x.shape)
         return y.reshape(x.shape[:-1] + (W.shape[0],))
 
     def backward(self, g):
-        x2, xd, H, W, A, B, scale, keep, p, x_shape = self.saved
+        x2, xd, H, W, A, B, scale, mask, x_shape = self.saved
         needs = self.needs_grad
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         GB = g2 @ B  # (N, R)
         dx = None
         if needs[0]:
             low = scale * (GB @ A)  # (N, in)
-            if keep is not None:
-                low *= (keep.reshape(low.shape) / (1.0 - p)).astype(low.dtype)
+            if mask is not None:
+                low *= mask
             dx = (g2 @ W + low).reshape(x_shape)
         dW = g2.T @ x2 if needs[1] else None
         db = g2.sum(axis=0) if needs[2] else None
