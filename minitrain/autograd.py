@@ -31,6 +31,11 @@ def no_grad():
         _grad_enabled = saved
 
 
+def grad_enabled():
+    """False inside no_grad(): no graph is being recorded (ops that only train, like dropout, skip)."""
+    return _grad_enabled
+
+
 class Tensor:
     __slots__ = ("data", "grad", "requires_grad", "ctx", "name")
 

@@ -1,7 +1,9 @@
 """Training checkpoints: `OUT/step-N/` holds everything a run needs to continue exactly.
 
     model.safetensors      every parameter, by Hugging Face name, in the training dtype
-    optimizer.safetensors  AdamW's two moments per parameter ("m.NAME", "v.NAME"); absent for SGD
+    optimizer.safetensors  AdamW's two moments per trained tensor ("m.NAME", "v.NAME"); absent for SGD
+    adapter.safetensors    LoRA's A and B of every targeted linear (lora.py); only with LoRA, whose
+                           model.safetensors holds the frozen base (the run's own, self-contained)
     state.json             step, next data sample, optimizer step count, init_loss, the last
                            val_loss (the divergence gate's reference), the model config and the
                            resolved run configuration
@@ -21,6 +23,7 @@ from minitrain.errors import InputError
 from minitrain.formats import safetensors_io
 
 FORMAT = "minitrain-checkpoint-v1"
+ADAPTER = "adapter.safetensors"
 
 
 def _fsync(path):
@@ -31,13 +34,16 @@ def _fsync(path):
         os.close(fd)
 
 
-def save(directory, model, optimizer_state, state):
-    """optimizer_state: (scalars, arrays) of the whole optimizer (Optimizer.state())."""
+def save(directory, params, optimizer_state, state, adapters=None):
+    """params, adapters: name -> Tensor (the model's; LoRA's or None); optimizer_state: (scalars,
+    arrays) of the whole optimizer (Optimizer.state())."""
     directory = Path(directory)
     tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    safetensors_io.save(tmp / "model.safetensors", {n: backend.to_numpy(t.data) for n, t in model.params.items()})
+    safetensors_io.save(tmp / "model.safetensors", {n: backend.to_numpy(t.data) for n, t in params.items()})
+    if adapters:
+        safetensors_io.save(tmp / ADAPTER, {n: backend.to_numpy(t.data) for n, t in adapters.items()})
     scalars, arrays = optimizer_state
     if arrays:
         safetensors_io.save(tmp / "optimizer.safetensors", {n: backend.to_numpy(a) for n, a in arrays.items()})
@@ -52,7 +58,8 @@ def save(directory, model, optimizer_state, state):
 
 
 def load(directory):
-    """(state, model arrays, optimizer arrays) of a complete checkpoint; InputError otherwise."""
+    """(state, model arrays, optimizer arrays, adapter arrays or None) of a complete checkpoint;
+    InputError otherwise."""
     directory = Path(directory)
     state_file = directory / "state.json"
     if not state_file.exists():
@@ -64,5 +71,6 @@ def load(directory):
     if state.get("format") != FORMAT:
         raise InputError(f"{state_file}: format {state.get('format')!r}, expected {FORMAT!r}")
     model = safetensors_io.load(directory / "model.safetensors")
-    opt_file = directory / "optimizer.safetensors"
-    return state, model, safetensors_io.load(opt_file) if opt_file.exists() else {}
+    opt_file, adapter_file = directory / "optimizer.safetensors", directory / ADAPTER
+    return (state, model, safetensors_io.load(opt_file) if opt_file.exists() else {},
+            safetensors_io.load(adapter_file) if adapter_file.exists() else None)

@@ -151,6 +151,16 @@ def evaluate(init_path, arch, rope_layout, data_path, seq_len, batch_size, batch
                    "(default 300).")
 @click.option("--zero", type=click.IntRange(0, 1), metavar="0|1",
               help="1: shard AdamW's moments across the mpiexec ranks (ZeRO-1; the same bits; default 0).")
+@click.option("--lora-rank", type=click.IntRange(min=1), metavar="R",
+              help="Train LoRA adapters of rank R on the frozen --init model instead of every weight: OUT/adapter/ "
+                   "(peft's format) and the merged model in final.apr (default lr 2e-4).")
+@click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), help="Adapter scale alpha/R (default alpha = R).")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), metavar="P",
+              help="Dropout on the adapters' input while training (default 0).")
+@click.option("--lora-targets", metavar="LIST", help="Linears to adapt, of q,k,v,o,gate,up,down (default all seven).")
+@click.option("--lora-from", metavar="DIR",
+              help="Continue from a peft LoRA adapter directory (e.g. OUT/adapter) on --init's base; its rank, "
+                   "alpha and targets.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
 @click.pass_context
 def pretrain(ctx, as_json, **options):

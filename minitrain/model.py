@@ -12,7 +12,8 @@ Both are decoder-only and pre-norm. For token ids (B, T):
     logits = rmsnorm(x) Whead^T                                     Whead = embed when tied
 
 Parameters live in one dict keyed by Hugging Face tensor names; the expected names and shapes
-come from `config.tensor_table`, and the constructor checks the dict against it.
+come from `config.tensor_table`, and the constructor checks the dict against it. With LoRA
+adapters attached (`model.adapters`, lora.py), the seven linears of each layer go through them.
 """
 
 import numpy
@@ -35,6 +36,7 @@ class Model:
         check_tensors(config, {name: tuple(t.shape) for name, t in params.items()}, "model parameters")
         self.config = config
         self.params = {name: params[name] for name in tensor_table(config)}
+        self.adapters = None  # lora.Adapters, or None: every linear is plain
 
     @classmethod
     def from_arrays(cls, config, arrays):
@@ -96,29 +98,40 @@ class Model:
             p = f"model.layers.{i}."
             # attention block
             h = ops.rmsnorm(x, P[p + "input_layernorm.weight"], c.rms_norm_eps)  # (B, T, H)
-            q = ops.linear(h, P[p + "self_attn.q_proj.weight"], P.get(p + "self_attn.q_proj.bias"))  # (B, T, nH*hd)
-            k = ops.linear(h, P[p + "self_attn.k_proj.weight"], P.get(p + "self_attn.k_proj.bias"))  # (B, T, nKV*hd)
-            v = ops.linear(h, P[p + "self_attn.v_proj.weight"], P.get(p + "self_attn.v_proj.bias"))  # (B, T, nKV*hd)
+            q = self._linear(h, p + "self_attn.q_proj")  # (B, T, nH*hd)
+            k = self._linear(h, p + "self_attn.k_proj")  # (B, T, nKV*hd)
+            v = self._linear(h, p + "self_attn.v_proj")  # (B, T, nKV*hd)
             q = ops.rope(q.reshape(B, T, nH, hd), c.rope_theta, positions)  # (B, T, nH, hd)
             k = ops.rope(k.reshape(B, T, nKV, hd), c.rope_theta, positions)  # (B, T, nKV, hd)
             v = v.reshape(B, T, nKV, hd)
             a = ops.attention(q, k, v) if cache is None else cache.attend(i, q, k, v)  # (B, T, nH, hd)
             a = a.reshape(B, T, nH * hd)
-            x = x + ops.linear(a, P[p + "self_attn.o_proj.weight"])  # (B, T, H)
+            x = x + self._linear(a, p + "self_attn.o_proj")  # (B, T, H)
             # MLP block
             h = ops.rmsnorm(x, P[p + "post_attention_layernorm.weight"], c.rms_norm_eps)  # (B, T, H)
-            gate = ops.linear(h, P[p + "mlp.gate_proj.weight"])  # (B, T, I)
-            up = ops.linear(h, P[p + "mlp.up_proj.weight"])  # (B, T, I)
-            x = x + ops.linear(ops.swiglu(gate, up), P[p + "mlp.down_proj.weight"])  # (B, T, H)
+            gate = self._linear(h, p + "mlp.gate_proj")  # (B, T, I)
+            up = self._linear(h, p + "mlp.up_proj")  # (B, T, I)
+            x = x + self._linear(ops.swiglu(gate, up), p + "mlp.down_proj")  # (B, T, H)
         if cache is not None:
             cache.advance(T)
         return ops.rmsnorm(x, P["model.norm.weight"], c.rms_norm_eps)  # (B, T, H)
 
+    def _linear(self, x, module):
+        """x Wᵀ (+ b) for the linear `module` (its tensors' name prefix), through its LoRA
+        adapter when one is attached."""
+        W, b = self.params[module + ".weight"], self.params.get(module + ".bias")
+        return ops.linear(x, W, b) if self.adapters is None else self.adapters.linear(x, module, W, b)
+
 
 def check_tensors(config, found, source):
-    """Compare name -> shape against the architecture's tensor table; raise InputError naming
-    every missing, unexpected and mis-shaped tensor (the first few of each, with counts)."""
-    expected = tensor_table(config)
+    """Compare name -> shape against the architecture's tensor table (check_table)."""
+    check_table(tensor_table(config), found, source, f"for a {config.family} model with "
+                f"{config.num_hidden_layers} layers, hidden {config.hidden_size}")
+
+
+def check_table(expected, found, source, context):
+    """Compare name -> shape against an expected table; raise InputError naming every missing,
+    unexpected and mis-shaped tensor (the first few of each, with counts), then `context`."""
     problems = []
     missing = [n for n in expected if n not in found]
     unexpected = [n for n in found if n not in expected]
@@ -129,5 +142,4 @@ def check_tensors(config, found, source):
             more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
             problems.append(f"{label}{'s' if len(items) > 1 else ''} {', '.join(items[:3])}{more}")
     if problems:
-        raise InputError(f"{source}: {'; '.join(problems)} (for a {config.family} model with "
-                         f"{config.num_hidden_layers} layers, hidden {config.hidden_size})")
+        raise InputError(f"{source}: {'; '.join(problems)} ({context})")

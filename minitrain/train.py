@@ -21,13 +21,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from minitrain import backend, checkpoint, dist, zero
+from minitrain import backend, checkpoint, dist, lora, zero
 from minitrain.autograd import no_grad
 from minitrain.config import PRESETS, ModelConfig, preset
 from minitrain.convert import apr_tensors, checked_tokenizer
 from minitrain.data import TokenWindows, TrainStream
 from minitrain.errors import InputError, TrainingAborted
 from minitrain.formats.apr import write_apr
+from minitrain.formats import peft
 from minitrain.formats.apr_meta import model_metadata
 from minitrain.gpu import attention as attention_kernels
 from minitrain.model import Model
@@ -35,6 +36,7 @@ from minitrain.optim import SGD, AdamW, clip_grads, global_grad_norm
 from minitrain.schedule import learning_rate
 
 MODE_DEFAULTS = {"finetune": {"lr": 5e-5, "warmup_steps": 100}, "from-scratch": {"lr": 3e-4, "warmup_steps": 1000}}
+LORA_LR = 2e-4  # the default lr with LoRA: B starts at zero, and peft's examples train adapters at 1e-4 to 3e-4
 RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "resume", "dist_timeout", "zero"}  # may differ from the checkpoint's run
 
 
@@ -74,6 +76,15 @@ class TrainConfig:
     resume: str = None
     dist_timeout: float = 300.0  # seconds a rank waits for another before it gives up (mpiexec)
     zero: int = 0  # 1: AdamW's moments sharded across the ranks (ZeRO-1, minitrain/zero.py)
+    lora_rank: int = None  # LoRA adapters of this rank on a frozen --init model (lora.py); None: full fine-tune
+    lora_alpha: float = None  # the rank (scale alpha/R = 1)
+    lora_dropout: float = None  # 0
+    lora_targets: str = None  # all seven: q,k,v,o,gate,up,down
+    lora_from: str = None  # a peft adapter directory to continue from (its rank, alpha and targets)
+
+    @property
+    def lora(self):
+        return bool(self.lora_rank or self.lora_from)
 
     def resolved(self):
         """A copy with the mode-dependent defaults filled in, and sanity checks."""
@@ -83,6 +94,10 @@ class TrainConfig:
             raise InputError(f"--mode {c.mode!r}: expected finetune or from-scratch")
         if not c.init and not c.arch:
             raise InputError("--arch NAME is needed to train from scratch (or --init PATH to fine-tune)")
+        if c.lora and not c.init:
+            raise InputError("LoRA trains adapters on a pretrained model: give it with --init PATH")
+        if c.lora and c.lr is None:
+            c.lr = LORA_LR
         for key, value in MODE_DEFAULTS[c.mode].items():
             if getattr(c, key) is None:
                 setattr(c, key, value)
@@ -98,6 +113,8 @@ class TrainConfig:
             raise InputError(f"--zero {c.zero}: expected 0 (off) or 1 (shard AdamW's moments)")
         if c.zero and c.optimizer == "sgd":
             raise InputError("--zero 1 shards AdamW's moments; --optimizer sgd keeps none (drop --zero)")
+        if c.lora and c.dtype == "bf16":
+            raise InputError("--dtype bf16: the LoRA linear has no bf16 path; train adapters in fp32 (or fp64)")
         if c.dtype not in backend.PRECISIONS:
             raise InputError(f"--dtype {c.dtype!r}: expected one of {', '.join(backend.PRECISIONS)}")
         return c
@@ -143,7 +160,7 @@ def configure(options):
     directory), and any other option given with a different value is an error: the run would not
     continue exactly. The number of ranks may change if the micro-batches per step do not: N ranks
     x grad-accum A must equal the checkpoint's (A follows from N when not given).
-    `resumed` is (state, model arrays, optimizer arrays) from the checkpoint, else None.
+    `resumed` is checkpoint.load's (state, model, optimizer and adapter arrays), else None.
     """
     if not options.get("resume"):
         if not options.get("data"):
@@ -185,10 +202,11 @@ class Run:
                              "use --device cuda, or --dtype fp32 on the CPU")
         backend.set_dtype(cfg.dtype)
         if resumed:
-            state, model_arrays, opt_arrays = resumed
+            state, model_arrays, opt_arrays, adapter_arrays = resumed
             self.model = Model.from_arrays(ModelConfig(**state["model_config"]), model_arrays)
         else:
             self.model = build_model(cfg)
+        self.adapters = self._lora(cfg, resumed and adapter_arrays) if cfg.lora else None
         mc = self.model.config
         if backend.bf16 and mc.head_dim not in attention_kernels.FORWARD_ROWS:
             raise InputError(f"--dtype bf16: the bf16 attention kernel has head_dim "
@@ -199,7 +217,7 @@ class Run:
                              f"{mc.max_position_embeddings}")
         self.tokenizer = checked_tokenizer(cfg.tokenizer, mc) if cfg.tokenizer else None
         self._data(cfg, mc.vocab_size)
-        params = self.model.parameters()
+        self.trained = params = self.adapters.parameters() if self.adapters else self.model.parameters()
         self.shards = zero.Shards(self.group, params) if cfg.zero else None
         if cfg.optimizer == "sgd":
             self.optimizer = SGD(params, cfg.lr)
@@ -216,6 +234,43 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
             self.metrics = self._open_metrics()
             (self.out / "run.json").write_text(json.dumps(self._run_info(), indent=1) + "\n")
+
+    def _lora(self, cfg, saved):
+        """Attach LoRA adapters and freeze every base tensor. The adapters are the checkpoint's
+        (resume), or --lora-from's (their rank, alpha and targets; any given must agree), or fresh
+        (A as peft draws it, B zero). cfg gets the resolved values (run.json, checkpoints)."""
+        mc = self.model.config
+        if cfg.resume:
+            if saved is None:
+                raise InputError(f"--resume {cfg.resume}: no {checkpoint.ADAPTER}, but the run trained LoRA adapters")
+            spec = lora.LoRASpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets.split(",")))
+            adapters = lora.Adapters(spec, mc, saved, f"{cfg.resume}/{checkpoint.ADAPTER}")
+        elif cfg.lora_from:
+            spec, arrays = peft.read_adapter(cfg.lora_from)
+            given = {"--lora-rank": (cfg.lora_rank, spec.rank), "--lora-alpha": (cfg.lora_alpha, spec.alpha),
+                     "--lora-targets": (cfg.lora_targets and ",".join(lora.parse_targets(cfg.lora_targets)),
+                                        ",".join(spec.targets))}
+            clash = [f"{k} {a} (the adapter's: {b})" for k, (a, b) in given.items() if a is not None and a != b]
+            if clash:
+                raise InputError(f"--lora-from {cfg.lora_from}: {'; '.join(clash)}; drop the option to take the adapter's")
+            if cfg.lora_dropout is not None:  # a training choice, not part of what the adapter computes
+                spec = lora.LoRASpec(spec.rank, spec.alpha, cfg.lora_dropout, spec.targets)
+            adapters = lora.Adapters(spec, mc, arrays, f"--lora-from {cfg.lora_from}")
+        else:
+            spec = lora.LoRASpec(cfg.lora_rank, float(cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha),
+                                 cfg.lora_dropout or 0.0, lora.parse_targets(cfg.lora_targets or ",".join(lora.TARGETS)))
+            adapters = lora.Adapters.fresh(spec, mc, cfg.seed)
+        cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout = spec.rank, spec.alpha, spec.dropout
+        cfg.lora_targets = ",".join(spec.targets)
+        adapters.attach(self.model)
+        trained = sum(p.data.size for p in adapters.parameters())  # self.trained is not set yet
+        self._say(f"LoRA rank {spec.rank}, alpha {spec.alpha:g} (scale {spec.scale:g}), dropout {spec.dropout:g}, on "
+                  f"{cfg.lora_targets}: {trained:,} trained parameters ({100 * trained / self.model.num_parameters():.2f}% "
+                  f"of {self.model.num_parameters():,}; the base is frozen)")
+        return adapters
+
+    def _trained_count(self):
+        return sum(p.data.size for p in self.trained)
 
     def _data(self, cfg, vocab):
         self.windows = TokenWindows(cfg.data, cfg.seq_len, vocab)
@@ -251,7 +306,7 @@ class Run:
     def _run_info(self):
         mc = self.model.config
         return {"config": asdict(self.cfg), "arch": arch_name(mc), "model_config": mc.as_dict(),
-                "params": self.model.num_parameters(), "train_windows": self.n_train,
+                "params": self.model.num_parameters(), "trained_params": self._trained_count(), "train_windows": self.n_train,
                 "val_windows": len(self.val_ids) if self.val_source else 0, "ranks": self.group.size,
                 "tokens_per_step": self.tokens_per_step}
 
@@ -285,7 +340,7 @@ class Run:
 
     def train_step(self, step):
         """One update; returns (mean loss, pre-clip grad norm, lr)."""
-        cfg, params, group = self.cfg, self.model.parameters(), self.group
+        cfg, params, group = self.cfg, self.trained, self.group
         weight = backend.xp.asarray(1.0 / self.micro_per_step, dtype=backend.dtype)
         grads, losses = [], []  # this rank's micro-batch gradients (rank 0: already summed) and losses
         for a in range(cfg.grad_accum):
@@ -293,6 +348,8 @@ class Run:
             inputs, targets = self.stream.batch(micro * cfg.batch_size, cfg.batch_size)
             for p in params:
                 p.zero_grad()
+            if self.adapters:
+                self.adapters.reseed(cfg.seed, micro)
             loss = self.model.loss(inputs, targets)
             loss.backward(weight)
             losses.append(float(loss.data))
@@ -371,12 +428,13 @@ class Run:
         if not self.lead:
             return
         step = self.state["step"]
-        checkpoint.save(self.out / f"step-{step}", self.model, optimizer_state,
+        checkpoint.save(self.out / f"step-{step}", self.model.params, optimizer_state,
                         {**self.state, "next_sample": step * self.micro_per_step * self.cfg.batch_size,
                          "ranks": self.group.size,
                          "data_order": {"order": self.cfg.data_order, "seed": self.cfg.seed,
                                         "rng": "numpy.random.default_rng([seed, epoch]).permutation per epoch"},
-                         "config": asdict(self.cfg), "model_config": self.model.config.as_dict()})
+                         "config": asdict(self.cfg), "model_config": self.model.config.as_dict()},
+                        self.adapters and self.adapters.params)
 
     def _memory(self):
         """Measured on every rank: the optimizer state it holds and its peak RSS (bytes)."""
@@ -390,9 +448,12 @@ class Run:
     def finish(self, train_time, last_loss, steps_run):
         model, mc = self.model, self.model.config
         if self.lead:
-            arrays = {n: backend.to_numpy(t.data) for n, t in model.params.items()}
+            arrays = (self.adapters.merged(model.params) if self.adapters else
+                      {n: backend.to_numpy(t.data) for n, t in model.params.items()})
             write_apr(self.out / "final.apr", apr_tensors(mc, arrays),
                       model_metadata(mc, model.num_parameters(), self.tokenizer))
+            if self.adapters:
+                peft.write_adapter(self.out / "adapter", self.adapters.spec, self.adapters.arrays(), self.cfg.init)
             self.metrics.close()
         report = {"status": "ok", "arch": arch_name(mc), "params": model.num_parameters(), "steps": self.cfg.steps,
                   "tokens": self.cfg.steps * self.tokens_per_step, "init_loss": self.state["init_loss"],
@@ -400,6 +461,11 @@ class Run:
                   "tokens_per_sec": steps_run * self.tokens_per_step / train_time if train_time else None,
                   "wall_s": time.perf_counter() - self.start_time, "out": str(self.out),
                   "memory_per_rank": self._memory()}
+        if self.adapters:
+            report["lora"] = {"rank": self.adapters.spec.rank, "alpha": self.adapters.spec.alpha,
+                              "targets": self.cfg.lora_targets, "trained_params": self._trained_count(),
+                              "adapter": str(self.out / "adapter"),
+                              "adapter_bytes": (self.out / "adapter" / peft.WEIGHTS).stat().st_size if self.lead else None}
         self._say(f"done: {report['steps']} steps, init_loss {report['init_loss']:.4f} -> final train loss "
                   f"{_fmt(last_loss)}, val loss {_fmt(report['final_val_loss'])}; wrote {self.out / 'final.apr'}")
         return report

@@ -44,9 +44,11 @@ import transformers
 UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "fp64": 2.0 ** -53}
 
 
-def depth(cfg, batch, seq):
+def depth(cfg, batch, seq, rank=0):
     """(D_fwd, D_grad): the summed lengths of the sums along the model's longest chain, for a
-    ModelConfig and a (batch, seq) input."""
+    ModelConfig and a (batch, seq) input. LoRA adapters of rank R (`rank`) lengthen each of the
+    four linears on a layer's chain (q|k|v, o, gate|up, down) by x Aᵀ's R-term sum of the low-rank
+    path and the addition of the two paths."""
     H, I, V, hd, nH = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim, cfg.num_attention_heads
     layer = (H  # RMSNorm mean square
              + H  # q/k/v projections
@@ -55,7 +57,8 @@ def depth(cfg, batch, seq):
              + nH * hd  # o_proj
              + H  # RMSNorm
              + H  # gate/up projections
-             + I)  # down_proj
+             + I  # down_proj
+             + (4 * (rank + 1) if rank else 0))  # the LoRA paths
     forward = cfg.num_hidden_layers * layer + H + H + V  # final norm, lm_head, the loss's softmax
     return forward, 2 * forward + batch * seq
 
@@ -67,6 +70,24 @@ def adam_ratio_bound(t, beta1, beta2):
     c = [(1 - beta1) * beta1 ** (t - s) / (1 - beta1 ** t) for s in range(1, t + 1)]
     d = [(1 - beta2) * beta2 ** (t - s) / (1 - beta2 ** t) for s in range(1, t + 1)]
     return math.sqrt(sum(ci * ci / di for ci, di in zip(c, d)))
+
+
+def build_hf(spec, seed):
+    """A transformers model of a tiny spec (family plus config fields, 2 layers, head_dim 8) with
+    non-trivial weights: std 0.25 matrices, biases and norm weights moved away from 0 and 1, so
+    that a skipped term shows."""
+    spec = dict(spec)
+    family = spec.pop("family")
+    config_cls, model_cls = ((transformers.LlamaConfig, transformers.LlamaForCausalLM) if family == "llama"
+                             else (transformers.Qwen2Config, transformers.Qwen2ForCausalLM))
+    config = config_cls(num_hidden_layers=2, max_position_embeddings=64, head_dim=8, **spec)
+    model = model_cls(config).float()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.3 * noise if name.endswith("norm.weight") else (0.3 if name.endswith("bias") else 0.25) * noise)
+    return model
 
 
 def rms_normalized(x, eps):
@@ -102,10 +123,12 @@ def logits_and_loss(model, inputs, targets):
 
 def forward_backward(model, inputs, targets):
     """(logits, loss, {name: gradient}, {name: S}) of one batch: the exact values and, per
-    parameter, the largest sum of term magnitudes behind an element of its gradient."""
+    trained parameter, the largest sum of term magnitudes behind an element of its gradient (a
+    peft model's lora_A and lora_B are Linears too)."""
     inputs_of, grads_of, hooks = {}, {}, []
     for name, m in model.named_modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) or type(m).__name__.endswith("RMSNorm"):
+        if (isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) or type(m).__name__.endswith("RMSNorm")) \
+                and m.weight.requires_grad:  # a trained parameter
             def keep(m, args, out, name=name):
                 inputs_of[name] = args[0].detach()
                 out.register_hook(lambda g: grads_of.__setitem__(name, g.detach()))
@@ -124,14 +147,14 @@ def forward_backward(model, inputs, targets):
         elif isinstance(m, torch.nn.Linear):
             rows_dy, rows_x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]).abs()
             terms = rows_dy.T @ rows_x
-            key = "model.embed_tokens.weight" if m.weight is model.model.embed_tokens.weight else name + ".weight"
+            key = "model.embed_tokens.weight" if m.weight is model.get_input_embeddings().weight else name + ".weight"
             if m.bias is not None:
                 scales[name + ".bias"] = float(rows_dy.sum(0).max())
         else:  # RMSNorm: y = w * xhat
             terms = (dy * rms_normalized(x, m.variance_epsilon).abs()).reshape(-1, x.shape[-1]).sum(0)
             key = name + ".weight"
         scales[key] = scales.get(key, 0.0) + float(terms.max())  # a tied embedding: its rows and the head
-    grads = {n: p.grad.detach().numpy().copy() for n, p in model.named_parameters()}
+    grads = {n: p.grad.detach().numpy().copy() for n, p in model.named_parameters() if p.requires_grad}
     return logits.detach().numpy(), float(loss.detach()), grads, scales
 
 
@@ -139,3 +162,41 @@ def rel_to_bound(err, bound):
     """The largest err / bound over the elements (0 where both are 0)."""
     err, bound = np.broadcast_arrays(np.asarray(err, dtype=np.float64), np.asarray(bound, dtype=np.float64))
     return float(np.max(np.where(err == 0, 0.0, err / np.maximum(bound, 1e-300)), initial=0.0))
+
+
+def reference_steps(model, optimizer, settings, data):
+    """Train the float64 truth's trained parameters with torch's `optimizer` ("sgd" or "adamw",
+    weight decay on matrices only) on `data`, recording per step what `weight_bound` needs: the
+    gradient scales S_W,t and (AdamW) the bias-corrected second moments. Returns (the weights
+    after the steps, that history)."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    settings = dict(settings)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(named.values(), **settings)
+    else:
+        wd = settings.pop("weight_decay")
+        groups = [{"params": [p for p in named.values() if p.ndim >= 2], "weight_decay": wd},
+                  {"params": [p for p in named.values() if p.ndim < 2], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], **settings)
+    history = []
+    for t, (inputs, targets) in enumerate(data, start=1):
+        scales = forward_backward(model, inputs, targets)[3]
+        opt.step()
+        vhat = ({n: opt.state[p]["exp_avg_sq"].numpy() / (1 - settings["betas"][1] ** t) for n, p in named.items()}
+                if optimizer == "adamw" else None)
+        history.append((scales, vhat))
+    return {n: p.detach().numpy().copy() for n, p in named.items()}, history
+
+
+def weight_bound(name, w, history, optimizer, settings, u, grad_bound):
+    """The bound of the docstring on |w - exact| after len(history) steps of `optimizer` with
+    `settings`, for unit roundoff u (both computations' added) and the relative gradient bound
+    grad_bound (D_grad u)."""
+    bound = len(history) * u * (np.abs(w) if optimizer == "adamw" else np.abs(w).max())
+    for t, (scales, vhat) in enumerate(history, start=1):
+        if optimizer == "sgd":
+            bound = bound + settings["lr"] * grad_bound * scales[name]
+        else:
+            amplified = grad_bound * scales[name] / (np.sqrt(vhat[name]) + settings["eps"])
+            bound = bound + settings["lr"] * np.minimum(2 * adam_ratio_bound(t, *settings["betas"]), amplified)
+    return bound

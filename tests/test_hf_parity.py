@@ -18,7 +18,7 @@ import torch
 import transformers
 
 import hf_oracle
-from hf_oracle import UNIT_ROUNDOFF, adam_ratio_bound, depth, rel_to_bound
+from hf_oracle import UNIT_ROUNDOFF, depth, rel_to_bound
 from minitrain import backend, ops
 from minitrain.autograd import Tensor
 from minitrain.formats import hf
@@ -59,27 +59,10 @@ def roundoff(precision):
     return UNIT_ROUNDOFF[precision] + U64
 
 
-def build_hf(spec, seed):
-    """A transformers model with non-trivial weights: std 0.25 matrices, biases and norm weights
-    moved away from 0 and 1, so that a skipped term shows."""
-    spec = dict(spec)
-    family = spec.pop("family")
-    config_cls, model_cls = ((transformers.LlamaConfig, transformers.LlamaForCausalLM) if family == "llama"
-                             else (transformers.Qwen2Config, transformers.Qwen2ForCausalLM))
-    config = config_cls(num_hidden_layers=2, max_position_embeddings=64, head_dim=8, **spec)
-    model = model_cls(config).float()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1 + 0.3 * noise if name.endswith("norm.weight") else (0.3 if name.endswith("bias") else 0.25) * noise)
-    return model
-
-
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def pair(request, tmp_path_factory):
     """(transformers fp32 model, its checkpoint directory, the float64 truth of that checkpoint)."""
-    hf_model = build_hf(CONFIGS[request.param], seed=len(request.param))
+    hf_model = hf_oracle.build_hf(CONFIGS[request.param], seed=len(request.param))
     directory = tmp_path_factory.mktemp(request.param.replace(":", "-"))
     hf_model.save_pretrained(directory)
     assert hf.load_dir(directory)[0].rope_theta == CONFIGS[request.param]["rope_theta"]
@@ -133,40 +116,6 @@ def test_logits_loss_and_every_gradient_match(pair, precision):
     assert ratios[worst] <= 1, f"{worst}: {ratios[worst]:.2f} x the {precision} bound"
 
 
-def reference_steps(truth, optimizer, data):
-    """Run the float64 truth through the optimizer on `data`, recording per step what the bound
-    needs: the gradient scales S_W,t and (AdamW) the bias-corrected second moments."""
-    named = dict(truth.named_parameters())
-    settings = dict(OPTIMIZERS[optimizer])
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(named.values(), **settings)
-    else:
-        wd = settings.pop("weight_decay")
-        opt = torch.optim.AdamW([{"params": [p for p in named.values() if p.ndim >= 2], "weight_decay": wd},
-                                 {"params": [p for p in named.values() if p.ndim < 2], "weight_decay": 0.0}], **settings)
-    history = []
-    for t, (inputs, targets) in enumerate(data, start=1):
-        scales = hf_oracle.forward_backward(truth, inputs, targets)[3]
-        opt.step()
-        vhat = ({n: opt.state[p]["exp_avg_sq"].numpy() / (1 - settings["betas"][1] ** t) for n, p in named.items()}
-                if optimizer == "adamw" else None)
-        history.append((scales, vhat))
-    return {n: p.detach().numpy().copy() for n, p in named.items()}, history
-
-
-def weight_bound(name, w, history, optimizer, precision, grad_bound):
-    """The bound of hf_oracle's docstring on |w - exact| after len(history) steps."""
-    settings = OPTIMIZERS[optimizer]
-    bound = len(history) * roundoff(precision) * (np.abs(w) if optimizer == "adamw" else np.abs(w).max())
-    for t, (scales, vhat) in enumerate(history, start=1):
-        if optimizer == "sgd":
-            bound = bound + settings["lr"] * grad_bound * scales[name]
-        else:
-            amplified = grad_bound * scales[name] / (np.sqrt(vhat[name]) + settings["eps"])
-            bound = bound + settings["lr"] * np.minimum(2 * adam_ratio_bound(t, *settings["betas"]), amplified)
-    return bound
-
-
 @pytest.mark.parametrize("precision", ["fp64", "fp32"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_three_optimizer_steps_end_at_the_same_weights(pair, optimizer, precision):
@@ -174,7 +123,7 @@ def test_three_optimizer_steps_end_at_the_same_weights(pair, optimizer, precisio
     truth = hf_oracle.float64_model(directory)  # a fresh copy: the steps change its weights
     model = ours(directory, precision)
     data = batches(model.config.vocab_size, 3, seed=11)
-    expected, history = reference_steps(truth, optimizer, data)
+    expected, history = hf_oracle.reference_steps(truth, optimizer, OPTIMIZERS[optimizer], data)
     with backend.precision(precision):
         opt = (SGD if optimizer == "sgd" else AdamW)(model.parameters(), **OPTIMIZERS[optimizer])
         for inputs, targets in data:
@@ -186,7 +135,8 @@ def test_three_optimizer_steps_end_at_the_same_weights(pair, optimizer, precisio
     assert max(np.abs(t.data - start[n]).max() for n, t in model.params.items()) > 1e-3, "the weights did not move"
     grad_bound = bounds(model.config, precision)[1]
     ratios = {name: rel_to_bound(np.abs(t.data - expected[name]),
-                                 weight_bound(name, expected[name], history, optimizer, precision, grad_bound))
+                                 hf_oracle.weight_bound(name, expected[name], history, optimizer, OPTIMIZERS[optimizer],
+                                                        roundoff(precision), grad_bound))
               for name, t in model.params.items()}
     worst = max(ratios, key=ratios.get)
     assert ratios[worst] <= 1, f"{worst}: {ratios[worst]:.2f} x the {precision} bound"

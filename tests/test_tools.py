@@ -37,6 +37,15 @@ def test_bench_compares_both_frameworks():
     assert re.search(r"tiny-llama\s+torch .*torch threads", out), out
 
 
+def test_bench_lora_compares_the_three_runs():
+    pytest.importorskip("peft")
+    out = run("bench_cpu.py", "--lora", "2", "--preset", "tiny-llama", "--rounds", "1", "--warmup", "0", "--steps", "1")
+    assert re.search(r"tiny-llama\s+minitrain lora .* peak RSS [\d.]+x the full fine-tune's, [\d.]+x peft's tokens/s$",
+                     out, re.M), out
+    assert re.search(r"tiny-llama\s+minitrain full\s+[\d.]+", out), out
+    assert re.search(r"tiny-llama\s+peft \+ torch .*torch threads", out), out
+
+
 @pytest.mark.slow
 def test_bench_generate_compares_both_frameworks(smollm2):
     out = run("bench_generate.py", "--model", "smollm2-135m", "--prompt-tokens", "8", "--new-tokens", "2",

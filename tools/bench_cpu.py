@@ -1,6 +1,7 @@
 """minitrain vs PyTorch eager: one AdamW training step of the same model on this CPU, side by side.
 
     python tools/bench_cpu.py --preset qwen2.5-0.5b --seq-len 256 --batch-size 1 --steps 3
+    python tools/bench_cpu.py --lora 16 --preset smollm2-135m --preset qwen2.5-0.5b
 
 Beside the presets, `smollm2-135m` is the real SmolLM2-135M's architecture, read from its GGUF
 file (tools/fetch_smollm2.py): a small model with a large vocabulary, where Python's per-op
@@ -13,6 +14,11 @@ the model from scratch (minitrain's preset; the transformers class with the same
 reports its best step time and its peak resident memory. The parent also measures this machine's
 fp32 matmul peak (a large NumPy sgemm) in the same run. The step and the FLOPs per token are
 tools/workload.py's.
+
+With --lora R, three runs alternate instead: minitrain's full fine-tune, minitrain's LoRA of rank
+R on all seven linears (the base frozen, AdamW over the adapters), and peft + PyTorch eager with
+the same adapters; the LoRA row reports its peak RSS against the full fine-tune's and its speed
+against peft's. FLOPs per token are left out there (a frozen base skips its weight gradients).
 """
 
 import argparse
@@ -22,7 +28,7 @@ import resource
 import sys
 import time
 
-from workload import child, flops_per_token, hf_model, minitrain_step, torch_step
+from workload import child, flops_per_token, hf_model, minitrain_step, peft_model, torch_step
 
 PRESETS = ["tiny-llama", "smollm2-135m", "llama-370m", "qwen2.5-0.5b"]
 
@@ -57,19 +63,24 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
-def run_minitrain(cfg, seq_len, batch, warmup, steps):
-    step, _ = minitrain_step(cfg, batch, seq_len)
+def run_minitrain(cfg, seq_len, batch, warmup, steps, lora_rank=None):
+    step, _ = minitrain_step(cfg, batch, seq_len, lora_rank)
     return _steps(step, warmup, steps)
 
 
-def run_torch(cfg, seq_len, batch, warmup, steps):
+def run_torch(cfg, seq_len, batch, warmup, steps, lora_rank=None):
     import torch
     import transformers
 
-    model = hf_model(transformers, cfg)
+    model = peft_model(transformers, cfg, lora_rank) if lora_rank else hf_model(transformers, cfg)
     step = torch_step(torch, model, cfg, batch, seq_len)
     return {**_steps(step, warmup, steps), "threads": torch.get_num_threads(),
             "attn": model.config._attn_implementation}
+
+
+# --lora R: framework name -> (child, LoRA or not)
+LORA_RUNS = {"minitrain lora": ("minitrain", True), "minitrain full": ("minitrain", False),
+             "peft + torch": ("torch", True)}
 
 
 def _steps(step, warmup, steps):
@@ -87,6 +98,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--lora", type=int, metavar="R", help="LoRA of rank R vs the full fine-tune vs peft + torch")
     parser.add_argument("--child", choices=["minitrain", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)  # a child's ModelConfig, as JSON
     args = parser.parse_args()
@@ -95,8 +107,10 @@ def main():
 
         run = run_minitrain if args.child == "minitrain" else run_torch
         print(json.dumps(run(ModelConfig(**json.loads(args.config)), args.seq_len, args.batch_size, args.warmup,
-                             args.steps)))
+                             args.steps, args.lora)))
         return
+    if args.lora:
+        return lora_table(args)
     peak = sgemm_peak()
     print(f"machine: {os.cpu_count()} CPUs, NumPy sgemm peak {peak:.1f} GFLOP/s (2048^3, best of 5); "
           f"seq {args.seq_len}, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
@@ -105,13 +119,7 @@ def main():
           f"{'peak RSS MiB':>13}  ratio minitrain/torch")
     for preset in args.preset or PRESETS:
         args.config = config_of(preset)
-        best = {}
-        for _ in range(args.rounds):
-            for framework in ("minitrain", "torch"):
-                r = child(__file__, framework, "--config", json.dumps(args.config.as_dict()), "--seq-len",
-                          args.seq_len, "--batch-size", args.batch_size, "--warmup", args.warmup, "--steps", args.steps)
-                if framework not in best or r["best_s"] < best[framework]["best_s"]:
-                    best[framework] = {**r, "peak_rss_mib": max(r["peak_rss_mib"], best.get(framework, r)["peak_rss_mib"])}
+        best = best_of_rounds(args, {framework: (framework,) for framework in ("minitrain", "torch")})
         tokens = args.seq_len * args.batch_size
         work = flops_per_token(args.config, args.seq_len) * tokens / 1e9
         for framework in ("minitrain", "torch"):
@@ -120,6 +128,38 @@ def main():
             print(f"{preset:<14} {framework:<10} {r['best_s']:8.3f} {tokens / r['best_s']:9.1f} "
                   f"{work / r['best_s']:8.1f} {100 * work / r['best_s'] / peak:6.1f}% {r['peak_rss_mib']:13.0f}  "
                   + (f"{ratio:.2f}x" if ratio else f"(torch threads {r['threads']}, attention {r['attn']})"))
+        sys.stdout.flush()
+
+
+def best_of_rounds(args, runs):
+    """name -> the best step (and the largest peak RSS) over the alternating rounds; runs: name ->
+    the child's arguments."""
+    best = {}
+    for _ in range(args.rounds):
+        for name, child_args in runs.items():
+            r = child(__file__, *child_args, "--config", json.dumps(args.config.as_dict()), "--seq-len", args.seq_len,
+                      "--batch-size", args.batch_size, "--warmup", args.warmup, "--steps", args.steps)
+            if name not in best or r["best_s"] < best[name]["best_s"]:
+                best[name] = {**r, "peak_rss_mib": max(r["peak_rss_mib"], best.get(name, r)["peak_rss_mib"])}
+    return best
+
+
+def lora_table(args):
+    print(f"machine: {os.cpu_count()} CPUs; LoRA rank {args.lora} (alpha {args.lora}) on q,k,v,o,gate,up,down; "
+          f"seq {args.seq_len}, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
+          f"{args.rounds} alternating rounds, best step reported")
+    print(f"{'preset':<14} {'run':<15} {'step s':>8} {'tokens/s':>9} {'peak RSS MiB':>13}")
+    for preset in args.preset or ["smollm2-135m", "qwen2.5-0.5b"]:
+        args.config = config_of(preset)
+        best = best_of_rounds(args, {name: (framework, *(["--lora", args.lora] if lora else []))
+                                     for name, (framework, lora) in LORA_RUNS.items()})
+        tokens = args.seq_len * args.batch_size
+        ours, full, theirs = (best[name] for name in LORA_RUNS)
+        for name, r in best.items():
+            versus = (f"peak RSS {ours['peak_rss_mib'] / full['peak_rss_mib']:.2f}x the full fine-tune's, "
+                      f"{theirs['best_s'] / ours['best_s']:.2f}x peft's tokens/s" if r is ours else
+                      f"(torch threads {r['threads']})" if r is theirs else "")
+            print(f"{preset:<14} {name:<15} {r['best_s']:8.3f} {tokens / r['best_s']:9.1f} {r['peak_rss_mib']:13.0f}  {versus}")
         sys.stdout.flush()
 
 

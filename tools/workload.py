@@ -1,7 +1,9 @@
 """The training step that tools/bench_cpu.py, bench_gpu.py and profile_cpu.py time, written once
 so that every comparison runs the same work: a preset built from scratch, random tokens, forward
 + backward + AdamW (lr 1e-4, betas (0.9, 0.95), weight decay 0.1); in minitrain, and in Hugging
-Face transformers + PyTorch eager with the same config.
+Face transformers + PyTorch eager with the same config. With a LoRA rank, the base is frozen and
+AdamW trains adapters of that rank on all seven linears of every layer (alpha = rank): in
+minitrain (lora.py), and in peft on the transformers model.
 
 FLOPs per token (reference.md section 5): 6 N + 12 L H T, with N the parameters that take part in
 matmuls: everything but the embedding lookup, the lm_head included (counted even when tied).
@@ -24,20 +26,25 @@ def flops_per_token(cfg, seq_len):
     return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
 
-def minitrain_step(cfg, batch, seq_len):
+def minitrain_step(cfg, batch, seq_len, lora_rank=None):
     """(step, optimizer): step() runs one minitrain training step on the backend as it is set now
     (device, dtype). The optimizer is returned so that a profiler can wrap its step."""
     import numpy
 
+    from minitrain import lora
     from minitrain.model import Model
     from minitrain.optim import AdamW
 
     model = Model.from_scratch(cfg, seed=0)
-    opt = AdamW(model.parameters(), **ADAMW)
+    if lora_rank:
+        params = lora.Adapters.fresh(lora.LoRASpec(lora_rank, float(lora_rank)), cfg, seed=0).attach(model).adapters.parameters()
+    else:
+        params = model.parameters()
+    opt = AdamW(params, **ADAMW)
     ids = numpy.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq_len + 1))
 
     def step():
-        for p in model.parameters():
+        for p in params:
             p.zero_grad()
         model.loss(ids[:, :-1], ids[:, 1:]).backward()
         opt.step()
@@ -60,11 +67,20 @@ def hf_model(transformers, cfg):
     return (transformers.LlamaForCausalLM if llama else transformers.Qwen2ForCausalLM)(config).float().train()
 
 
+def peft_model(transformers, cfg, lora_rank):
+    """hf_model with peft's LoRA adapters of that rank on the seven linears (the base frozen)."""
+    import peft
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return peft.get_peft_model(hf_model(transformers, cfg), peft.LoraConfig(r=lora_rank, lora_alpha=lora_rank,
+                                                                            target_modules=targets))
+
+
 def torch_step(torch, model, cfg, batch, seq_len, bf16=False):
     """step() runs one PyTorch training step of `model` on its device; with bf16, the forward runs
     under bf16 autocast (the loss stays fp32)."""
     device = next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), **ADAMW)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **ADAMW)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
 
     def step():
