@@ -5,43 +5,14 @@ loop sets at every step from the schedule. `state()` / `load_state()` carry what
 needs to continue exactly.
 """
 
-import concurrent.futures
 import math
-import os
 
-import numpy
-
-from minitrain import backend
+from minitrain import backend, parallel
 from minitrain.gpu import fused
+from minitrain.parallel import slices
 
 
 CHUNK = 1 << 16  # elements per slice of the loops below: the slices of p, g, m, v and the scratch stay in cache
-WORKERS = max(1, min(4, os.cpu_count() or 1))  # NumPy's elementwise ufuncs use one core; these loops use all
-_pool = None
-
-
-def _run_slices(tasks, work):
-    """work(worker, task) for every task, the tasks dealt round-robin to WORKERS threads (NumPy
-    releases the GIL inside its loops); the results come back in task order, so a sum of them is
-    the same in every run."""
-    global _pool
-    if WORKERS == 1 or backend.xp is not numpy or len(tasks) < 2:
-        return [work(0, t) for t in tasks]
-    if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="minitrain-optim")
-    results = [None] * len(tasks)
-
-    def run(w):
-        for i in range(w, len(tasks), WORKERS):
-            results[i] = work(w, tasks[i])
-
-    for f in [_pool.submit(run, w) for w in range(WORKERS)]:
-        f.result()
-    return results
-
-
-def _slices(n):
-    return [slice(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
 
 
 def sums_of_squares(arrays):
@@ -50,14 +21,14 @@ def sums_of_squares(arrays):
     buffer of varying alignment), so a slice's sum depends on its elements alone, not on which
     array or which rank holds it (ZeRO-1's shards start on CHUNK boundaries: minitrain/zero.py)."""
     xp = backend.xp
-    scratch = [backend.aligned_empty(CHUNK, xp.float64) for _ in range(WORKERS)]
-    tasks = [(g, sl) for g in arrays for sl in _slices(g.size)]
+    scratch = [backend.aligned_empty(CHUNK, xp.float64) for _ in range(parallel.WORKERS)]
+    tasks = [(g, sl) for g in arrays for sl in slices(g.size, CHUNK)]
 
     def sum_of_squares(w, task):
         g, sl = task
         return float(xp.multiply(g[sl], g[sl], out=scratch[w][: sl.stop - sl.start], dtype=xp.float64).sum())
 
-    return _run_slices(tasks, sum_of_squares)
+    return parallel.run(tasks, sum_of_squares)
 
 
 def global_grad_norm(params):
@@ -138,11 +109,11 @@ class AdamW:
                                  wd=self.weight_decay if decays else 0.0, step_size=step_size, bc2_sqrt=bc2_sqrt)
                 continue
             decay = 1 - lr * self.weight_decay if decays else None
-            tasks += [((ps, gs, m, v), sl, decay) for sl in _slices(b - a)]
+            tasks += [((ps, gs, m, v), sl, decay) for sl in slices(b - a, CHUNK)]
         if tasks:
             dt = tasks[0][0][0].dtype
-            scratch = [(backend.aligned_empty(CHUNK, dt), backend.aligned_empty(CHUNK, dt)) for _ in range(WORKERS)]
-            _run_slices(tasks, lambda w, task: self._update(*task, scratch[w], step_size, bc2_sqrt))
+            scratch = [(backend.aligned_empty(CHUNK, dt), backend.aligned_empty(CHUNK, dt)) for _ in range(parallel.WORKERS)]
+            parallel.run(tasks, lambda w, task: self._update(*task, scratch[w], step_size, bc2_sqrt))
 
     def _update(self, flat, sl, decay, scratch, step_size, bc2_sqrt):
         """One slice of the update in place, through two scratch buffers: the same arithmetic,

@@ -138,6 +138,24 @@ def test_a_zero1_run_resumes_exactly_on_another_number_of_ranks(data, tmp_path, 
         assert "the run took 4 micro-batches per step (2 rank(s) x --grad-accum 2)" in refused.stderr
 
 
+def test_lora_with_dropout_under_zero1_gives_the_bits_of_one_process(data, tmp_path, one_process):
+    """Adapters on one_process's final.apr: the dropout masks follow the global micro-batch, the
+    shards are the adapters' (the frozen base has no optimizer state to shard)."""
+    lora = ["--init", str(one_process[0] / "final.apr"), "--lora-rank", "4", "--lora-dropout", "0.2", *ZERO_RUN]
+    one = pretrain(1, tmp_path / "one", "--data", data, *lora, "--grad-accum", "2")
+    assert one.returncode == 0, one.stderr
+    dp = pretrain(2, tmp_path / "dp", "--data", data, *lora, "--zero", "1")
+    assert dp.returncode == 0, dp.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "dp")
+    for name in ("adapter.safetensors", "optimizer.safetensors"):
+        assert (tmp_path / "one" / "step-2" / name).read_bytes() == (tmp_path / "dp" / "step-2" / name).read_bytes()
+    weights = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "one" / weights).read_bytes() == (tmp_path / "dp" / weights).read_bytes()
+    trained = json.loads(one.stdout.strip().splitlines()[-1])["lora"]["trained_params"]
+    state = [m["optimizer_state_bytes"] for m in json.loads(dp.stdout.strip().splitlines()[-1])["memory_per_rank"]]
+    assert sum(state) == 8 * trained and min(state) > 0
+
+
 def test_bad_input_is_exit_2_from_every_rank_with_the_line_once(tmp_path):
     out = pretrain(2, tmp_path / "bad", "--data", tmp_path / "missing.bin", "--steps", "1")
     assert out.returncode == 2, out.stderr

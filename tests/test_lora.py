@@ -334,3 +334,30 @@ def test_a_lora_checkpoint_without_its_adapters_is_refused(base, tmp_path):
     (tmp_path / "out" / "step-2" / "adapter.safetensors").unlink()
     done = minitrain("pretrain", "--resume", tmp_path / "out" / "step-2")
     assert done.returncode == 2 and "no adapter.safetensors, but the run trained LoRA adapters" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
+def test_a_real_smollm2_adapter_loads_in_peft_with_our_logits(smollm2, tmp_path):
+    """Rank 8 on the real SmolLM2-135M (its GGUF, through transformers' own GGUF loader for peft)."""
+    import json as json_module
+
+    from minitrain.formats.gguf import load_gguf
+
+    data = tmp_path / "data"
+    assert minitrain("tokenize", "--tokenizer", smollm2, "--out", data, json_module.__file__).returncode == 0
+    done = minitrain("pretrain", "--init", smollm2, "--data", data, "--out", tmp_path / "run", "--seq-len", 32,
+                     "--batch-size", 2, "--steps", 2, "--val-windows", 2, "--lr", 1e-3, "--warmup-steps", 0,
+                     "--lora-rank", 8, "--lora-alpha", 16, "--json")
+    assert done.returncode == 0, done.stderr
+    adapter = tmp_path / "run" / "adapter"
+    spec, arrays = peft_format.read_adapter(adapter)
+    assert max(np.abs(a).max() for n, a in arrays.items() if "lora_B" in n) > 0
+    config = load_gguf(smollm2)[0]
+    inputs = np.fromfile(next(data.glob("*.bin")), dtype="<u4")[: 2 * 32].astype(np.int64).reshape(2, 32)
+    truth_model = peft.PeftModel.from_pretrained(hf_oracle.float64_model(smollm2.parent, gguf_file=smollm2.name), adapter)
+    with torch.no_grad():
+        truth = truth_model(torch.tensor(inputs)).logits.numpy()
+    mine = lora.Adapters(spec, config, arrays).attach(load_model(smollm2)).forward(inputs).data
+    bound = depth(config, 2, 32, spec.rank)[0] * (UNIT_ROUNDOFF["fp32"] + U64) * np.abs(truth).max()
+    assert np.abs(mine - truth).max() <= bound

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from minitrain import optim
+from minitrain import optim, parallel
 from minitrain.autograd import Tensor
 from minitrain.optim import SGD, AdamW, global_grad_norm
 
@@ -74,7 +74,7 @@ def test_the_global_norm_does_not_depend_on_the_order_of_the_parameters():
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_threaded_adamw_and_norm_give_the_same_bits_with_any_number_of_threads(workers, monkeypatch):
-    """AdamW and the grad norm deal their slices to WORKERS threads; the slices are the same and the
+    """AdamW and the grad norm deal their slices to parallel.WORKERS threads; the slices are the same and the
     results come back in slice order, so 1, 2 or 3 threads (any timing) give the same bits."""
     def run():
         rng = np.random.default_rng(5)
@@ -88,7 +88,7 @@ def test_threaded_adamw_and_norm_give_the_same_bits_with_any_number_of_threads(w
             opt.step()
         return norms, [p.data.tobytes() for p in params + opt.m + opt.v]
 
-    monkeypatch.setattr(optim, "WORKERS", 4)
+    monkeypatch.setattr(parallel, "WORKERS", 4)
     expected = run()
-    monkeypatch.setattr(optim, "WORKERS", workers)
+    monkeypatch.setattr(parallel, "WORKERS", workers)
     assert run() == expected

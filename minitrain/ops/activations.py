@@ -1,8 +1,12 @@
 """SiLU and the fused SwiGLU gate of the Llama/Qwen2 MLP."""
 
-from minitrain import backend
+import numpy
+
+from minitrain import backend, parallel
 from minitrain.autograd import Function
 from minitrain.gpu import swiglu as swiglu_kernels
+
+SLICE = 1 << 16  # elements per slice on the CPU (fewer calls per slice than smaller ones, as fast)
 
 
 def sigmoid(x):
@@ -30,6 +34,9 @@ class SwiGLU(Function):
     One fused op: the intermediate silu(a) is never stored.
       da = dy * u * s (1 + a (1 - s))     (the SiLU derivative above, s = sigmoid(a))
       du = dy * silu(a)
+    On the CPU both run slice by slice on every core (parallel.py), each slice through scratch
+    buffers in cache, with the operations, in the order, of the formulas: the same bits as
+    evaluating them whole.
     """
 
     def forward(self, a, u):
@@ -37,6 +44,11 @@ class SwiGLU(Function):
         if launch := backend.kernels(a, u):  # kernels/swiglu.cu: the same math, one pass
             y = backend.xp.empty_like(a)
             swiglu_kernels.forward(launch, a, u, y)
+            return y
+        if backend.xp is numpy:
+            y = numpy.empty_like(a)
+            _by_slices(lambda sl, s, t: numpy.multiply(numpy.multiply(a.reshape(-1)[sl], s, out=t), u.reshape(-1)[sl],
+                                                       out=y.reshape(-1)[sl]), a)
             return y
         return a * sigmoid(a) * u
 
@@ -46,10 +58,51 @@ class SwiGLU(Function):
             da, du = backend.xp.empty_like(a), backend.xp.empty_like(u)
             swiglu_kernels.backward(launch, backend.xp.ascontiguousarray(g), a, u, da, du)
             return da, du
+        if backend.xp is numpy:
+            return _backward_cpu(numpy.ascontiguousarray(g), a, u, self.needs_grad)
         s = sigmoid(a)
         da = g * u * s * (1.0 + a * (1.0 - s)) if self.needs_grad[0] else None
         du = g * a * s if self.needs_grad[1] else None
         return da, du
+
+
+def _by_slices(work, a):
+    """work(sl, s, t) for every SLICE of a's elements, s = sigmoid(a[sl]) in a scratch buffer and t
+    a second one, on all cores. s is formed as `sigmoid` forms it: 0.5 (1 + tanh(a / 2))."""
+    flat = a.reshape(-1)
+    scratch = [(numpy.empty(SLICE, a.dtype), numpy.empty(SLICE, a.dtype)) for _ in range(parallel.WORKERS)]
+
+    def one(w, sl):
+        s, t = (buf[: sl.stop - sl.start] for buf in scratch[w])
+        numpy.multiply(flat[sl], 0.5, out=s)
+        numpy.tanh(s, out=s)
+        s += 1.0
+        s *= 0.5
+        work(sl, s, t)
+
+    parallel.run(parallel.slices(flat.size, SLICE), one)
+
+
+def _backward_cpu(g, a, u, needs):
+    """The two gradients of SwiGLU.backward's formulas, slice by slice."""
+    da = numpy.empty_like(a) if needs[0] else None
+    du = numpy.empty_like(u) if needs[1] else None
+    gf, af, uf = g.reshape(-1), a.reshape(-1), u.reshape(-1)
+
+    def work(sl, s, t):
+        if da is not None:  # (g u) s (1 + a (1 - s))
+            numpy.subtract(1.0, s, out=t)
+            t *= af[sl]
+            t += 1.0
+            d = numpy.multiply(gf[sl], uf[sl], out=da.reshape(-1)[sl])
+            d *= s
+            d *= t
+        if du is not None:  # (g a) s
+            d = numpy.multiply(gf[sl], af[sl], out=du.reshape(-1)[sl])
+            d *= s
+
+    _by_slices(work, a)
+    return da, du
 
 
 def silu(x):

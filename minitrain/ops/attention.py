@@ -12,11 +12,18 @@ Like FlashAttention, the forward keeps only the output and the per-row log-sum-e
 backward recomputes the probabilities from them, so no T x T matrix outlives a call.
 """
 
+import functools
 import math
 
 from minitrain import backend
 from minitrain.autograd import Function
 from minitrain.gpu import attention as attention_kernels
+
+
+@functools.lru_cache(maxsize=8)
+def _mask(xp, T, dtype):
+    """(T, T): 0 on and below the diagonal, -inf above it; made once per size."""
+    return xp.triu(xp.full((T, T), -xp.inf, dtype=dtype), k=1)
 
 
 def _causal_scores(qh, kh, scale):
@@ -25,7 +32,7 @@ def _causal_scores(qh, kh, scale):
     s = qh @ kh.swapaxes(-1, -2)  # (B, nKV, g*T, T)
     s *= scale
     s5 = s.reshape(s.shape[:2] + (-1, T, T))  # (B, nKV, g, T, T): view, one T x T block per head
-    s5 += backend.xp.triu(backend.xp.full((T, T), -backend.xp.inf, dtype=s.dtype), k=1)
+    s5 += _mask(backend.xp, T, s.dtype)
     return s
 
 

@@ -5,12 +5,18 @@ For logits z_n (V,) and target t_n: loss_n = lse_n - z_n[t_n], lse_n = log sum_v
 computed stably as m_n + log sum_v exp(z_n,v - m_n), m_n = max_v z_n,v. Since
 d lse_n / d z_n,v = softmax_n,v, the gradient of the mean over N targets is
     dz_n,v = (softmax_n,v - [v == t_n]) / N.
-Nothing is upcast beyond fp32: a 151 936-way vocabulary costs one logits-sized buffer.
+Nothing is upcast beyond fp32: a 151 936-way vocabulary costs one logits-sized buffer. On the
+CPU the rows are done a block at a time on every core (parallel.py), each block's exponentials in
+a cache-sized scratch buffer, with the same operations per row as a whole-array evaluation.
 """
 
-from minitrain import backend
+import numpy
+
+from minitrain import backend, parallel
 from minitrain.autograd import Function
 from minitrain.gpu import fused, gemm
+
+BLOCK = 1 << 16  # elements of a CPU row block (at least one row)
 
 
 def _check(z, t):
@@ -28,6 +34,8 @@ def row_losses(z, t):
         nll, lse = (xp.empty(z.shape[0], dtype=xp.float32) for _ in range(2))
         fused.cross_entropy_forward(launch, z, t, nll, lse)
         return nll, lse
+    if xp is numpy:
+        return _rows_cpu(z, t)
     acc = backend.acc_dtype(z.dtype)
     m = z.max(axis=-1, keepdims=True).astype(acc)  # (N, 1)
     e = z.astype(acc, copy=False) - m  # (N, V): the one big temporary ...
@@ -41,11 +49,44 @@ def row_gradients(z, t, lse, scale, out):
     if launch := backend.kernels(z):
         fused.cross_entropy_backward(launch, z, t, lse, out, scale)
         return out
+    if xp is numpy:
+        _rows_cpu(z, t, lse, scale, out)
+        return out
     xp.subtract(z, lse[:, None].astype(z.dtype), out=out)
     xp.exp(out, out=out)  # softmax (N, V), in the output buffer
     out[xp.arange(z.shape[0]), t] -= 1.0
     out *= scale
     return out
+
+
+def _rows_cpu(z, t, lse=None, scale=None, out=None):
+    """row_losses (lse None: returns nll, lse) or row_gradients (into out) on the CPU, by row
+    blocks on every core. z is fp32 or fp64 here, its own accumulation dtype."""
+    N, V = z.shape
+    rows = max(1, BLOCK // V)
+    blocks = parallel.slices(N, rows)
+    if lse is not None:
+        def gradients(w, rb):
+            o = out[rb]
+            numpy.subtract(z[rb], lse[rb, None], out=o)
+            numpy.exp(o, out=o)  # softmax rebuilt from lse
+            o[numpy.arange(o.shape[0]), t[rb]] -= 1.0
+            o *= scale
+
+        parallel.run(blocks, gradients)
+        return None
+    scratch = [backend.aligned_empty(rows * V, z.dtype) for _ in range(parallel.WORKERS)]
+
+    def losses(w, rb):
+        zb = z[rb]
+        m = zb.max(axis=-1, keepdims=True)  # (r, 1)
+        e = scratch[w][: zb.size].reshape(zb.shape)
+        numpy.subtract(zb, m, out=e)
+        lse_b = m[:, 0] + numpy.log(numpy.exp(e, out=e).sum(axis=-1))  # (r,)
+        return lse_b - zb[numpy.arange(zb.shape[0]), t[rb]], lse_b
+
+    parts = parallel.run(blocks, losses)
+    return numpy.concatenate([p[0] for p in parts]), numpy.concatenate([p[1] for p in parts])
 
 
 def _rows(z, t):

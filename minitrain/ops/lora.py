@@ -9,11 +9,12 @@ class LoRALinear(Function):
     0/1 per element of x, or None for no dropout), applied to the low-rank path only, as peft does.
 
     Flatten the leading dims: X (N, in), X_d likewise, G = dy (N, out), and name the rank-R
-    intermediates H = X_d Aᵀ (N, R) and GB = G B (N, R). Then y_n = W x_n + b + s B A x_d,n, so
+    intermediates H = s X_d Aᵀ (N, R) and GB = s G B (N, R), the scale folded into each (an N x R
+    product, not an N x out or N x in one). Then y_n = W x_n + b + B (s A x_d,n), so
 
-      dB = s Gᵀ H           (out, N) @ (N, R):  sum over tokens of outer(g_n, s A x_d,n)
-      dA = s GBᵀ X_d        (R, N) @ (N, in):   sum over tokens of outer(s Bᵀ g_n, x_d,n)
-      dX = G W + s (GB A) * keep / (1 - p)      both paths back to x; dropout's mask once more
+      dB = Gᵀ H             (out, N) @ (N, R):  sum over tokens of outer(g_n, s A x_d,n)
+      dA = GBᵀ X_d          (R, N) @ (N, in):   sum over tokens of outer(s Bᵀ g_n, x_d,n)
+      dX = G W + (GB A) * keep / (1 - p)        both paths back to x; dropout's mask once more
       dW = Gᵀ X,  db = sum_n G[n]               only when asked: a frozen W (the LoRA case)
                                                  gets no dW at all, not a computed-and-dropped one
 
@@ -26,11 +27,12 @@ class LoRALinear(Function):
         mask = None if keep is None else (keep.reshape(x2.shape) / (1.0 - p)).astype(x2.dtype)  # (N, in): keep / (1 - p)
         xd = x2 if mask is None else x2 * mask  # (N, in)
         H = xd @ A.T  # (N, R)
+        H *= scale
         y = x2 @ W.T  # (N, out)
-        y += scale * (H @ B.T)
+        y += H @ B.T
         if b is not None:
             y += b
-        needs = self.needs_grad
+        needs = self.needs_grad  # keep x for dW, x_d for dA, H for dB, W and A and the mask for dX, B for GB
         self.save(x2 if needs[1] else None, xd if needs[3] else None, H if needs[4] else None,
                   W if needs[0] else None, A if needs[0] else None, B, scale, mask if needs[0] else None, x.shape)
         return y.reshape(x.shape[:-1] + (W.shape[0],))
@@ -40,16 +42,19 @@ class LoRALinear(Function):
         needs = self.needs_grad
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         GB = g2 @ B  # (N, R)
+        GB *= scale
         dx = None
         if needs[0]:
-            low = scale * (GB @ A)  # (N, in)
+            low = GB @ A  # (N, in)
             if mask is not None:
                 low *= mask
-            dx = (g2 @ W + low).reshape(x_shape)
+            dx = g2 @ W  # (N, in)
+            dx += low
+            dx = dx.reshape(x_shape)
         dW = g2.T @ x2 if needs[1] else None
         db = g2.sum(axis=0) if needs[2] else None
-        dA = scale * (GB.T @ xd) if needs[3] else None  # (R, in)
-        dB = scale * (g2.T @ H) if needs[4] else None  # (out, R)
+        dA = GB.T @ xd if needs[3] else None  # (R, in)
+        dB = g2.T @ H if needs[4] else None  # (out, R)
         return dx, dW, db, dA, dB
 
 
