@@ -258,7 +258,8 @@ class Run:
             adapters = lora.Adapters(spec, mc, arrays, f"--lora-from {cfg.lora_from}")
         else:
             spec = lora.LoRASpec(cfg.lora_rank, float(cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha),
-                                 cfg.lora_dropout or 0.0, lora.parse_targets(cfg.lora_targets or ",".join(lora.TARGETS)))
+                                 cfg.lora_dropout or 0.0,
+                                 lora.parse_targets(",".join(lora.TARGETS) if cfg.lora_targets is None else cfg.lora_targets))
             adapters = lora.Adapters.fresh(spec, mc, cfg.seed)
         cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout = spec.rank, spec.alpha, spec.dropout
         cfg.lora_targets = ",".join(spec.targets)

@@ -300,6 +300,7 @@ def broken_adapter(tmp_path, config, **changes):
     ("no init", "give it with --init"),
     ("bf16", "no bf16 path"),
     ("unknown target", "unknown: qkv"),
+    ("no target", "LoRA targets : expected distinct names"),
     ("missing adapter", "not a directory"),
     ("rslora", "use_rslora = True"),
     ("wrong rank", "model.layers.1.mlp.up_proj.lora_B.weight expected [24, 4] found [24, 2]"),
@@ -315,6 +316,7 @@ def test_bad_lora_input_is_exit_2_with_one_line(base, tmp_path, case, message):
             "--out", tmp_path / "out"]
     extra = {"no init": lambda: ["--lora-rank", 4], "bf16": lambda: ["--lora-rank", 4, "--dtype", "bf16"],
              "unknown target": lambda: ["--lora-rank", 4, "--lora-targets", "q,qkv"],
+             "no target": lambda: ["--lora-rank", 4, "--lora-targets", ""],
              "missing adapter": lambda: ["--lora-from", tmp_path / "nowhere"],
              "rslora": lambda: ["--lora-from", broken_adapter(tmp_path, config, use_rslora=True)],
              "wrong rank": lambda: ["--lora-from", broken_adapter(tmp_path, config, wrong_rank=True)],
