@@ -43,7 +43,7 @@ def inspect(path, arch=None, rope_layout=None):
 
 
 def _inspect_hf(directory, architecture):
-    metadata = hf._load_json(directory / "config.json")
+    metadata = hf.load_json(directory / "config.json")
     tensors = []
     for f in hf._shard_files(directory):
         header = safetensors_io.read_header(f)[0]

@@ -27,8 +27,8 @@ from minitrain.config import PRESETS, ModelConfig, preset
 from minitrain.convert import apr_tensors, checked_tokenizer
 from minitrain.data import TokenWindows, TrainStream
 from minitrain.errors import InputError, TrainingAborted
-from minitrain.formats.apr import write_apr
 from minitrain.formats import peft
+from minitrain.formats.apr import write_apr
 from minitrain.formats.apr_meta import model_metadata
 from minitrain.gpu import attention as attention_kernels
 from minitrain.model import Model
@@ -240,12 +240,7 @@ class Run:
         (resume), or --lora-from's (their rank, alpha and targets; any given must agree), or fresh
         (A as peft draws it, B zero). cfg gets the resolved values (run.json, checkpoints)."""
         mc = self.model.config
-        if cfg.resume:
-            if saved is None:
-                raise InputError(f"--resume {cfg.resume}: no {checkpoint.ADAPTER}, but the run trained LoRA adapters")
-            spec = lora.LoRASpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets.split(",")))
-            adapters = lora.Adapters(spec, mc, saved, f"{cfg.resume}/{checkpoint.ADAPTER}")
-        elif cfg.lora_from:
+        if cfg.lora_from and not cfg.resume:
             spec, arrays = peft.read_adapter(cfg.lora_from)
             given = {"--lora-rank": (cfg.lora_rank, spec.rank), "--lora-alpha": (cfg.lora_alpha, spec.alpha),
                      "--lora-targets": (cfg.lora_targets and ",".join(lora.parse_targets(cfg.lora_targets)),
@@ -256,11 +251,14 @@ class Run:
             if cfg.lora_dropout is not None:  # a training choice, not part of what the adapter computes
                 spec = lora.LoRASpec(spec.rank, spec.alpha, cfg.lora_dropout, spec.targets)
             adapters = lora.Adapters(spec, mc, arrays, f"--lora-from {cfg.lora_from}")
-        else:
+        else:  # the options (a resumed run's are all resolved), with their defaults
             spec = lora.LoRASpec(cfg.lora_rank, float(cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha),
                                  cfg.lora_dropout or 0.0,
                                  lora.parse_targets(",".join(lora.TARGETS) if cfg.lora_targets is None else cfg.lora_targets))
-            adapters = lora.Adapters.fresh(spec, mc, cfg.seed)
+            if cfg.resume and saved is None:
+                raise InputError(f"--resume {cfg.resume}: no {checkpoint.ADAPTER}, but the run trained LoRA adapters")
+            adapters = (lora.Adapters(spec, mc, saved, f"{cfg.resume}/{checkpoint.ADAPTER}") if cfg.resume
+                        else lora.Adapters.fresh(spec, mc, cfg.seed))
         cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout = spec.rank, spec.alpha, spec.dropout
         cfg.lora_targets = ",".join(spec.targets)
         adapters.attach(self.model)

@@ -21,7 +21,7 @@ ENCODERS = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "de
 INDEX = "model.safetensors.index.json"
 
 
-def _load_json(path):
+def load_json(path):
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -111,7 +111,7 @@ def config_to_hf(cfg):
 def _shard_files(directory):
     index = directory / INDEX
     if index.exists():
-        weight_map = _load_json(index).get("weight_map")
+        weight_map = load_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise InputError(f"{index}: no weight_map")
         return sorted({directory / f for f in weight_map.values()})
@@ -126,7 +126,7 @@ def load_dir(path):
     directory = Path(path)
     if not directory.is_dir():
         raise InputError(f"{directory}: not a directory (expected a Hugging Face checkpoint directory)")
-    cfg = config_from_hf(_load_json(directory / "config.json"), str(directory / "config.json"))
+    cfg = config_from_hf(load_json(directory / "config.json"), str(directory / "config.json"))
     arrays, origin = {}, {}
     for f in _shard_files(directory):
         if not f.exists():

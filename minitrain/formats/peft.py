@@ -18,6 +18,7 @@ import numpy
 
 from minitrain.errors import InputError
 from minitrain.formats import safetensors_io
+from minitrain.formats.hf import load_json
 from minitrain.lora import TARGETS, LoRASpec
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -50,12 +51,7 @@ def read_adapter(directory):
     if not directory.is_dir():
         raise InputError(f"{directory}: not a directory (expected a peft adapter directory with {CONFIG})")
     path = directory / CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+    config = load_json(path)
     if config.get("peft_type") != "LORA":
         raise InputError(f"{path}: peft_type {config.get('peft_type')!r}; minitrain reads LORA adapters")
     for key, fine in UNSUPPORTED.items():

@@ -35,7 +35,7 @@ def row_losses(z, t):
         fused.cross_entropy_forward(launch, z, t, nll, lse)
         return nll, lse
     if xp is numpy:
-        return _rows_cpu(z, t)
+        return _losses_cpu(z, t)
     acc = backend.acc_dtype(z.dtype)
     m = z.max(axis=-1, keepdims=True).astype(acc)  # (N, 1)
     e = z.astype(acc, copy=False) - m  # (N, V): the one big temporary ...
@@ -50,7 +50,7 @@ def row_gradients(z, t, lse, scale, out):
         fused.cross_entropy_backward(launch, z, t, lse, out, scale)
         return out
     if xp is numpy:
-        _rows_cpu(z, t, lse, scale, out)
+        _gradients_cpu(z, t, lse, scale, out)
         return out
     xp.subtract(z, lse[:, None].astype(z.dtype), out=out)
     xp.exp(out, out=out)  # softmax (N, V), in the output buffer
@@ -59,22 +59,11 @@ def row_gradients(z, t, lse, scale, out):
     return out
 
 
-def _rows_cpu(z, t, lse=None, scale=None, out=None):
-    """row_losses (lse None: returns nll, lse) or row_gradients (into out) on the CPU, by row
-    blocks on every core. z is fp32 or fp64 here, its own accumulation dtype."""
+def _losses_cpu(z, t):
+    """row_losses on the CPU, by row blocks on every core, each block's exponentials in an aligned
+    scratch buffer. z is fp32 or fp64 here, its own accumulation dtype."""
     N, V = z.shape
     rows = max(1, BLOCK // V)
-    blocks = parallel.slices(N, rows)
-    if lse is not None:
-        def gradients(w, rb):
-            o = out[rb]
-            numpy.subtract(z[rb], lse[rb, None], out=o)
-            numpy.exp(o, out=o)  # softmax rebuilt from lse
-            o[numpy.arange(o.shape[0]), t[rb]] -= 1.0
-            o *= scale
-
-        parallel.run(blocks, gradients)
-        return None
     scratch = [backend.aligned_empty(rows * V, z.dtype) for _ in range(parallel.WORKERS)]
 
     def losses(w, rb):
@@ -85,8 +74,22 @@ def _rows_cpu(z, t, lse=None, scale=None, out=None):
         lse_b = m[:, 0] + numpy.log(numpy.exp(e, out=e).sum(axis=-1))  # (r,)
         return lse_b - zb[numpy.arange(zb.shape[0]), t[rb]], lse_b
 
-    parts = parallel.run(blocks, losses)
+    parts = parallel.run(parallel.slices(N, rows), losses)
     return numpy.concatenate([p[0] for p in parts]), numpy.concatenate([p[1] for p in parts])
+
+
+def _gradients_cpu(z, t, lse, scale, out):
+    """row_gradients on the CPU, by row blocks on every core."""
+    N, V = z.shape
+
+    def gradients(w, rb):
+        o = out[rb]
+        numpy.subtract(z[rb], lse[rb, None], out=o)
+        numpy.exp(o, out=o)  # softmax rebuilt from lse
+        o[numpy.arange(o.shape[0]), t[rb]] -= 1.0
+        o *= scale
+
+    parallel.run(parallel.slices(N, max(1, BLOCK // V)), gradients)
 
 
 def _rows(z, t):
