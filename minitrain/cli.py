@@ -8,6 +8,7 @@ never a traceback.
 import json
 import math
 import sys
+import time
 
 import click
 
@@ -364,6 +365,11 @@ def convert(src, dst, arch, rope_layout, dtype, tokenizer_path):
     click.echo(run(src, dst, dtype, tokenizer_path, arch, rope_layout))
 
 
+# MPI's Abort kills every rank at once; mpiexec may not yet have read the lost-rank line from this
+# rank's stderr pipe (seen: 1 run in 6), so the rank waits this long between the line and the abort.
+ABORT_GRACE_S = 0.5
+
+
 def main():
     """Console entry point: one-line errors with the contract's exit codes."""
     try:
@@ -383,6 +389,7 @@ def main():
         from mpi4py import MPI
 
         code = 3
+        time.sleep(ABORT_GRACE_S)  # the launcher forwards the line before the abort kills the ranks
         MPI.COMM_WORLD.Abort(code)
     except click.ClickException as e:  # usage errors and bad parameters
         click.echo(f"minitrain: error: {e.format_message()}", err=True)
