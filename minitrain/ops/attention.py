@@ -10,14 +10,24 @@ kv head does ONE matmul with g*T query rows. The backward's sum over a group's q
 
 Like FlashAttention, the forward keeps only the output and the per-row log-sum-exp; the
 backward recomputes the probabilities from them, so no T x T matrix outlives a call.
+
+The products are whole batched matmuls; the softmax's row work goes by blocks of query rows
+to every core, and a block of positions a..e-1 works on its e visible key columns only (its
+P is exactly 0 beyond them). Each row goes through the same operations as the whole-array
+formulas, with sums over full rows: the same bits.
 """
 
 import functools
 import math
 
-from minitrain import backend
+import numpy
+
+from minitrain import backend, parallel
 from minitrain.autograd import Function
 from minitrain.gpu import attention as attention_kernels
+
+
+BLOCK = 1 << 16  # score elements per block of rows on the CPU (parallel.py)
 
 
 @functools.lru_cache(maxsize=8)
@@ -26,14 +36,23 @@ def _mask(xp, T, dtype):
     return xp.triu(xp.full((T, T), -xp.inf, dtype=dtype), k=1)
 
 
-def _causal_scores(qh, kh, scale):
-    """S = Q K^T * scale with -inf where key j > query i. qh (B, nKV, g*T, hd), kh (B, nKV, T, hd)."""
-    T = kh.shape[2]
-    s = qh @ kh.swapaxes(-1, -2)  # (B, nKV, g*T, T)
-    s *= scale
-    s5 = s.reshape(s.shape[:2] + (-1, T, T))  # (B, nKV, g, T, T): view, one T x T block per head
-    s5 += _mask(backend.xp, T, s.dtype)
-    return s
+def _causal(s, a, e, scale):
+    """s: the raw scores Q K^T of query positions a..e-1 (rows) against all T keys (columns), a
+    view. Scales them and adds -inf where key j > query i; the columns j >= e, -inf on every row,
+    are left out: returns the view s[:, :e] the softmax needs (the caller zeroes the rest of P)."""
+    seen = s[:, :e]
+    seen *= scale
+    seen += _mask(backend.xp, s.shape[1], s.dtype)[a:e, :e]
+    return seen
+
+
+def _blocks(B, nKV, g, T):
+    """The row blocks of the (B, nKV, g*T, T) scores: (b, j, rows, a, e) for query positions
+    a..e-1 of one head (rows h*T+a .. h*T+e-1 of kv head j). On the CPU about BLOCK scores each,
+    dealt to every core; on CuPy one block per head."""
+    rows = max(1, BLOCK // T) if backend.xp is numpy else T
+    return [(b, j, slice(h * T + p.start, h * T + p.stop), p.start, p.stop)
+            for b in range(B) for j in range(nKV) for h in range(g) for p in parallel.slices(T, rows)]
 
 
 class Attention(Function):
@@ -71,13 +90,22 @@ class Attention(Function):
         kh = xp.ascontiguousarray(k.transpose(0, 2, 1, 3))  # (B, nKV, T, hd)
         vh = xp.ascontiguousarray(v.transpose(0, 2, 1, 3))  # (B, nKV, T, hd)
         scale = 1.0 / math.sqrt(hd)
-        s = _causal_scores(qh, kh, scale)  # (B, nKV, g*T, T)
-        m = s.max(axis=-1, keepdims=True)  # (B, nKV, g*T, 1): finite, the diagonal is never masked
-        p = xp.exp(s - m, out=s)
-        denom = p.sum(axis=-1, keepdims=True)
-        p /= denom
+        p = qh @ kh.swapaxes(-1, -2)  # (B, nKV, g*T, T) raw scores, P in their place
+        lse = xp.empty(p.shape[:3] + (1,), dtype=p.dtype)  # (B, nKV, g*T, 1)
+
+        def softmax(_, block):
+            b, j, rows, a, e = block
+            s = _causal(p[b, j, rows], a, e, scale)  # (e - a, e)
+            m = s.max(axis=-1, keepdims=True)  # finite: the diagonal is never masked
+            s -= m
+            xp.exp(s, out=s)
+            p[b, j, rows, s.shape[1]:] = 0.0
+            denom = p[b, j, rows].sum(axis=-1, keepdims=True)  # over the full row
+            s /= denom
+            lse[b, j, rows] = m + xp.log(denom)
+
+        parallel.run(_blocks(B, nKV, g, T), softmax)
         oh = p @ vh  # (B, nKV, g*T, hd)
-        lse = m + xp.log(denom)  # (B, nKV, g*T, 1)
         self.save(qh, kh, vh, oh, lse, scale)
         return oh.reshape(B, nH, T, hd).transpose(0, 2, 1, 3).copy()  # (B, T, nH, hd) contiguous
 
@@ -92,15 +120,30 @@ class Attention(Function):
         B, T, nH, hd = g_out.shape
         xp = backend.xp
         do = xp.ascontiguousarray(g_out.transpose(0, 2, 1, 3)).reshape(oh.shape)  # (B, nKV, g*T, hd)
-        p = _causal_scores(qh, kh, scale)
-        p -= lse
-        xp.exp(p, out=p)  # P recomputed from the saved log-sum-exp: (B, nKV, g*T, T)
+        nKV = kh.shape[1]
+        blocks = _blocks(B, nKV, nH // nKV, T)
+        p = qh @ kh.swapaxes(-1, -2)  # (B, nKV, g*T, T) raw scores, P in their place
+
+        def probabilities(_, block):  # P recomputed from the saved log-sum-exp
+            b, j, rows, a, e = block
+            s = _causal(p[b, j, rows], a, e, scale)
+            s -= lse[b, j, rows]
+            xp.exp(s, out=s)
+            p[b, j, rows, s.shape[1]:] = 0.0
+
+        parallel.run(blocks, probabilities)
         dv = p.swapaxes(-1, -2) @ do  # (B, nKV, T, hd): sums over the g stacked heads
-        dp = do @ vh.swapaxes(-1, -2)  # (B, nKV, g*T, T)
-        D = (do * oh).sum(axis=-1, keepdims=True)  # (B, nKV, g*T, 1)
-        dp -= D
-        ds = p * dp
-        ds *= scale
+        ds = do @ vh.swapaxes(-1, -2)  # (B, nKV, g*T, T): dP, dS in its place
+
+        def softmax_backward(_, block):
+            b, j, rows = block[:3]
+            D = (do[b, j, rows] * oh[b, j, rows]).sum(axis=-1, keepdims=True)  # (rows, 1)
+            d = ds[b, j, rows]
+            d -= D
+            xp.multiply(p[b, j, rows], d, out=d)
+            d *= scale
+
+        parallel.run(blocks, softmax_backward)
         dq = ds @ kh  # (B, nKV, g*T, hd)
         dk = ds.swapaxes(-1, -2) @ qh  # (B, nKV, T, hd)
         return (dq.reshape(B, nH, T, hd).transpose(0, 2, 1, 3),

@@ -1,8 +1,12 @@
 """RMSNorm, as in Llama and Qwen2: no mean subtraction, no bias."""
 
-from minitrain import backend
+import numpy
+
+from minitrain import backend, parallel
 from minitrain.autograd import Function
 from minitrain.gpu import fused
+
+BLOCK = 1 << 16  # elements per block of rows on the CPU (parallel.py)
 
 
 class RMSNorm(Function):
@@ -16,6 +20,10 @@ class RMSNorm(Function):
       dx_j = r * (dxhat_j - xhat_j * mean_i(dxhat_i * xhat_i))
     because dr/dx_j = -r^3 x_j / H, so
       dx_j = sum_i dxhat_i (r [i == j] - x_i r^3 x_j / H) = r dxhat_j - r xhat_j mean_i(dxhat_i xhat_i).
+
+    On the CPU (fp32 or fp64) the rows go a block at a time to every core, each block through the
+    formulas' operations in their order: the same bits as evaluating them whole. dw's sum over
+    the rows stays one sum over the whole (N, H) product.
     """
 
     def forward(self, x, w, eps):
@@ -28,6 +36,8 @@ class RMSNorm(Function):
             self.save(x2, r, w, x.shape)
             return y.reshape(x.shape)
         acc = backend.acc_dtype(x.dtype)
+        if backend.xp is numpy and x.dtype == acc:
+            return self._forward_cpu(x, w, eps)
         xf = x.astype(acc, copy=False)
         r = 1.0 / backend.xp.sqrt((xf * xf).mean(axis=-1, keepdims=True) + eps)  # (..., 1)
         xhat = (xf * r).astype(x.dtype, copy=False)  # (..., H)
@@ -43,11 +53,53 @@ class RMSNorm(Function):
             return dx.reshape(shape), dw
         xhat, r, w = self.saved
         acc = backend.acc_dtype(g.dtype)
+        if backend.xp is numpy and g.dtype == acc:
+            return self._backward_cpu(numpy.ascontiguousarray(g), xhat, r, w)
         dxhat = (g * w).astype(acc, copy=False)  # (..., H)
         xh = xhat.astype(acc, copy=False)
         dx = r * (dxhat - xh * (dxhat * xh).mean(axis=-1, keepdims=True)) if self.needs_grad[0] else None
         dw = (g * xhat).reshape(-1, w.shape[0]).sum(axis=0) if self.needs_grad[1] else None
         return (None if dx is None else dx.astype(g.dtype, copy=False)), dw
+
+    def _forward_cpu(self, x, w, eps):
+        x2 = numpy.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (N, H)
+        xhat, y = numpy.empty_like(x2), numpy.empty_like(x2)
+        r = numpy.empty((x2.shape[0], 1), dtype=x2.dtype)  # (N, 1)
+
+        def block(_, sl):
+            t = numpy.multiply(x2[sl], x2[sl], out=y[sl])  # x^2, in y's rows until y is formed
+            rs = numpy.mean(t, axis=-1, keepdims=True, out=r[sl])
+            rs += eps
+            numpy.sqrt(rs, out=rs)
+            numpy.divide(1.0, rs, out=rs)
+            numpy.multiply(x2[sl], rs, out=xhat[sl])
+            numpy.multiply(xhat[sl], w, out=y[sl])
+
+        parallel.run(_blocks(x2), block)
+        self.save(xhat.reshape(x.shape), r.reshape(x.shape[:-1] + (1,)), w)
+        return y.reshape(x.shape)
+
+    def _backward_cpu(self, g, xhat, r, w):
+        g2, xh, r2 = g.reshape(-1, w.shape[0]), xhat.reshape(-1, w.shape[0]), r.reshape(-1, 1)  # (N, H), (N, 1)
+        dx = numpy.empty_like(g2) if self.needs_grad[0] else None
+        gx = numpy.empty_like(g2) if self.needs_grad[1] else None  # dy * xhat, summed over rows after
+
+        def block(_, sl):
+            if dx is not None:
+                d = numpy.multiply(g2[sl], w, out=dx[sl])  # dxhat
+                mu = numpy.mean(d * xh[sl], axis=-1, keepdims=True)  # (rows, 1)
+                d -= xh[sl] * mu
+                d *= r2[sl]
+            if gx is not None:
+                numpy.multiply(g2[sl], xh[sl], out=gx[sl])
+
+        parallel.run(_blocks(g2), block)
+        return (None if dx is None else dx.reshape(g.shape)), (None if gx is None else gx.sum(axis=0))
+
+
+def _blocks(x2):
+    """x2 (N, H)'s rows in blocks of about BLOCK elements."""
+    return parallel.slices(x2.shape[0], max(1, BLOCK // x2.shape[1]))
 
 
 def rmsnorm(x, w, eps):

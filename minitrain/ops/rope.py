@@ -7,9 +7,13 @@ Using the adjacent-pair layout on pretrained weights silently ruins them.
 
 import functools
 
-from minitrain import backend
+import numpy
+
+from minitrain import backend, parallel
 from minitrain.autograd import Function
 from minitrain.gpu import fused
+
+BLOCK = 1 << 16  # elements per block of positions on the CPU (parallel.py)
 
 
 @functools.lru_cache(maxsize=32)
@@ -46,6 +50,8 @@ class RoPE(Function):
         dx2 = dy2 cos a - dy1 sin a
     `positions` (T,) defaults to 0..T-1 (every training window starts at position 0); (B, T)
     gives each row its own (a batch of left-padded prompts in the KV-cache decoder).
+    On the CPU the positions go a block at a time to every core, through the same operations in
+    the same order: the same bits as rotating x whole.
     """
 
     def forward(self, x, theta, positions=None):
@@ -72,11 +78,30 @@ class RoPE(Function):
 
 
 def _rotate(x, cos, sin):
+    """cos, sin: (T, 1, hd/2) or (B, T, 1, hd/2)."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]  # (B, T, nH, hd/2) each
     y = backend.xp.empty(x.shape, dtype=x.dtype)
-    y[..., :half] = x1 * cos - x2 * sin
-    y[..., half:] = x2 * cos + x1 * sin
+    if backend.xp is not numpy:
+        x1, x2 = x[..., :half], x[..., half:]  # (B, T, nH, hd/2) each
+        y[..., :half] = x1 * cos - x2 * sin
+        y[..., half:] = x2 * cos + x1 * sin
+        return y
+    B, T, nH = x.shape[:3]
+    per_row = cos.ndim == 4  # (B, T, 1, hd/2)
+    rows = max(1, BLOCK // (nH * 2 * half))  # positions per block
+    scratch = [numpy.empty((rows, nH, half), x.dtype) for _ in range(parallel.WORKERS)]
+
+    def block(w, task):
+        b, ts = task
+        c, s = (cos[b, ts], sin[b, ts]) if per_row else (cos[ts], sin[ts])  # (t, 1, hd/2)
+        x1, x2, y1, y2 = x[b, ts, :, :half], x[b, ts, :, half:], y[b, ts, :, :half], y[b, ts, :, half:]
+        t = scratch[w][: len(x1)]  # (t, nH, hd/2)
+        numpy.multiply(x1, c, out=y1)  # x1 cos - x2 sin
+        numpy.subtract(y1, numpy.multiply(x2, s, out=t), out=y1)
+        numpy.multiply(x2, c, out=y2)  # x2 cos + x1 sin
+        numpy.add(y2, numpy.multiply(x1, s, out=t), out=y2)
+
+    parallel.run([(b, ts) for b in range(B) for ts in parallel.slices(T, rows)], block)
     return y
 
 
