@@ -27,6 +27,7 @@ from minitrain.ops.activations import SiLU, SwiGLU
 from minitrain.ops.attention import Attention
 from minitrain.ops.basic import Add, Mean, Mul, Reshape, Sum, Transpose
 from minitrain.ops.cross_entropy import CrossEntropy, LinearCrossEntropy
+from minitrain.ops.distill import LinearDistillation
 from minitrain.ops.embedding import Embedding
 from minitrain.ops.linear import Linear
 from minitrain.ops.lora import LoRALinear
@@ -35,6 +36,8 @@ from minitrain.ops.rope import RoPE
 
 EPS, ATOL, RTOL = 1e-3, 1e-5, 1e-4
 FROZEN_W = numpy.random.default_rng(7).standard_normal((5, 6))  # a constant, not an input: no dW
+TEACHER = numpy.random.default_rng(8)
+TEACHER_X, TEACHER_W = TEACHER.standard_normal((1, 5, 4)), 2 * TEACHER.standard_normal((9, 4))  # constants: no gradient
 ELEMENTWISE_MAX = 3000  # differentiable elements up to which the element-by-element check runs
 
 
@@ -229,6 +232,15 @@ def cases():
         C("linear_cross_entropy", lambda x, W, t: ops.linear_cross_entropy(x, W, t, chunk_rows=2),
           lambda r: {"x": _normal(r, 1, 5, 6), "W": _normal(r, 9, 6), "targets": numpy.array([[0, 8, 8, 3, 0]])},
           (LinearCrossEntropy,), "chunks of 2 rows"),
+        # distillation: the head, CE and T^2 KL toward a fixed teacher (its own hidden size), fused
+        C("linear_distillation", lambda x, W, t: ops.linear_distillation(
+            x, W, backend.xp.asarray(TEACHER_X), backend.xp.asarray(TEACHER_W), t, 0.7, 2.0, chunk_rows=2),
+          lambda r: {"x": _normal(r, 1, 5, 6), "W": _normal(r, 9, 6), "targets": numpy.array([[0, 8, 8, 3, 0]])},
+          (LinearDistillation,), "w 0.7, T 2, chunks of 2 rows"),
+        C("linear_distillation", lambda x, W, t: ops.linear_distillation(
+            x, W, backend.xp.asarray(TEACHER_X[:, :3]), backend.xp.asarray(TEACHER_W), t, 1.0, 0.5),
+          lambda r: {"x": _normal(r, 3, 6), "W": _normal(r, 9, 6), "targets": numpy.array([4, 4, 1])},
+          (LinearDistillation,), "w 1 (KL only), T 0.5"),
         # whole tiny models of each family: every parameter, embedding to loss
         _model_case(ModelConfig(family="llama", hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=1, head_dim=4, intermediate_size=12, vocab_size=13,

@@ -98,7 +98,7 @@ def test_realistic_bug_attention_mask_missing_in_backward(monkeypatch):
 
 def test_gradcheck_reports_every_op_of_the_issue():
     needed = {"linear", "embedding", "rmsnorm", "rope", "attention", "silu", "swiglu", "cross_entropy",
-              "add", "mul", "sum", "mean", "reshape", "transpose"}
+              "linear_distillation", "add", "mul", "sum", "mean", "reshape", "transpose"}
     assert needed <= set(G.op_names())
 
 
@@ -134,3 +134,11 @@ def test_a_frozen_weight_gets_no_gradient_and_a_zero_B_is_the_base_layer_exactly
     ops.sum(y).backward()
     assert W.grad is None and b.grad is None and A.grad is not None and B.grad is not None
     np.testing.assert_array_equal(A.grad, 0)  # dA = s (G B)ᵀ X_d, and B = 0
+
+
+def test_realistic_bug_distillation_gradient_scaled_by_T_squared(monkeypatch):
+    """The soft term's gradient scaled by T^2, as its loss is, instead of T (d(z / T) / dz = 1 / T)."""
+    module = importlib.import_module("minitrain.ops.distill")
+    original = module._kl_gradient
+    monkeypatch.setattr(module, "_kl_gradient", lambda logq, p, T, scale: original(logq, p, T, T * scale))
+    assert all(not G.check(c).passed for c in _cases("linear_distillation"))

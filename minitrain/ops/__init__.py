@@ -5,11 +5,13 @@ from minitrain.ops.attention import attention
 from minitrain.ops.basic import add, mean, mul, reshape, sum, transpose
 from minitrain.ops.cast import cast
 from minitrain.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from minitrain.ops.distill import linear_distillation
 from minitrain.ops.embedding import embedding
 from minitrain.ops.linear import linear
 from minitrain.ops.lora import lora_linear
 from minitrain.ops.rmsnorm import rmsnorm
 from minitrain.ops.rope import rope
 
-__all__ = ["add", "attention", "cast", "cross_entropy", "embedding", "linear", "linear_cross_entropy", "lora_linear", "mean", "mul", "reshape", "rmsnorm",
+__all__ = ["add", "attention", "cast", "cross_entropy", "embedding", "linear", "linear_cross_entropy", "linear_distillation",
+           "lora_linear", "mean", "mul", "reshape", "rmsnorm",
            "rope", "silu", "sum", "swiglu", "transpose"]

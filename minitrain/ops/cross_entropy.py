@@ -19,7 +19,7 @@ from minitrain.gpu import fused, gemm
 BLOCK = 1 << 16  # elements of a CPU row block (at least one row)
 
 
-def _check(z, t):
+def check_targets(z, t):
     V = z.shape[-1]
     if t.shape[0] != z.shape[0]:
         raise ValueError(f"cross_entropy: {t.shape[0]} targets for {z.shape[0]} rows of logits")
@@ -92,7 +92,7 @@ def _gradients_cpu(z, t, lse, scale, out):
     parallel.run(parallel.slices(N, max(1, BLOCK // V)), gradients)
 
 
-def _rows(z, t):
+def flat_rows(z, t):
     xp = backend.xp
     return xp.ascontiguousarray(z), xp.ascontiguousarray(t.reshape(-1), dtype=xp.int64)
 
@@ -103,8 +103,8 @@ class CrossEntropy(Function):
       dz = (softmax - onehot) * g / N."""
 
     def forward(self, logits, targets):
-        z, t = _rows(logits.reshape(-1, logits.shape[-1]), targets)  # (N, V), (N,)
-        _check(z, t)
+        z, t = flat_rows(logits.reshape(-1, logits.shape[-1]), targets)  # (N, V), (N,)
+        check_targets(z, t)
         nll, lse = row_losses(z, t)
         self.save(z, t, lse, logits.shape)
         return nll.mean(dtype=backend.xp.float64).astype(logits.dtype)  # () scalar
@@ -133,7 +133,7 @@ class LinearCrossEntropy(Function):
 
     def forward(self, x, W, targets, chunk_rows=None):
         xp = backend.xp
-        x2, t = _rows(x.reshape(-1, x.shape[-1]), targets)  # (N, H), (N,)
+        x2, t = flat_rows(x.reshape(-1, x.shape[-1]), targets)  # (N, H), (N,)
         N, V = x2.shape[0], W.shape[0]
         half = x2.dtype == backend.BF16
         Wc = backend.to_bf16(W) if half else W  # (V, H) in the precision of x
@@ -144,7 +144,7 @@ class LinearCrossEntropy(Function):
         for start in range(0, N, rows):
             xc, tc = x2[start:start + rows], t[start:start + rows]
             z = gemm.matmul(xc, Wc.T, xp.float32) if half else xc @ W.T  # (r, V) fp32 logits
-            _check(z, tc)
+            check_targets(z, tc)
             nll, lse = row_losses(z, tc)
             total += float(nll.sum(dtype=xp.float64))
             if not any(self.needs_grad):
