@@ -162,6 +162,12 @@ def evaluate(init_path, arch, rope_layout, data_path, seq_len, batch_size, batch
 @click.option("--lora-from", metavar="DIR",
               help="Continue from a peft LoRA adapter directory (e.g. OUT/adapter) on --init's base; its rank, "
                    "alpha and targets.")
+@click.option("--teacher", metavar="PATH",
+              help="Distill from this model (APR, GGUF, Hugging Face; the student's vocabulary): the loss is "
+                   "(1 - W) CE + W T^2 KL(teacher || student); the teacher runs forward only.")
+@click.option("--distill-weight", type=click.FloatRange(0, 1), metavar="W", help="W with --teacher (default 0.5).")
+@click.option("--distill-temperature", type=click.FloatRange(min=0, min_open=True), metavar="T",
+              help="T with --teacher (default 2).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
 @click.pass_context
 def pretrain(ctx, as_json, **options):

@@ -36,6 +36,9 @@ def plot(run_dir, out=None):
     out = Path(out) if out else Path(run_dir) / "loss.png"
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
     ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="train loss")
+    for key, label in (("ce_loss", "train CE (distillation)"), ("kd_loss", "train T^2 KL to the teacher")):
+        if steps and key in steps[0]:
+            ax_loss.plot([r["step"] for r in steps], [r[key] for r in steps], lw=0.8, ls="--", label=label)
     if evals:
         ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
     run = json.loads((Path(run_dir) / "run.json").read_text()) if (Path(run_dir) / "run.json").exists() else {}

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from minitrain import backend, checkpoint, dist, lora, zero
+from minitrain import backend, checkpoint, dist, lora, ops, zero
 from minitrain.autograd import no_grad
 from minitrain.config import PRESETS, ModelConfig, preset
 from minitrain.convert import apr_tensors, checked_tokenizer
@@ -36,6 +36,7 @@ from minitrain.optim import SGD, AdamW, clip_grads, global_grad_norm
 from minitrain.schedule import learning_rate
 
 MODE_DEFAULTS = {"finetune": {"lr": 5e-5, "warmup_steps": 100}, "from-scratch": {"lr": 3e-4, "warmup_steps": 1000}}
+DISTILL_WEIGHT, DISTILL_TEMPERATURE = 0.5, 2.0  # the defaults with --teacher
 LORA_LR = 2e-4  # the default lr with LoRA: B starts at zero, and peft's examples train adapters at 1e-4 to 3e-4
 RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "resume", "dist_timeout", "zero"}  # may differ from the checkpoint's run
 
@@ -81,6 +82,9 @@ class TrainConfig:
     lora_dropout: float = None  # 0
     lora_targets: str = None  # all seven: q,k,v,o,gate,up,down
     lora_from: str = None  # a peft adapter directory to continue from (its rank, alpha and targets)
+    teacher: str = None  # a model of the same vocabulary to distill from (forward only, never trained)
+    distill_weight: float = None  # w of (1 - w) CE + w T^2 KL (ops/distill.py); 0.5 with --teacher
+    distill_temperature: float = None  # T; 2.0 with --teacher
 
     @property
     def lora(self):
@@ -113,6 +117,16 @@ class TrainConfig:
             raise InputError(f"--zero {c.zero}: expected 0 (off) or 1 (shard AdamW's moments)")
         if c.zero and c.optimizer == "sgd":
             raise InputError("--zero 1 shards AdamW's moments; --optimizer sgd keeps none (drop --zero)")
+        if not c.teacher and (c.distill_weight is not None or c.distill_temperature is not None):
+            raise InputError("--distill-weight and --distill-temperature need --teacher PATH")
+        if c.teacher:
+            c.distill_weight = DISTILL_WEIGHT if c.distill_weight is None else c.distill_weight
+            c.distill_temperature = DISTILL_TEMPERATURE if c.distill_temperature is None else c.distill_temperature
+            if not 0.0 <= c.distill_weight <= 1.0 or not c.distill_temperature > 0.0:
+                raise InputError(f"--distill-weight {c.distill_weight} must be in [0, 1] and --distill-temperature "
+                                 f"{c.distill_temperature} above 0")
+            if c.dtype == "bf16":
+                raise InputError("--dtype bf16: distillation's fused loss has no bf16 path; use fp32 (or fp64)")
         if c.lora and c.dtype == "bf16":
             raise InputError("--dtype bf16: the LoRA linear has no bf16 path; train adapters in fp32 (or fp64)")
         if c.dtype not in backend.PRECISIONS:
@@ -208,6 +222,7 @@ class Run:
             self.model = build_model(cfg)
         self.adapters = self._lora(cfg, resumed and adapter_arrays) if cfg.lora else None
         mc = self.model.config
+        self.teacher = self._teacher(cfg.teacher, mc) if cfg.teacher else None
         if backend.bf16 and mc.head_dim not in attention_kernels.FORWARD_ROWS:
             raise InputError(f"--dtype bf16: the bf16 attention kernel has head_dim "
                              f"{' or '.join(map(str, sorted(attention_kernels.FORWARD_ROWS)))}; this model has "
@@ -267,6 +282,21 @@ class Run:
                   f"{cfg.lora_targets}: {trained:,} trained parameters ({100 * trained / self.model.num_parameters():.2f}% "
                   f"of {self.model.num_parameters():,}; the base is frozen)")
         return adapters
+
+    def _teacher(self, path, mc):
+        """The teacher, frozen: any model source of the student's vocabulary size."""
+        from minitrain.formats.sources import load_model
+
+        teacher = load_model(path)
+        if teacher.config.vocab_size != mc.vocab_size:
+            raise InputError(f"--teacher {path}: its vocabulary has {teacher.config.vocab_size} tokens, the student's "
+                             f"{mc.vocab_size}; distillation compares their logits token by token (the same tokenizer)")
+        for p in teacher.parameters():
+            p.requires_grad = False
+        self._say(f"teacher {path}: {arch_name(teacher.config)}, {teacher.num_parameters():,} parameters (frozen); "
+                  f"loss (1 - {self.cfg.distill_weight:g}) CE + {self.cfg.distill_weight:g} T^2 KL at "
+                  f"T = {self.cfg.distill_temperature:g}")
+        return teacher
 
     def _trained_count(self):
         return sum(p.data.size for p in self.trained)
@@ -338,7 +368,8 @@ class Run:
         return total / count
 
     def train_step(self, step):
-        """One update; returns (mean loss, pre-clip grad norm, lr)."""
+        """One update; returns (mean loss, pre-clip grad norm, lr, (mean CE, mean T^2 KL)): the last
+        pair is a teacher's run's two loss terms (zeros without one)."""
         cfg, params, group = self.cfg, self.trained, self.group
         weight = backend.xp.asarray(1.0 / self.micro_per_step, dtype=backend.dtype)
         grads, losses = [], []  # this rank's micro-batch gradients (rank 0: already summed) and losses
@@ -349,9 +380,10 @@ class Run:
                 p.zero_grad()
             if self.adapters:
                 self.adapters.reseed(cfg.seed, micro)
-            loss = self.model.loss(inputs, targets)
+            parts = {}
+            loss = self._loss(inputs, targets, parts)
             loss.backward(weight)
-            losses.append(float(loss.data))
+            losses.append((float(loss.data), parts.get("ce_loss", 0.0), parts.get("kd_loss", 0.0)))
             g = [p.grad for p in params]
             if grads and group.rank == 0:  # the first in the chain sums as it goes: one buffer
                 grads = [dist.sum_in_order([grads[0], g])]
@@ -359,7 +391,8 @@ class Run:
                 grads.append(g)
         for p, g in zip(params, group.ordered_sum(grads, self.shards and self.shards.layout)):
             p.grad = g  # under ZeRO-1: right in this rank's shard only
-        loss = sum(v for v, in group.gather([(v,) for v in losses], cfg.grad_accum, 1)) / self.micro_per_step  # in order
+        loss, ce, kd = (sum(column) / self.micro_per_step  # in micro-batch order
+                        for column in zip(*group.gather(losses, cfg.grad_accum, 3)))
         if not math.isfinite(loss):
             raise TrainingAborted(f"step {step + 1}: the training loss is {loss}; stopping (lower --lr?)")
         norm = self.shards.grad_norm() if self.shards else global_grad_norm(params)
@@ -372,7 +405,18 @@ class Run:
         self.optimizer.step()
         if self.shards:
             self.shards.share()
-        return loss, norm, lr
+        return loss, norm, lr, (ce, kd)
+
+    def _loss(self, inputs, targets, parts):
+        """The micro-batch's training loss; with a teacher, (1 - w) CE + w T^2 KL, its two terms in `parts`."""
+        if self.teacher is None:
+            return self.model.loss(inputs, targets)
+        with no_grad():
+            teacher_hidden = self.teacher.hidden(inputs).data  # (B, T, Ht): no graph kept
+        m = self.model
+        return ops.linear_distillation(m.hidden(inputs), m.head, teacher_hidden, self.teacher.head.data,
+                                       backend.xp.asarray(targets), self.cfg.distill_weight,
+                                       self.cfg.distill_temperature, parts=parts)
 
     def _eval_and_gate(self, step):
         val = self.evaluate()
@@ -399,16 +443,18 @@ class Run:
                     init = float(self.model.loss(*self.stream.batch(0, cfg.batch_size)).data)
             self.state["init_loss"] = init
             self._say(f"init_loss {init:.4f} (step 0, before any update; ln V = {math.log(self.model.config.vocab_size):.4f})")
-        train_time, last_loss, last_print = 0.0, None, 0.0
+        train_time, last_loss, last_print, last_parts = 0.0, None, 0.0, {}
         first_step = self.state["step"]
         for step in range(first_step, cfg.steps):
             t0 = time.perf_counter()
-            loss, norm, lr = self.train_step(step)
+            loss, norm, lr, (ce, kd) = self.train_step(step)
             dt = time.perf_counter() - t0
             train_time += dt
             last_loss = loss
             self.state["step"] = done = step + 1
-            self._write({"type": "step", "step": done, "loss": loss, "grad_norm": norm, "lr": lr,
+            distilled = {"ce_loss": ce, "kd_loss": kd} if self.teacher else {}
+            last_parts = distilled
+            self._write({"type": "step", "step": done, "loss": loss, **distilled, "grad_norm": norm, "lr": lr,
                          "tokens_per_sec": self.tokens_per_step / dt, "wall_s": time.perf_counter() - self.start_time})
             val = self._eval_and_gate(done) if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps else None
             now = time.perf_counter()
@@ -416,11 +462,12 @@ class Run:
                 last_print = now
                 rate = self.tokens_per_step * (done - first_step) / train_time
                 eta = (cfg.steps - done) * train_time / (done - first_step)
-                self._say(f"step {done}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {norm:.3f} | "
+                self._say(f"step {done}/{cfg.steps} | loss {loss:.4f}"
+                          + (f" (ce {ce:.4f}, kd {kd:.4f})" if self.teacher else "") + f" | lr {lr:.2e} | grad_norm {norm:.3f} | "
                           f"{rate:,.0f} tok/s | ETA {_duration(eta)}" + (f" | val_loss {val:.4f}" if val is not None else ""))
             if cfg.save_every and done % cfg.save_every == 0:
                 self.save_checkpoint()
-        return self.finish(train_time, last_loss, cfg.steps - first_step)
+        return self.finish(train_time, last_loss, cfg.steps - first_step, last_parts)
 
     def save_checkpoint(self):
         optimizer_state = self.optimizer.state(self.shards and self.shards.assemble)  # ZeRO-1: from every rank
@@ -444,7 +491,7 @@ class Run:
             self._say(f"memory per rank{' (ZeRO-1)' if self.shards else ''}: optimizer state {state} MB | peak RSS {rss} MB")
         return memory
 
-    def finish(self, train_time, last_loss, steps_run):
+    def finish(self, train_time, last_loss, steps_run, last_parts):
         model, mc = self.model, self.model.config
         if self.lead:
             arrays = (self.adapters.merged(model.params) if self.adapters else
@@ -465,6 +512,10 @@ class Run:
                               "targets": self.cfg.lora_targets, "trained_params": self._trained_count(),
                               "adapter": str(self.out / "adapter"),
                               "adapter_bytes": (self.out / "adapter" / peft.WEIGHTS).stat().st_size if self.lead else None}
+        if self.teacher:
+            report["distill"] = {"teacher": self.cfg.teacher, "weight": self.cfg.distill_weight,
+                                 "temperature": self.cfg.distill_temperature,
+                                 "final_ce_loss": last_parts.get("ce_loss"), "final_kd_loss": last_parts.get("kd_loss")}
         self._say(f"done: {report['steps']} steps, init_loss {report['init_loss']:.4f} -> final train loss "
                   f"{_fmt(last_loss)}, val loss {_fmt(report['final_val_loss'])}; wrote {self.out / 'final.apr'}")
         return report

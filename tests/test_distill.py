@@ -91,3 +91,93 @@ def test_a_teacher_of_another_vocabulary_is_refused_with_both_sizes():
     x, W, xt, Wt, t = _inputs(np.random.default_rng(5))
     with pytest.raises(ValueError, match="301"):
         ops.linear_distillation(Tensor(x), Tensor(W), xt, Wt[:300], t, 0.5, 2.0)
+
+
+# --- pretrain --teacher ------------------------------------------------------------------------
+STUDENT = dict(family="qwen2", hidden_size=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=24,
+               vocab_size=50, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+TEACHER = dict(family="llama", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+               vocab_size=50, rope_theta=1e4, rms_norm_eps=1e-5, tie_word_embeddings=False)  # another family, wider
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """HF directories: the student, a teacher of its vocabulary, one of another vocabulary; the data."""
+    hf_oracle = pytest.importorskip("hf_oracle")
+    root = tmp_path_factory.mktemp("distill")
+    for name, spec, seed in (("student", STUDENT, 1), ("teacher", TEACHER, 2),
+                             ("other", {**TEACHER, "vocab_size": 43}, 3)):
+        hf_oracle.build_hf(spec, seed).save_pretrained(root / name)
+    np.random.default_rng(1).integers(0, 43, 24 * 13).astype("<u4").tofile(root / "tokens.bin")
+    return root
+
+
+def pretrain(models, out, *extra, init="student"):
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "minitrain", "pretrain", "--init", str(models / init),
+                           "--data", str(models / "tokens.bin"), "--seq-len", "12", "--batch-size", "2",
+                           "--steps", "3", "--val-windows", "4", "--lr", "1e-2", "--warmup-steps", "0",
+                           "--out", str(out), "--json", *map(str, extra)], capture_output=True, text=True)
+    if done.returncode:
+        return done
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return json.loads(done.stdout.strip().splitlines()[-1]), [r for r in steps if r["type"] == "step"], done.stderr
+
+
+def test_pretrain_with_a_teacher_logs_both_terms_and_reports_them(models, tmp_path):
+    report, steps, err = pretrain(models, tmp_path / "kd", "--teacher", models / "teacher",
+                                  "--distill-weight", 0.7, "--distill-temperature", 1.5)
+    for r in steps:  # the logged loss is the mix of the two logged terms
+        assert r["loss"] == pytest.approx(0.3 * r["ce_loss"] + 0.7 * r["kd_loss"], rel=1e-6)
+        assert r["kd_loss"] > 0
+    assert report["distill"] == {"teacher": str(models / "teacher"), "weight": 0.7, "temperature": 1.5,
+                                 "final_ce_loss": steps[-1]["ce_loss"], "final_kd_loss": steps[-1]["kd_loss"]}
+    assert "(ce " in err and ", kd " in err and "teacher " in err
+
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from minitrain.plot import plot
+
+    figures = []
+    real_close = plt.close
+    plt.close = lambda fig: (figures.append(fig), real_close(fig))
+    try:
+        assert plot(tmp_path / "kd").stat().st_size > 0
+    finally:
+        plt.close = real_close
+    labels = [line.get_label() for line in figures[0].axes[0].get_lines()]
+    assert "train CE (distillation)" in labels and "train T^2 KL to the teacher" in labels
+
+
+@pytest.mark.numerics
+def test_weight_zero_trains_bit_for_bit_as_without_a_teacher(models, tmp_path):
+    plain = pretrain(models, tmp_path / "plain")
+    taught = pretrain(models, tmp_path / "w0", "--teacher", models / "teacher", "--distill-weight", 0)
+    assert [r["loss"] for r in taught[1]] == [r["loss"] for r in plain[1]]
+    assert [r["loss"] for r in taught[1]] == [float(np.float32(r["ce_loss"])) for r in taught[1]]  # CE's float64 mean
+    assert (tmp_path / "w0" / "final.apr").read_bytes() == (tmp_path / "plain" / "final.apr").read_bytes()
+
+
+@pytest.mark.numerics
+def test_the_teacher_as_its_own_student_at_weight_one_has_nothing_to_learn(models, tmp_path):
+    report, steps, _ = pretrain(models, tmp_path / "self", "--teacher", models / "teacher", "--distill-weight", 1,
+                                init="teacher")
+    assert steps[0]["kd_loss"] == 0.0 and steps[0]["grad_norm"] == 0.0 and steps[0]["loss"] == 0.0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--teacher", "{other}"], "vocabulary has 43 tokens, the student's 50"),
+    (["--distill-weight", "0.5"], "need --teacher"),
+    (["--teacher", "{teacher}", "--distill-weight", "1.5"], "--distill-weight"),
+    (["--teacher", "{teacher}", "--distill-temperature", "0"], "--distill-temperature"),
+    (["--teacher", "{missing}"], "missing"),
+])
+def test_bad_distillation_inputs_are_one_line_exit_2(models, tmp_path, extra, message):
+    paths = {"other": models / "other", "teacher": models / "teacher", "missing": models / "missing"}
+    done = pretrain(models, tmp_path / "bad", *(a.format(**paths) for a in extra))
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -112,7 +112,7 @@ def test_the_scheduled_lr_is_the_one_applied(tokens, tmp_path):
     p = run.model.params["model.norm.weight"]
     for step in range(3):
         before = p.data.copy()
-        _, _, lr = run.train_step(step)
+        _, _, lr, _ = run.train_step(step)
         assert lr == pytest.approx(0.5 * (step + 1) / 4)
         np.testing.assert_allclose(before - p.data, lr * p.grad, rtol=1e-12, atol=1e-15)
 
@@ -120,13 +120,13 @@ def test_the_scheduled_lr_is_the_one_applied(tokens, tmp_path):
 @pytest.mark.numerics
 def test_clipping_by_the_true_global_norm(tokens, tmp_path):
     run = Run(*configure(small(tokens, tmp_path / "out", optimizer="sgd", grad_clip=0.25, dtype="fp64")))
-    _, norm, _ = run.train_step(0)
+    _, norm, _, _ = run.train_step(0)
     grads = [p.grad for p in run.model.parameters()]
     clipped = math.sqrt(sum(float((g * g).sum()) for g in grads))
     assert norm > 0.25  # the reported norm is the pre-clip one ...
     assert clipped == pytest.approx(0.25, rel=1e-5)  # ... and the gradients were scaled to the limit
     run2 = Run(*configure(small(tokens, tmp_path / "out2", optimizer="sgd", grad_clip=0, dtype="fp64")))
-    _, norm2, _ = run2.train_step(0)
+    _, norm2, _, _ = run2.train_step(0)
     unclipped = math.sqrt(sum(float((p.grad * p.grad).sum()) for p in run2.model.parameters()))
     assert norm == pytest.approx(norm2, rel=1e-12) == pytest.approx(unclipped, rel=1e-12)
 
