@@ -222,7 +222,6 @@ class Run:
             self.model = build_model(cfg)
         self.adapters = self._lora(cfg, resumed and adapter_arrays) if cfg.lora else None
         mc = self.model.config
-        self.teacher = self._teacher(cfg.teacher, mc) if cfg.teacher else None
         if backend.bf16 and mc.head_dim not in attention_kernels.FORWARD_ROWS:
             raise InputError(f"--dtype bf16: the bf16 attention kernel has head_dim "
                              f"{' or '.join(map(str, sorted(attention_kernels.FORWARD_ROWS)))}; this model has "
@@ -231,6 +230,7 @@ class Run:
             raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                              f"{mc.max_position_embeddings}")
         self.tokenizer = checked_tokenizer(cfg.tokenizer, mc) if cfg.tokenizer else None
+        self.teacher = self._teacher(cfg.teacher, mc) if cfg.teacher else None
         self._data(cfg, mc.vocab_size)
         self.trained = params = self.adapters.parameters() if self.adapters else self.model.parameters()
         self.shards = zero.Shards(self.group, params) if cfg.zero else None
@@ -284,13 +284,26 @@ class Run:
         return adapters
 
     def _teacher(self, path, mc):
-        """The teacher, frozen: any model source of the student's vocabulary size."""
+        """The teacher, frozen: any model source of the student's vocabulary size; with --tokenizer
+        given and a tokenizer in the teacher's source, the two tokenizers' vocabularies must agree."""
         from minitrain.formats.sources import load_model
+        from minitrain.tokenize import NoTokenizer, load_tokenizer, model_tokenizer
 
         teacher = load_model(path)
         if teacher.config.vocab_size != mc.vocab_size:
             raise InputError(f"--teacher {path}: its vocabulary has {teacher.config.vocab_size} tokens, the student's "
                              f"{mc.vocab_size}; distillation compares their logits token by token (the same tokenizer)")
+        if self.tokenizer is not None:
+            try:
+                theirs = load_tokenizer(model_tokenizer(path)).get_vocab(with_added_tokens=True)
+            except NoTokenizer:
+                theirs = None
+            ours = self.tokenizer.get_vocab(with_added_tokens=True)
+            if theirs is not None and theirs != ours:
+                differ = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[0]
+                raise InputError(f"--teacher {path}: its tokenizer differs from --tokenizer {self.cfg.tokenizer} "
+                                 f"({len(theirs)} vs {len(ours)} entries; first difference: token {differ[0]!r} "
+                                 f"id {differ[1]}); distillation needs one tokenizer for both")
         for p in teacher.parameters():
             p.requires_grad = False
         self._say(f"teacher {path}: {arch_name(teacher.config)}, {teacher.num_parameters():,} parameters (frozen); "

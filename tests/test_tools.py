@@ -63,3 +63,11 @@ def test_bench_zero_measures_the_shards_and_checks_the_bytes():
     assert len(rows) == 4 and "DIFFERENT" not in out, out
     assert rows["1 x 4", "0"] == rows["1 x 4", "1"] == rows["2 x 2", "0"], out  # every rank holds all of m and v
     assert abs(rows["2 x 2", "1"] - rows["2 x 2", "0"] / 2) < 1.0, out  # half, within a 0.5 MB slice
+
+
+def test_bench_distill_times_both_steps():
+    out = run("bench_distill.py", "--preset", "tiny-llama", "--student-layers", "2", "--seq-len", "16",
+              "--batch-size", "2", "--steps", "1", "--rounds", "1")
+    assert re.search(r"student alone \(CE\)\s+[\d.]+\s+[\d.]+$", out, re.M), out
+    assert re.search(r"student \+ teacher \(KD\)\s+[\d.]+\s+[\d.]+$", out, re.M), out
+    assert re.search(r"a teacher costs [\d.]+x the step time", out), out
