@@ -156,6 +156,22 @@ def test_lora_with_dropout_under_zero1_gives_the_bits_of_one_process(data, tmp_p
     assert sum(state) == 8 * trained and min(state) > 0
 
 
+def test_distillation_over_ranks_gives_the_bits_of_one_process(data, tmp_path, one_process):
+    """A teacher (one_process's trained model) pulls a fresh student: every rank runs the teacher
+    on its own micro-batches, and the step's loss, its CE and KD parts are gathered like the plain
+    loss. Two ranks must write one process's final.apr, losses and kd_loss."""
+    distill = ["--teacher", str(one_process[0] / "final.apr"), "--distill-weight", "0.7", "--steps", "3"]
+    one = pretrain(1, tmp_path / "one", "--data", data, *distill, "--grad-accum", "2")
+    assert one.returncode == 0, one.stderr
+    dp = pretrain(2, tmp_path / "dp", "--data", data, *distill)
+    assert dp.returncode == 0, dp.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "dp")
+    kd = [m["kd_loss"] for m in metrics(tmp_path / "dp") if "kd_loss" in m]
+    assert len(kd) == 3 and min(kd) > 0, kd
+    reports = [json.loads(run.stdout.strip().splitlines()[-1]) for run in (one, dp)]
+    assert reports[0]["distill"] == reports[1]["distill"]
+
+
 def test_bad_input_is_exit_2_from_every_rank_with_the_line_once(tmp_path):
     out = pretrain(2, tmp_path / "bad", "--data", tmp_path / "missing.bin", "--steps", "1")
     assert out.returncode == 2, out.stderr

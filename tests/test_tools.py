@@ -71,3 +71,10 @@ def test_bench_distill_times_both_steps():
     assert re.search(r"student alone \(CE\)\s+[\d.]+\s+[\d.]+$", out, re.M), out
     assert re.search(r"student \+ teacher \(KD\)\s+[\d.]+\s+[\d.]+$", out, re.M), out
     assert re.search(r"a teacher costs [\d.]+x the step time", out), out
+
+
+def test_bench_parts_times_both_frameworks():
+    out = run("bench_parts.py", "--preset", "tiny-llama", "--seq-len", "16", "--batch-size", "2", "--steps", "1",
+              "--rounds", "1")
+    assert re.search(r"^base matmuls \(4 x 7 linears, y and dX\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, re.M), out
+    assert re.search(r"^attention \(4 layers, fwd \+ bwd\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, re.M), out
