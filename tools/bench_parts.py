@@ -23,7 +23,7 @@ import argparse
 import json
 import os
 
-from bench_cpu import config_of
+from bench_cpu import PRESETS, config_of
 from bench_generate import best_of
 from workload import child
 
@@ -98,7 +98,7 @@ def run(framework, cfg, seq_len, batch, steps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="smollm2-135m")
+    parser.add_argument("--preset", default="smollm2-135m", choices=PRESETS)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
