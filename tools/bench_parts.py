@@ -27,11 +27,16 @@ from bench_cpu import PRESETS, config_of
 from bench_generate import best_of
 from workload import child
 
+
 def linear_shapes(cfg):
-    """(out, in) of one layer's q, k, v, o, gate, up and down."""
-    H, inter = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    return [(q, H), (kv, H), (kv, H), (H, q), (inter, H), (inter, H), (H, inter)]
+    """(out, in) of every layer's seven LoRA targets (q, k, v, o, gate, up, down), read from the
+    architecture's tensor table."""
+    from minitrain.config import tensor_table
+    from minitrain.lora import TARGETS
+
+    table = tensor_table(cfg)
+    return [[table[f"model.layers.{i}.{module}.weight"] for module in TARGETS.values()]
+            for i in range(cfg.num_hidden_layers)]
 
 
 def _best(fn, steps):
@@ -45,8 +50,8 @@ def run(framework, cfg, seq_len, batch, steps):
 
     rng = numpy.random.default_rng(0)
     N, L, shapes = batch * seq_len, cfg.num_hidden_layers, linear_shapes(cfg)
-    weights = [[(0.02 * rng.standard_normal(shape)).astype(numpy.float32) for shape in shapes] for _ in range(L)]
-    widths = {w for shape in shapes for w in shape}
+    weights = [[(0.02 * rng.standard_normal(shape)).astype(numpy.float32) for shape in layer] for layer in shapes]
+    widths = {w for layer in shapes for shape in layer for w in shape}
     acts = {w: rng.standard_normal((N, w)).astype(numpy.float32) for w in widths}  # x (N, in) and dY (N, out)
     B, T, nH, nKV, hd = batch, seq_len, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     q, do = (rng.standard_normal((B, T, nH, hd)).astype(numpy.float32) for _ in range(2))
