@@ -5,6 +5,7 @@ loop sets at every step from the schedule. `state()` / `load_state()` carry what
 needs to continue exactly.
 """
 
+import itertools
 import math
 
 from minitrain import backend, parallel
@@ -19,8 +20,18 @@ def sums_of_squares(arrays):
     """sum(g^2) of every CHUNK-element slice of every 1-D array (in order), each accumulated in
     float64: the exact float64 squares go to an aligned scratch and NumPy sums that (no casting
     buffer of varying alignment), so a slice's sum depends on its elements alone, not on which
-    array or which rank holds it (ZeRO-1's shards start on CHUNK boundaries: minitrain/zero.py)."""
+    array or which rank holds it (ZeRO-1's shards start on CHUNK boundaries: minitrain/zero.py).
+    On the kernel path (float32 gradients, kernels/grad_norm.cu) every slice is summed on the
+    device into one float64 array, and that one array comes to the host: one transfer a step, not
+    one sync per slice."""
     xp = backend.xp
+    if arrays and (launch := backend.kernels(*arrays)):
+        counts = [-(-g.size // CHUNK) for g in arrays]
+        sums = xp.empty(sum(counts), dtype=xp.float64)
+        for g, start, count in zip(arrays, itertools.accumulate([0, *counts]), counts):
+            if count:
+                fused.sum_squares(launch, g, sums[start:start + count], CHUNK)
+        return backend.to_numpy(sums).tolist()
     scratch = [backend.aligned_empty(CHUNK, xp.float64) for _ in range(parallel.WORKERS)]
     tasks = [(g, sl) for g in arrays for sl in slices(g.size, CHUNK)]
 

@@ -85,14 +85,42 @@ def launcher(reverse=False, plant=None):
     return run
 
 
+def _root(a):
+    """The NumPy array that owns a's memory (a guarded buffer, when a test made one)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
 def _on_gpu(source, kernel, grid, block, args):
-    """Copy the NumPy arrays to the GPU, launch the real kernel, copy every array back in place."""
+    """Run the real kernel on the GPU on device copies of the arguments' whole buffers: each host
+    array's owner (with the guard regions the tests put around an output) goes to the device
+    once, the kernel gets a view at the same byte offset, and every owner comes back in place, so
+    the tests' guard checks see what the kernel wrote on the device, and two host views of one
+    buffer stay one device buffer (an in-place kernel, y = x). With MINITRAIN_CUPY_POOL=0
+    (tools/gpu_check.sh's compute-sanitizer pass) CuPy's memory pool is off: every buffer is its
+    own cudaMalloc, whose end memcheck watches."""
     import cupy
 
     from minitrain.gpu.runtime import launch as gpu_launch
 
-    device = [cupy.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
+    if os.environ.get("MINITRAIN_CUPY_POOL") == "0":
+        cupy.cuda.set_allocator(None)
+    owners = {}  # id(host owner) -> (host owner, device copy)
+    device = []
+    for a in args:
+        if not isinstance(a, np.ndarray):
+            device.append(a)
+            continue
+        root = _root(a)
+        if not root.flags.c_contiguous:
+            raise ValueError("kernel arguments must live in C-contiguous buffers")
+        if id(root) not in owners:
+            owners[id(root)] = (root, cupy.asarray(root))
+        offset = a.ctypes.data - root.ctypes.data
+        flat = owners[id(root)][1].reshape(-1).view(cupy.uint8)
+        device.append(flat[offset:offset + a.nbytes].view(a.dtype).reshape(a.shape))
     gpu_launch(source, kernel, grid, block, device)
-    for host, dev in zip(args, device):
-        if isinstance(host, np.ndarray):
-            host[...] = dev.get()
+    for root, copy in owners.values():
+        if root.flags.writeable:
+            root[...] = copy.get()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from minitrain.gpu import runtime
+
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 SOURCES = sorted(KERNELS.glob("*.cu"))
 REPORT = []  # (source, arch, kernel, registers, spill stores, spill loads), printed by conftest
@@ -48,7 +50,8 @@ def test_nvrtc_compiles(source):
     lib = _nvrtc()
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.read_bytes(), source.name.encode(), 0, None, None) == 0
-    options = [b"--gpu-architecture=compute_80", b"-std=c++17", f"--include-path={KERNELS}".encode()]
+    # CuPy's own options: ours (runtime.options()), then the architecture and -ftz=true it appends
+    options = [*(o.encode() for o in runtime.options()), b"--gpu-architecture=compute_80", b"-ftz=true"]
     result = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))

@@ -261,3 +261,31 @@ def test_adamw_matches_optimizer(copy, reverse):
 def test_adamw_planted_no_bias_correction():
     ours, theirs = run_adamw(launcher(plant=("__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt)", "__fsqrt_rn(vi)")), False)
     assert not np.allclose(ours[0][0], theirs[0][0], rtol=1e-3, atol=0)
+
+
+# Gradient norm: sums of squares --------------------------------------------------------------------
+
+def run_sum_squares(launch, g, chunk):
+    sums = np.full(-(-g.size // chunk), np.nan)
+    fused.sum_squares(launch, g, sums, chunk)
+    return sums
+
+
+@pytest.mark.parametrize("reverse", SCHEDULES)
+def test_sum_squares_per_slice(reverse):
+    """Each slice's sum to float64 rounding of the exact sum, and the same bits wherever the
+    slice sits (here: behind a whole slice of other values), as ZeRO-1's shards need."""
+    rng = np.random.default_rng(0)
+    g, before = (rng.standard_normal(n).astype(np.float32) * 3 for n in (2500, 1000))
+    sums = run_sum_squares(launcher(reverse), g, 1000)
+    want = [math.fsum(np.square(g[i:i + 1000].astype(np.float64))) for i in range(0, g.size, 1000)]
+    np.testing.assert_allclose(sums, want, rtol=1e-14)
+    shifted = run_sum_squares(launcher(reverse), np.concatenate([before, g]), 1000)
+    assert shifted[1:].tobytes() == sums.tobytes()
+
+
+def test_sum_squares_planted_missing_barrier():
+    g = np.random.default_rng(0).standard_normal(2500).astype(np.float32)
+    sums = run_sum_squares(launcher(plant=("        __syncthreads();\n    }", "    }")), g, 1000)
+    want = [math.fsum(np.square(g[i:i + 1000].astype(np.float64))) for i in range(0, g.size, 1000)]
+    assert not np.allclose(sums, want, rtol=1e-6)

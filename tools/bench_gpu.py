@@ -1,123 +1,283 @@
-"""GPU benchmark, run by tools/gpu_check.sh on a lent GPU machine (CuPy, torch, transformers there).
+"""GPU benchmark, one part per process (tools/gpu_check.sh runs each part under its own time cap):
 
-1. Peak: an 8192^3 bf16 matmul in torch, measured here and now: the denominator of every MFU.
-2. A Qwen2.5-0.5B training step (AdamW) at seq 1024: minitrain on the GPU (CuPy + kernels/, fp32,
-   and bf16 mixed precision: fp32 master weights, bf16 activations, cuBLAS GemmEx matmuls) vs
-   transformers + PyTorch eager, fp32 and bf16 autocast, same config and batch. tokens/s and MFU, with
-   FLOPs/token = 6 N + 12 L H T (N: parameters taking part in matmuls, the lm_head included,
-   the embedding lookup not; reference.md section 5).
-3. The attention kernels vs torch.nn.functional.scaled_dot_product_attention (causal, GQA 7:1,
-   hd 64): TFLOP/s forward and backward, FLOPs = 4 B T^2 nH hd / 2 forward, 2.5x that backward.
-Prints a table last.
+  peak                 torch matmuls 8192^3: dense bf16 and plain fp32 (TF32 off), the MFU denominators
+  step IMPL DTYPE      one training step of Qwen2.5-0.5B at --batch-size x --seq-len (default 8 x 1024):
+                       IMPL minitrain: `minitrain pretrain`'s own Run.train_step (forward, backward,
+                       gradient norm and clipping, AdamW), --route cublas|kernels for the linear
+                       layers' backward, and the time per phase; IMPL hf: transformers eager with
+                       SDPA attention (bf16: autocast over fp32 weights, minitrain's mixed precision)
+                       + torch AdamW + clip_grad_norm_; DTYPE bf16 or fp32
+  attention            minitrain's attention kernels (fp32 and bf16) and torch SDPA, causal, GQA 7:1,
+                       head_dim 64, forward and backward TFLOP/s
+  table                the table of every row measured so far
+
+Every time is measured with CUDA events around back-to-back calls, after warm-up: the median over
+--repeats calls (default 20; 10 for whole steps). Every row is printed as soon as it is measured
+and appended to the JSON list in $BENCH_JSON (default build/bench_gpu.json), so a part that fails
+or runs out of time loses only itself. FLOPs per token = 6 N + 12 L H T (tools/workload.py);
+attention FLOPs = 4 B T^2 nH hd / 2 forward (the causal half), 2.5x that backward.
 """
 
 import argparse
-import math
+import json
+import os
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
-from workload import flops_per_token, hf_model, minitrain_step, torch_step  # noqa: E402
+from workload import ADAMW, flops_per_token, hf_model  # noqa: E402
+
+NOMINAL_BF16 = 989.4  # TFLOP/s, H100/H200 SXM dense bf16 (datasheet)
+JSON = Path(os.environ.get("BENCH_JSON", ROOT / "build" / "bench_gpu.json"))
 
 
-def timed(fn, sync, repeats):
-    fn()
-    sync()
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def record(row):
+    """Print one measured row now and append it to the JSON list."""
+    rows = json.loads(JSON.read_text()) if JSON.exists() else []
+    rows.append(row)
+    JSON.parent.mkdir(parents=True, exist_ok=True)
+    tmp = JSON.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(JSON)
+    print("ROW " + json.dumps(row), flush=True)
+
+
+def event_times(fn, event, elapsed_ms, repeats, warmup=3):
+    """Milliseconds of each of `repeats` back-to-back calls of fn, by events recorded between them."""
+    for _ in range(warmup):
         fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    marks = [event()]
+    for _ in range(repeats):
+        fn()
+        marks.append(event())
+    marks[-1].synchronize()
+    return [elapsed_ms(a, b) for a, b in zip(marks, marks[1:])]
 
 
-def peak_bf16(torch):
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    return 2 * 8192**3 / timed(lambda: a @ a, torch.cuda.synchronize, 5) / 1e12
-
-
-def minitrain_time(cfg, B, T, repeats, precision):
+def cupy_timer():
     import cupy
+
+    def event():
+        e = cupy.cuda.Event()
+        e.record()
+        return e
+    return event, cupy.cuda.get_elapsed_time
+
+
+def torch_timer(torch):
+    def event():
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+    return event, lambda a, b: a.elapsed_time(b)
+
+
+def summary(ms):
+    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "calls": len(ms)}
+
+
+def part_peak(args):
+    import torch
+
+    event, elapsed = torch_timer(torch)
+    n = 8192
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        a, b = (torch.randn(n, n, device="cuda", dtype=dtype) for _ in range(2))
+        ms = event_times(lambda: a @ b, event, elapsed, args.repeats)
+        s = summary(ms)
+        record({"part": "peak", "dtype": name, "tf32": torch.backends.cuda.matmul.allow_tf32, **s,
+                "tflops": 2 * n**3 / s["median_ms"] / 1e9, "device": torch.cuda.get_device_name(),
+                "torch": torch.__version__})
+
+
+def token_file(directory, vocab, windows, seq_len):
+    import numpy
+
+    path = Path(directory) / "tokens.bin"
+    numpy.random.default_rng(0).integers(0, vocab, windows * (seq_len + 1), dtype="<u4").tofile(path)
+    return path
+
+
+class Phases:
+    """CUDA events around named calls (wrapped in place): the device time each phase spans."""
+
+    def __init__(self, event, elapsed):
+        self.event, self.elapsed, self.marks = event, elapsed, []
+
+    def wrap(self, name, fn):
+        def timed(*a, **k):
+            start = self.event()
+            out = fn(*a, **k)
+            self.marks.append((name, start, self.event()))
+            return out
+        return timed
+
+    def totals(self):
+        self.marks[-1][2].synchronize()
+        out = {}
+        for name, a, b in self.marks:
+            out[name] = out.get(name, 0.0) + self.elapsed(a, b)
+        self.marks = []
+        return out
+
+
+def part_step_minitrain(args, cfg, B, T):
+    import cupy
+
+    from minitrain import autograd, backend, train
+    from minitrain.train import Run, TrainConfig
+
+    work = tempfile.mkdtemp()
+    tc = TrainConfig(data=str(token_file(work, cfg.vocab_size, 4 * B, T)), out=f"{work}/run", arch=args.arch,
+                     seq_len=T, batch_size=B, steps=10**6, val_windows=0, device="cuda", dtype=args.dtype,
+                     lr=ADAMW["lr"], beta2=ADAMW["betas"][1], warmup_steps=1).resolved()
+    t0 = time.perf_counter()
+    run = Run(tc)
+    backend.matmul_backward = args.route
+    built = time.perf_counter() - t0
+    event, elapsed = cupy_timer()
+    step = iter(range(10**6))
+    ms = event_times(lambda: run.train_step(next(step)), event, elapsed, args.repeats)
+    phases = Phases(event, elapsed)
+    run.model.loss = phases.wrap("forward", run.model.loss)
+    autograd.Tensor.backward = phases.wrap("backward", autograd.Tensor.backward)
+    train.global_grad_norm = phases.wrap("grad_norm", train.global_grad_norm)
+    train.clip_grads = phases.wrap("clip", train.clip_grads)
+    run.optimizer.step = phases.wrap("adamw", run.optimizer.step)
+    parts = []
+    for _ in range(3):
+        a = event()
+        run.train_step(next(step))
+        b = event()
+        phase = phases.totals()
+        phase["rest"] = elapsed(a, b) - sum(phase.values())
+        parts.append(phase)
+    pool = cupy.get_default_memory_pool()
+    return {"route": args.route, "build_s": built,
+            "phases_ms": {k: statistics.median(p[k] for p in parts) for k in parts[0]},
+            "peak_gib": pool.total_bytes() / 2**30, "memory": "CuPy pool bytes held (its high-water mark)",
+            "cupy": cupy.__version__}, ms
+
+
+def part_step_hf(args, cfg, B, T):
+    import torch
+    import transformers
+
+    model = hf_model(transformers, cfg, attn_implementation="sdpa").cuda()
+    opt = torch.optim.AdamW(model.parameters(), **ADAMW)
+    ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
+    bf16 = args.dtype == "bf16"
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(ids[:, :-1]).logits
+        torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    event, elapsed = torch_timer(torch)
+    ms = event_times(step, event, elapsed, args.repeats)
+    return {"attention": model.config._attn_implementation, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "memory": "torch max_memory_allocated", "torch": torch.__version__,
+            "transformers": transformers.__version__}, ms
+
+
+def part_step(args):
+    from minitrain.config import preset
+
+    cfg, B, T = preset(args.arch), args.batch_size, args.seq_len
+    extra, ms = (part_step_minitrain if args.impl == "minitrain" else part_step_hf)(args, cfg, B, T)
+    s = summary(ms)
+    tokens_s = B * T / (s["median_ms"] / 1e3)
+    tflops = flops_per_token(cfg, T) * tokens_s / 1e12
+    record({"part": "step", "impl": args.impl, "dtype": args.dtype, "arch": args.arch, "batch": B, "seq": T, **s,
+            "tokens_per_s": tokens_s, "tflops": tflops, "mfu_nominal": tflops / NOMINAL_BF16, **extra})
+
+
+def part_attention(args):
+    import cupy
+    import torch
 
     from minitrain import backend
-
-    backend.use("cuda")
-    backend.set_dtype(precision)
-    step, _ = minitrain_step(cfg, B, T)
-    t = timed(step, cupy.cuda.Device().synchronize, repeats)
-    backend.use("cpu")
-    backend.set_dtype("fp32")
-    return t
-
-
-def torch_time(torch, transformers, cfg, B, T, repeats, bf16):
-    step = torch_step(torch, hf_model(transformers, cfg).cuda(), cfg, B, T, bf16)
-    return timed(step, torch.cuda.synchronize, repeats)
-
-
-def attention_rates(torch, B, T, nH, nKV, hd):
-    import cupy
-
     from minitrain.gpu import attention
     from minitrain.gpu.runtime import launch
 
-    q = cupy.random.standard_normal((B, T, nH, hd), dtype=cupy.float32)
-    k, v = (cupy.random.standard_normal((B, T, nKV, hd), dtype=cupy.float32) for _ in range(2))
-    o, do = cupy.empty_like(q), cupy.random.standard_normal(q.shape, dtype=cupy.float32)
-    lse, D = (cupy.empty((B, nH, T), dtype=cupy.float32) for _ in range(2))
-    dq, dk, dv = cupy.empty_like(q), cupy.empty_like(k), cupy.empty_like(v)
-    sync = cupy.cuda.Device().synchronize
+    B, T, nH, nKV, hd = args.batch_size, args.seq_len, 14, 2, 64
     fwd_flops = 4 * B * T * T * nH * hd / 2
-    ours_f = timed(lambda: attention.forward(launch, q, k, v, o, lse), sync, 5)
-    ours_b = timed(lambda: attention.backward(launch, q, k, v, o, do, lse, dq, dk, dv, D), sync, 5)
-    rows = [("minitrain attention.cu fp32", fwd_flops / ours_f / 1e12, 2.5 * fwd_flops / ours_b / 1e12)]
+    shape = {"B": B, "T": T, "nH": nH, "nKV": nKV, "hd": hd}
+
+    def rates(name, fwd, bwd, event, elapsed):
+        f, b = (summary(event_times(fn, event, elapsed, args.repeats)) for fn in (fwd, bwd))
+        record({"part": "attention", "impl": name, **shape, "fwd_ms": f["median_ms"], "bwd_ms": b["median_ms"],
+                "fwd_tflops": fwd_flops / f["median_ms"] / 1e9, "bwd_tflops": 2.5 * fwd_flops / b["median_ms"] / 1e9})
+
+    backend.use("cuda")
+    event, elapsed = cupy_timer()
+    for name in ("fp32", "bf16"):
+        cast = backend.to_bf16 if name == "bf16" else (lambda a: a)
+        q, do = (cast(cupy.random.standard_normal((B, T, nH, hd), dtype=cupy.float32)) for _ in range(2))
+        k, v = (cast(cupy.random.standard_normal((B, T, nKV, hd), dtype=cupy.float32)) for _ in range(2))
+        o, dq, dk, dv = cupy.empty_like(q), cupy.empty_like(q), cupy.empty_like(k), cupy.empty_like(v)
+        lse, D = (cupy.empty((B, nH, T), dtype=cupy.float32) for _ in range(2))
+        rates(f"minitrain attention.cu {name}", lambda: attention.forward(launch, q, k, v, o, lse),
+              lambda: attention.backward(launch, q, k, v, o, do, lse, dq, dk, dv, D), event, elapsed)
+    del q, k, v, o, do, dq, dk, dv, lse, D
+    cupy.get_default_memory_pool().free_all_blocks()
+    event, elapsed = torch_timer(torch)
     for dtype in (torch.float32, torch.bfloat16):
         tq = torch.randn(B, nH, T, hd, device="cuda", dtype=dtype, requires_grad=True)
         tk, tv = (torch.randn(B, nKV, T, hd, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
-        fn = torch.nn.functional.scaled_dot_product_attention
 
         def fwd():
-            return fn(tq, tk, tv, is_causal=True, enable_gqa=True)
+            return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=True)
 
         out = fwd()
         grad = torch.randn_like(out)
-        f = timed(fwd, torch.cuda.synchronize, 5)
-        b = timed(lambda: torch.autograd.grad(fwd(), (tq, tk, tv), grad), torch.cuda.synchronize, 5) - f
-        rows.append((f"torch SDPA {str(dtype).split('.')[-1]}", fwd_flops / f / 1e12, 2.5 * fwd_flops / b / 1e12))
-    return rows
+        rates(f"torch SDPA {str(dtype).split('.')[-1]}", fwd,
+              lambda: torch.autograd.grad(out, (tq, tk, tv), grad, retain_graph=True), event, elapsed)
+
+
+def part_table(args):
+    rows = json.loads(JSON.read_text()) if JSON.exists() else []
+    peak = next((r["tflops"] for r in rows if r["part"] == "peak" and r["dtype"] == "bf16"), None)
+    for r in rows:
+        if r["part"] == "peak":
+            print(f"{r['device']}: {r['dtype']} matmul 8192^3 {r['tflops']:.0f} TFLOP/s (TF32 {r['tf32']})")
+    print(f"{'step':<34} {'ms':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU nom.':>8} {'MFU meas.':>9} {'GiB':>6}")
+    for r in (r for r in rows if r["part"] == "step"):
+        name = f"{r['impl']} {r['dtype']}" + (f" ({r['route']})" if "route" in r else "")
+        meas = f"{100 * r['tflops'] / peak:8.1f}%" if peak else "       -"
+        print(f"{name:<34} {r['median_ms']:8.1f} {r['tokens_per_s']:9.0f} {r['tflops']:8.1f} "
+              f"{100 * r['mfu_nominal']:7.1f}% {meas} {r['peak_gib']:6.1f}")
+        if "phases_ms" in r:
+            print("    phases ms: " + ", ".join(f"{k} {v:.1f}" for k, v in r["phases_ms"].items()))
+    for r in (r for r in rows if r["part"] == "attention"):
+        print(f"attention {r['impl']:<28} fwd {r['fwd_tflops']:6.1f} TFLOP/s ({r['fwd_ms']:.2f} ms)  "
+              f"bwd {r['bwd_tflops']:6.1f} TFLOP/s ({r['bwd_ms']:.2f} ms)")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("part", choices=["peak", "step", "attention", "table"])
+    parser.add_argument("impl", nargs="?", choices=["minitrain", "hf"])
+    parser.add_argument("dtype", nargs="?", choices=["bf16", "fp32"])
+    parser.add_argument("--route", choices=["cublas", "kernels"], default="cublas")
+    parser.add_argument("--arch", default="qwen2.5-0.5b")
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int)
     args = parser.parse_args()
-    import torch
-    import transformers
-
-    from minitrain.config import preset
-
-    cfg, B, T = preset("qwen2.5-0.5b"), args.batch_size, args.seq_len
-    peak = peak_bf16(torch)
-    work = flops_per_token(cfg, T) * B * T
-    steps = [("minitrain (CuPy + kernels, fp32)", minitrain_time(cfg, B, T, args.repeats, "fp32")),
-             ("minitrain (CuPy + kernels, bf16 mixed)", minitrain_time(cfg, B, T, args.repeats, "bf16")),
-             ("HF + PyTorch eager, fp32", torch_time(torch, transformers, cfg, B, T, args.repeats, bf16=False)),
-             ("HF + PyTorch eager, bf16 autocast", torch_time(torch, transformers, cfg, B, T, args.repeats, bf16=True))]
-    attention = attention_rates(torch, B, T, 14, 2, 64)
-    print(f"\n{torch.cuda.get_device_name()}: bf16 matmul peak {peak:.0f} TFLOP/s (8192^3, measured now)")
-    print(f"Qwen2.5-0.5B training step, batch {B} x seq {T}, AdamW; FLOPs/token = 6N + 12LHT = "
-          f"{flops_per_token(cfg, T) / 1e9:.2f} GFLOP")
-    print(f"{'':<40} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
-    for name, t in steps:
-        print(f"{name:<40} {t:8.3f} {B * T / t:10.0f} {work / t / 1e12:8.1f} {100 * work / t / 1e12 / peak:5.1f}%")
-    print(f"attention, causal GQA 7:1, B {B}, T {T}, nH 14, hd 64:   fwd TFLOP/s   bwd TFLOP/s")
-    for name, f, b in attention:
-        print(f"  {name:<34} {f:12.1f} {b:13.1f}")
+    if args.part == "step" and not (args.impl and args.dtype):
+        parser.error("step needs IMPL (minitrain or hf) and DTYPE (bf16 or fp32)")
+    args.repeats = args.repeats or (10 if args.part == "step" else 20)
+    globals()[f"part_{args.part}"](args)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,12 @@ from nccl_standin import exchanges  # noqa: E402
 
 from minitrain import backend, dist  # noqa: E402
 
+TIMEOUT = 20.0  # seconds NCCLGroup waits on a stalled exchange: under gpu_check.sh's cap, so its diagnostic is what shows
+
 
 def main():
     backend.use("cuda")
-    group = dist.NCCLGroup(MPI.COMM_WORLD, 60.0, nccl, cupy.cuda.get_current_stream())
+    group = dist.NCCLGroup(MPI.COMM_WORLD, TIMEOUT, nccl, cupy.cuda.get_current_stream())
     for dtype in (numpy.float32, numpy.float64):
         same = exchanges(group, 0, dtype, cupy) == exchanges(dist.Single(), 0, dtype, cupy)
         print(f"NCCL {nccl.get_version()}, one rank, {numpy.dtype(dtype).name}: "

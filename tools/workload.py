@@ -52,9 +52,10 @@ def minitrain_step(cfg, batch, seq_len, lora_rank=None):
     return step, opt
 
 
-def hf_model(transformers, cfg):
+def hf_model(transformers, cfg, attn_implementation=None):
     """The transformers model of the same architecture and config, randomly initialized (torch's
-    seed 0), fp32, in training mode, on the CPU."""
+    seed 0), fp32, in training mode, on the CPU; attention by transformers' default, or by
+    `attn_implementation` ("eager", "sdpa")."""
     import torch
 
     from minitrain.formats.hf import config_to_hf
@@ -62,7 +63,8 @@ def hf_model(transformers, cfg):
     d = config_to_hf(cfg)
     llama = cfg.family == "llama"
     config = (transformers.LlamaConfig if llama else transformers.Qwen2Config)(
-        **{k: v for k, v in d.items() if k not in ("architectures", "model_type", "torch_dtype")})
+        **{k: v for k, v in d.items() if k not in ("architectures", "model_type", "torch_dtype")},
+        attn_implementation=attn_implementation)
     torch.manual_seed(0)
     return (transformers.LlamaForCausalLM if llama else transformers.Qwen2ForCausalLM)(config).float().train()
 

@@ -1,8 +1,8 @@
 """GGUF files (llama.cpp's format): a llama or qwen2 model read into fp32, and written back.
 
-Read and written with the `gguf` package, llama.cpp's own gguf-py (imported below as the
-package, not this module): its reader memory-maps the file, its `quants` dequantize every block
-type. What is ours is the mapping, checked as strictly as the other sources:
+Read and written with the `gguf` package, llama.cpp's own gguf-py, imported by `_gguf()` only
+where a GGUF is read or written (a training run from an .apr or HF model needs no gguf-py): its
+reader memory-maps the file, its `quants` dequantize every block type. What is ours is the mapping, checked as strictly as the other sources:
 
 - the architecture from `general.architecture` (llama, qwen2) and every hyperparameter from its
   `<arch>.*` key (HPARAMS); a missing key is an error, never llama.cpp's default. Optional keys
@@ -22,7 +22,6 @@ import functools
 import os
 from pathlib import Path
 
-import gguf  # llama.cpp's gguf-py
 import numpy
 
 from minitrain.config import ModelConfig, tensor_table
@@ -31,9 +30,8 @@ from minitrain.formats import gguf_vocab
 from minitrain.formats.rope_layout import hf_to_interleaved, interleaved_to_hf, permute_qk
 from minitrain.model import check_tensors
 
-Q = gguf.GGMLQuantizationType
-READABLE = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-WRITABLE = {"f32": (Q.F32, 0), "f16": (Q.F16, 1), "bf16": (Q.BF16, 32), "q8_0": (Q.Q8_0, 7)}  # general.file_type
+READABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")  # GGMLQuantizationType names
+WRITABLE = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7)}  # general.file_type
 FAMILIES = ("llama", "qwen2")
 
 HPARAMS = {  # ModelConfig field -> GGUF key after "<arch>."
@@ -63,6 +61,12 @@ LAYER_TENSORS = {  # after "blk.<i>." : after "model.layers.<i>."
 }
 
 
+def _gguf():
+    import gguf  # llama.cpp's gguf-py (the package, not this module)
+
+    return gguf
+
+
 def open_gguf(path):
     """A gguf.GGUFReader over `path`; InputError if it is not a whole GGUF file."""
     p = Path(path)
@@ -87,7 +91,7 @@ def open_gguf(path):
 def _reader(path, mtime_ns, size):
     """The last file opened stays open: a command that reads a model and then its tokenizer
     parses the keys (a 49 152-token vocabulary takes seconds in gguf-py) once."""
-    return gguf.GGUFReader(path)
+    return _gguf().GGUFReader(path)
 
 
 def fields(reader):
@@ -142,13 +146,13 @@ def config_from_fields(values, shapes, tied, source):
 
 def load_gguf(path):
     """(ModelConfig, HF name -> float32 array in the Hugging Face layout) from a GGUF file."""
-    source = str(path)
+    source, gguf = str(path), _gguf()
     reader = open_gguf(path)
     infos = {hf_name(t.name, source): t for t in reader.tensors}
     for t in infos.values():
-        if t.tensor_type not in READABLE:
+        if t.tensor_type.name not in READABLE:
             raise InputError(f"{source}: tensor {t.name} is {t.tensor_type.name}; minitrain reads "
-                             f"{', '.join(q.name for q in READABLE)}")
+                             f"{', '.join(READABLE)}")
     shapes = {n: tuple(int(d) for d in reversed(t.shape)) for n, t in infos.items()}  # ggml ne -> (rows, cols)
     arrays = {n: gguf.quants.dequantize(t.data, t.tensor_type).reshape(shapes[n]) for n, t in infos.items()}
     head, embed = arrays.pop("lm_head.weight", None), arrays.get("model.embed_tokens.weight")
@@ -172,7 +176,9 @@ def write_gguf(path, cfg, arrays, tokenizer, dtype="f32", name=None):
     needs rows of whole 32-value blocks (llama.cpp's converter falls back the same way)."""
     if dtype not in WRITABLE:
         raise InputError(f"--dtype {dtype!r}: a GGUF file is written as {', '.join(WRITABLE)}")
-    qtype, file_type = WRITABLE[dtype]
+    gguf = _gguf()
+    Q = gguf.GGMLQuantizationType
+    qtype, file_type = Q[WRITABLE[dtype][0]], WRITABLE[dtype][1]
     tokenizer_keys = gguf_vocab.gguf_fields(tokenizer, cfg.vocab_size, "the tokenizer")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -214,7 +220,7 @@ def write_gguf(path, cfg, arrays, tokenizer, dtype="f32", name=None):
 
 def _value_type(value):
     """(GGUFValueType, element type for arrays) of a tokenizer value."""
-    V = gguf.GGUFValueType
+    V = _gguf().GGUFValueType
     element = value[0] if isinstance(value, list) else value
     kind = {str: V.STRING, bool: V.BOOL, int: V.INT32 if isinstance(value, list) else V.UINT32}[type(element)]
     return (V.ARRAY, kind) if isinstance(value, list) else (kind, None)

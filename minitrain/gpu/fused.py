@@ -1,5 +1,6 @@
 """Launching the fused kernels: RMSNorm (kernels/rmsnorm.cu), RoPE (rope.cu), softmax
-cross-entropy (cross_entropy.cu) and the AdamW step (adamw.cu).
+cross-entropy (cross_entropy.cu), the AdamW step (adamw.cu) and the gradient norm's sums of
+squares (grad_norm.cu).
 
 Each function takes the `launch(source, kernel, grid, block, args)` callable (see __init__.py)
 and C-contiguous arrays (float32, or bf16 as uint16 bits), writes its outputs in place and
@@ -13,6 +14,7 @@ RMS_PARTS = 512  # most row blocks in the RMSNorm backward (rows of its dw scrat
 REDUCE_ROWS = 8  # kernels/rmsnorm.cu REDUCE_ROWS
 CE_BLOCK = 512  # most threads per row in the cross-entropy forward
 CE_COLUMNS = 16  # columns per thread the cross-entropy kernels aim for
+NORM_THREADS = 256  # kernels/grad_norm.cu THREADS
 
 
 def _warps(n, most):
@@ -110,3 +112,13 @@ def adamw_step(launch, p, g, m, v, *, lr, b1, b2, eps, wd, step_size, bc2_sqrt, 
     kernel, copy = ("adamw_step_f32", ()) if p_bf16 is None else ("adamw_step_bf16", (p_bf16,))
     scalars = (1 - lr * wd, b1, 1 - b1, b2, 1 - b2, eps, step_size, bc2_sqrt)
     launch("adamw", kernel, elementwise_grid(p.size), (BLOCK,), (p, g, m, v, *copy, p.size, *map(float, scalars)))
+
+
+def sum_squares(launch, g, sums, chunk):
+    """sums (slices,) float64 = sum of g^2 over each `chunk`-element slice of the 1-D float32 g,
+    slices = ceil(g.size / chunk), each in float64 by a fixed order (see kernels/grad_norm.cu)."""
+    slices = -(-g.size // chunk)
+    if g.ndim != 1 or sums.shape != (slices,) or sums.dtype.name != "float64":
+        raise ValueError(f"sum_squares kernel: g must be 1-D and sums float64 ({slices},); found g "
+                         f"{tuple(g.shape)}, sums {sums.dtype.name} {tuple(sums.shape)}")
+    launch("grad_norm", "sum_squares_f32", (slices,), (NORM_THREADS,), (g, sums, g.size, chunk))
