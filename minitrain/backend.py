@@ -44,7 +44,8 @@ def use(device: str) -> None:
         try:
             import cupy
         except ImportError as e:
-            raise RuntimeError("--device cuda needs CuPy: pip install 'minitrain[gpu]'") from e
+            raise RuntimeError("--device cuda needs CuPy: pip install 'minitrain[gpu]' (CUDA 12) or "
+                               "'minitrain[gpu-cuda13]' (CUDA 13)") from e
         if cupy.cuda.runtime.getDeviceCount() == 0:
             raise RuntimeError("--device cuda: CuPy is installed but sees no CUDA device")
         from minitrain.gpu.runtime import launch as gpu_launch
@@ -74,21 +75,47 @@ def precision(name: str):
         globals()["dtype"], globals()["bf16"] = saved
 
 
+def _cast_kernels():
+    """minitrain.gpu.cast where the casts run as kernels/cast.cu (on the GPU: one pass each instead
+    of about 11 generated CuPy kernels), else None (NumPy: the expressions below, which the
+    kernels match bit for bit)."""
+    if xp is numpy or launch is None:
+        return None
+    from minitrain.gpu import cast
+
+    return cast
+
+
 def to_bf16(a):
     """float32 -> bf16 bits (uint16), rounded to nearest even, NaN kept a quiet NaN: the same
     rounding as the kernels' store() in kernels/common.cuh."""
-    u = xp.ascontiguousarray(a, dtype=xp.float32).view(xp.uint32)
+    x = xp.ascontiguousarray(a, dtype=xp.float32)
+    if cast := _cast_kernels():
+        out = xp.empty(x.shape, dtype=BF16)
+        cast.to_bf16(launch, x, out)
+        return out
+    u = x.view(xp.uint32)
     rounded = (u + xp.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16
     return xp.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, rounded).astype(xp.uint16)
 
 
 def from_bf16(b):
     """bf16 bits (uint16) -> float32, exactly (a bf16 is the top half of a float32)."""
+    if cast := _cast_kernels():
+        x, out = xp.ascontiguousarray(b), xp.empty(b.shape, dtype=xp.float32)
+        cast.from_bf16(launch, x, out)
+        return out
     return (b.astype(xp.uint32) << 16).view(xp.float32)
 
 
 def add_bf16(a, b):
-    """a + b for bf16 bits: widened, added in fp32, rounded once (never an integer sum of bits)."""
+    """a + b for bf16 bits: widened, added in fp32, rounded once (never an integer sum of bits).
+    On the GPU one kernel pass; operands of different shapes are broadcast first."""
+    if cast := _cast_kernels():
+        a, b = (xp.ascontiguousarray(x) for x in xp.broadcast_arrays(a, b))
+        out = xp.empty(a.shape, dtype=BF16)
+        cast.add_bf16(launch, a, b, out)
+        return out
     return to_bf16(from_bf16(a) + from_bf16(b))
 
 
@@ -129,6 +156,12 @@ def asarray(a, dt=None):
 def to_numpy(a):
     """A host (NumPy) copy of an array of either module."""
     return a.get() if hasattr(a, "get") and xp is not numpy else numpy.asarray(a)
+
+
+def host_value(a):
+    """float(a) where reading it costs nothing (a host array or number); None for a device array,
+    whose value only a device-to-host transfer could tell."""
+    return None if hasattr(a, "get") and xp is not numpy else float(a)
 
 
 def kernels(*arrays):

@@ -248,7 +248,7 @@ def world(timeout, device="cpu"):
 
     if not nccl.available:
         raise InputError("--device cuda with several ranks moves the gradients over NCCL, which CuPy cannot load: "
-                         "pip install nvidia-nccl-cu12")
+                         "pip install nvidia-nccl-cu12 (CUDA 12) or nvidia-nccl-cu13 (CUDA 13)")
     node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
     gpus = cupy.cuda.runtime.getDeviceCount()
     if node.Get_size() > gpus:

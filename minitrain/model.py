@@ -80,15 +80,14 @@ class Model:
     def loss(self, ids, targets):
         """Mean cross-entropy over all B*T target tokens; the lm_head and the loss fused and
         chunked, so the (B*T, V) logits are never held whole."""
-        return ops.linear_cross_entropy(self.hidden(ids), self.head, backend.xp.asarray(targets))
+        return ops.linear_cross_entropy(self.hidden(ids), self.head, targets)
 
     def hidden(self, ids, cache=None):
         """ids (B, T) integer -> the final normalized hidden states (B, T, H), the lm_head's input.
         Without a cache the T tokens are positions 0..T-1; with one they follow what it holds,
         their k, v join it, and attention reads all of it (inference only: no graph)."""
         c, P = self.config, self.params
-        ids = backend.xp.asarray(ids)  # token ids live where the weights live (a no-op on the CPU)
-        B, T = ids.shape
+        B, T = ids.shape  # ids stay host data: the embedding checks them there and uploads them once
         nH, nKV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         positions = None if cache is None else cache.positions(T)  # (B, T) each row's own
         x = ops.embedding(P["model.embed_tokens.weight"], ids)  # (B, T, H)

@@ -385,7 +385,7 @@ class Run:
         pair is a teacher's run's two loss terms (zeros without one)."""
         cfg, params, group = self.cfg, self.trained, self.group
         weight = backend.xp.asarray(1.0 / self.micro_per_step, dtype=backend.dtype)
-        grads, losses = [], []  # this rank's micro-batch gradients (rank 0: already summed) and losses
+        grads, losses = [], []  # this rank's micro-batch gradients (rank 0: already summed), losses
         for a in range(cfg.grad_accum):
             micro = step * self.micro_per_step + group.rank * cfg.grad_accum + a  # global micro-batch index
             inputs, targets = self.stream.batch(micro * cfg.batch_size, cfg.batch_size)
@@ -396,7 +396,7 @@ class Run:
             parts = {}
             loss = self._loss(inputs, targets, parts)
             loss.backward(weight)
-            losses.append((float(loss.data), parts.get("ce_loss", 0.0), parts.get("kd_loss", 0.0)))
+            losses += [loss.data, parts.get("ce_loss", 0.0), parts.get("kd_loss", 0.0)]  # read after the loop
             g = [p.grad for p in params]
             if grads and group.rank == 0:  # the first in the chain sums as it goes: one buffer
                 grads = [dist.sum_in_order([grads[0], g])]
@@ -404,6 +404,9 @@ class Run:
                 grads.append(g)
         for p, g in zip(params, group.ordered_sum(grads, self.shards and self.shards.layout)):
             p.grad = g  # under ZeRO-1: right in this rank's shard only
+        xp = backend.xp  # every micro-batch's loss and a teacher's two terms, read at once: one transfer
+        values = backend.to_numpy(xp.stack([xp.asarray(v, dtype=xp.float64) for v in losses]))
+        losses = [tuple(row) for row in values.reshape(-1, 3).tolist()]
         loss, ce, kd = (sum(column) / self.micro_per_step  # in micro-batch order
                         for column in zip(*group.gather(losses, cfg.grad_accum, 3)))
         if not math.isfinite(loss):
@@ -428,7 +431,7 @@ class Run:
             teacher_hidden = self.teacher.hidden(inputs).data  # (B, T, Ht): no graph kept
         m = self.model
         return ops.linear_distillation(m.hidden(inputs), m.head, teacher_hidden, self.teacher.head.data,
-                                       backend.xp.asarray(targets), self.cfg.distill_weight,
+                                       targets, self.cfg.distill_weight,
                                        self.cfg.distill_temperature, parts=parts)
 
     def _eval_and_gate(self, step):

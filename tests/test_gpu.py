@@ -63,3 +63,28 @@ def test_tiny_model_in_bf16_on_the_gpu_tracks_fp32(route):
     for name, g in cpu_grads.items():
         assert gpu_grads[name].dtype == np.float32, name
         assert np.linalg.norm(gpu_grads[name] - g) < 5e-2 * np.linalg.norm(g), name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_two_gpu_runs_give_the_same_bits(precision):
+    """No atomics anywhere in a step (the embedding's backward included: kernels/embedding.cu),
+    so the loss and every gradient repeat bit for bit on one GPU."""
+    first, second = (loss_and_grads("cuda", precision=precision) for _ in range(2))
+    assert first[0] == second[0]
+    for name, g in first[1].items():
+        assert g.tobytes() == second[1][name].tobytes(), name
+
+
+def test_cupy_compiles_our_kernels_with_subnormals_flushed():
+    """CuPy appends -ftz=true to NVRTC's options (minitrain/gpu/runtime.py): an fp32 subnormal
+    becomes 0 in a kernel's arithmetic, so the kernels match NumPy bit for bit on normal numbers
+    only. If this fails, CuPy stopped flushing: update runtime.py's docstring and kernels/README.md."""
+    import cupy
+
+    from minitrain.gpu import runtime
+
+    module = cupy.RawModule(code='extern "C" __global__ void twice(const float* x, float* y) { y[0] = x[0] * 2.0f; }',
+                            options=runtime.options())
+    x, y = cupy.asarray(np.array([1e-40], np.float32)), cupy.zeros(1, np.float32)
+    module.get_function("twice")((1,), (1,), (x, y))
+    assert float(y[0]) == 0.0 and np.float32(1e-40) * 2 != 0

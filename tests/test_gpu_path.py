@@ -58,6 +58,7 @@ CASES = {  # op -> (function, inputs); the op's kernel source has the same name 
     "attention": (ops.attention, lambda r: [_f32(r, 2, 9, 4, 64), _f32(r, 2, 9, 1, 64), _f32(r, 2, 9, 1, 64)]),
     "cross_entropy": (ops.cross_entropy, lambda r: [_f32(r, 2, 5, 301, scale=3), r.integers(0, 301, (2, 5))]),
     "linear": (ops.linear, lambda r: [_f32(r, 2, 7, 45), _f32(r, 61, 45), _f32(r, 61)]),
+    "embedding": (ops.embedding, lambda r: [_f32(r, 50, 40), r.integers(0, 12, (3, 9))]),  # ids repeat
 }
 
 
@@ -70,6 +71,17 @@ def test_each_op_kernel_path_matches_the_reference(name, kernels):
     for got, want in zip(run(fn, arrays), reference, strict=True):
         close(got, want)
     assert launched == {"matmul_backward" if name == "linear" else name}
+
+
+def test_embedding_gradient_has_the_cpus_bits_on_the_kernel_path(kernels):
+    """kernels/embedding.cu adds each row's gradients in position order, as NumPy's add.at does:
+    the same bits, with no atomics to vary them from run to run."""
+    rng = np.random.default_rng(2)
+    W, ids = _f32(rng, 50, 40), rng.integers(0, 12, (4, 33))
+    reference = run(ops.embedding, [W, ids])[1]
+    kernels()
+    first, second = (run(ops.embedding, [W, ids])[1] for _ in range(2))
+    assert first.tobytes() == reference.tobytes() == second.tobytes()
 
 
 def test_model_steps_on_the_kernel_path_match_the_reference(kernels):
@@ -97,7 +109,8 @@ def test_model_steps_on_the_kernel_path_match_the_reference(kernels):
     ref_losses, ref_grads, ref_weights = two_steps()
     launched = kernels()
     losses, grads, weights = two_steps()
-    assert launched == {"swiglu", "rmsnorm", "rope", "attention", "cross_entropy", "matmul_backward"}
+    assert launched == {"swiglu", "rmsnorm", "rope", "attention", "cross_entropy", "matmul_backward",
+                        "embedding"}
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
     for name in ref_grads:
         close(grads[name], ref_grads[name])

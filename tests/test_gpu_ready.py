@@ -5,6 +5,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+from minitrain.config import ModelConfig
 
 WITHOUT_GGUF = """
 import runpy, sys
@@ -81,3 +84,67 @@ def test_gpu_route_of_the_kernel_tests_keeps_guards_and_aliases(monkeypatch):
     fused.rope_forward(kernel_emu.launcher(), want, cos, sin, want)  # the emulation, on the host
     fused.rope_forward(kernel_emu._on_gpu, x, cos, sin, x)
     assert x.tobytes() == want.tobytes()
+
+
+SMALL = ModelConfig(family="qwen2", hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                    head_dim=64, intermediate_size=96, vocab_size=256, max_position_embeddings=64, rope_theta=1e6,
+                    rms_norm_eps=1e-6, tie_word_embeddings=True)  # head_dim 64: the attention kernel runs
+
+
+@pytest.mark.parametrize("case", ["plain", "grad-accum, lora and a teacher"])
+def test_a_training_step_on_the_gpu_path_reads_two_values_from_the_device(case, tmp_path, monkeypatch):
+    """One training step on the GPU path (CuPy stood in for by tests/cupy_standin.py, the kernels
+    by their CPU emulation) moves two things to the host: the step's losses and the gradient
+    norm's slice sums; with grad-accum, LoRA adapters (dropout masks go up) and a teacher (its two
+    loss terms come with the losses) too. Nothing else waits for the device: token ids are checked
+    on the host."""
+    import cupy_standin
+    from kernel_emu import launcher
+
+    from minitrain import backend, train
+    from minitrain.convert import apr_tensors
+    from minitrain.formats.apr import write_apr
+    from minitrain.formats.apr_meta import model_metadata
+    from minitrain.model import Model
+    from minitrain.train import Run, configure
+
+    model = Model.from_scratch(SMALL, seed=0)
+    write_apr(tmp_path / "small.apr", apr_tensors(SMALL, {n: t.data for n, t in model.params.items()}),
+              model_metadata(SMALL, model.num_parameters()))
+    np.random.default_rng(0).integers(0, 256, 20 * 17, dtype="<u4").tofile(tmp_path / "tokens.bin")
+    options = dict(init=str(tmp_path / "small.apr"), data=str(tmp_path / "tokens.bin"), out=str(tmp_path / "run"),
+                   seq_len=16, batch_size=2, steps=3, val_windows=2, seed=1,
+                   **({} if case == "plain" else {"grad_accum": 2, "lora_rank": 4, "lora_dropout": 0.1,
+                                                  "teacher": str(tmp_path / "small.apr")}))
+    xp = cupy_standin.module()
+
+    def gpu(name):
+        monkeypatch.setattr(backend, "xp", xp)
+        monkeypatch.setattr(backend, "launch", launcher())
+        return "cuda"
+
+    monkeypatch.setattr(train, "_device", gpu)
+    run = Run(*configure(options))
+    assert isinstance(next(iter(run.trained)).data, cupy_standin.DeviceArray)
+    cupy_standin.TRANSFERS.clear()
+    run.train_step(0)  # the first step, one-time work included
+    assert len(cupy_standin.TRANSFERS) <= 2, cupy_standin.TRANSFERS
+
+
+def test_the_backends_casts_on_the_gpu_path_are_its_numpy_casts(monkeypatch):
+    """backend.to_bf16, from_bf16 and add_bf16 run kernels/cast.cu on the GPU (CuPy stood in for,
+    the kernel emulated): the same bits as their NumPy expressions, a broadcast sum included."""
+    import cupy_standin
+    from kernel_emu import launcher
+
+    from minitrain import backend
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 70)) * 100).astype(np.float32)
+    a, b, row = backend.to_bf16(x), backend.to_bf16(x[::-1] / 3), backend.to_bf16(x[0])
+    want = [backend.to_bf16(x), backend.from_bf16(a), backend.add_bf16(a, b), backend.add_bf16(a, row)]
+    monkeypatch.setattr(backend, "xp", cupy_standin.module())
+    monkeypatch.setattr(backend, "launch", launcher())
+    got = [backend.to_bf16(x), backend.from_bf16(a), backend.add_bf16(a, b), backend.add_bf16(a, row)]
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.view(np.ndarray).tobytes() == w.tobytes()

@@ -1,4 +1,5 @@
-"""The fused kernels (RMSNorm, RoPE, cross-entropy, AdamW), run on the CPU through
+"""The fused kernels (RMSNorm, RoPE, cross-entropy, AdamW, the gradient norm's sums of squares,
+the embedding's backward, the bf16 casts), run on the CPU through
 kernels/cuda_emu.h with minitrain.gpu.fused's own launch configurations, against NumPy float64
 references on awkward sizes, in fp32 and bf16, with both thread schedules; AdamW against
 minitrain.optim.AdamW itself. Each kernel also has a planted bug that must make its results wrong."""
@@ -12,7 +13,7 @@ from kernel_emu import launcher
 
 from minitrain.autograd import Tensor
 from minitrain.backend import from_bf16, to_bf16
-from minitrain.gpu import fused
+from minitrain.gpu import embedding, fused
 from minitrain.ops.rope import rope, rope_tables
 from minitrain.optim import AdamW
 
@@ -289,3 +290,88 @@ def test_sum_squares_planted_missing_barrier():
     sums = run_sum_squares(launcher(plant=("        __syncthreads();\n    }", "    }")), g, 1000)
     want = [math.fsum(np.square(g[i:i + 1000].astype(np.float64))) for i in range(0, g.size, 1000)]
     assert not np.allclose(sums, want, rtol=1e-6)
+
+
+# Embedding backward ---------------------------------------------------------------------------------
+
+def run_embedding_backward(launch, dy, ids):
+    """The kernel's (U, H) row sums, and NumPy's add.at of the same rows (the CPU op's reference)."""
+    used, slot = np.unique(ids, return_inverse=True)
+    order = np.argsort(slot, kind="stable")
+    starts = np.searchsorted(slot[order], np.arange(used.size + 1))
+    sums = np.full((used.size, dy.shape[1]), np.nan, np.float32)
+    embedding.backward(launch, dy, order, starts, sums)
+    want = np.zeros_like(sums)
+    np.add.at(want, slot, dy)
+    return sums, want
+
+
+@pytest.mark.parametrize("reverse", SCHEDULES)
+def test_embedding_backward_is_add_at_bit_for_bit(reverse):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 9, 70)  # every token several times
+    dy = rng.standard_normal((70, 300)).astype(np.float32)  # H over one block's columns
+    got, want = run_embedding_backward(launcher(reverse), dy, ids)
+    assert got.tobytes() == want.tobytes()
+
+
+def test_embedding_backward_planted_segment_overrun():
+    rng = np.random.default_rng(0)
+    ids, dy = rng.integers(0, 9, 70), rng.standard_normal((70, 40)).astype(np.float32)
+    got, want = run_embedding_backward(launcher(plant=("j < last", "j <= last && j < starts[gridDim.x]")), dy, ids)
+    assert not np.allclose(got, want)
+
+
+# bf16 casts and sum ---------------------------------------------------------------------------------
+
+def special_f32(rng, n):
+    """Random fp32 values of every magnitude, and the cases rounding must get right: ties to even,
+    the largest values, infinities, NaNs (quiet and signalling), signed zeros, subnormals."""
+    bits = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+    edge = np.array([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x7F7FFFFF, 0x7F7F8000, 0x7F800000, 0xFF800000,
+                     0x7FC00000, 0x7F800001, 0xFFFFFFFF, 0x00000000, 0x80000000, 0x00000001, 0x807FFFFF],
+                    np.uint32)
+    return np.concatenate([edge, bits]).view(np.float32)
+
+
+@pytest.mark.parametrize("reverse", SCHEDULES)
+def test_casts_are_the_backends_bits(reverse):
+    from minitrain.gpu import cast
+
+    rng = np.random.default_rng(0)
+    x = special_f32(rng, 3000)
+    y = np.empty(x.size, np.uint16)
+    cast.to_bf16(launcher(reverse), x, y)
+    assert y.tobytes() == to_bf16(x).tobytes()
+    back = np.empty(y.size, np.float32)
+    cast.from_bf16(launcher(reverse), y, back)
+    assert back.tobytes() == from_bf16(y).tobytes()
+
+
+@pytest.mark.parametrize("reverse", SCHEDULES)
+def test_add_bf16_is_one_rounded_fp32_sum(reverse):
+    """Normal values only: on the GPU a sum below the normal range flushes to zero (-ftz=true)."""
+    from minitrain.gpu import cast
+
+    rng = np.random.default_rng(1)
+    a, b = (to_bf16((rng.standard_normal(3000) * 10.0 ** rng.integers(-3, 4, 3000)).astype(np.float32))
+            for _ in range(2))
+    out = np.empty_like(a)
+    cast.add_bf16(launcher(reverse), a, b, out)
+    assert out.tobytes() == to_bf16(from_bf16(a) + from_bf16(b)).tobytes()
+    cast.add_bf16(launcher(reverse), a, b, a)  # in place
+    assert a.tobytes() == out.tobytes()
+
+
+def test_casts_planted_truncation_and_wrong_operand():
+    from minitrain.gpu import cast
+
+    x = special_f32(np.random.default_rng(0), 500)
+    y = np.empty(x.size, np.uint16)
+    cast.to_bf16(launcher(plant=("store(y, i, x[i]);", "y[i] = (bf16)(__float_as_uint(x[i]) >> 16);")), x, y)
+    assert y.tobytes() != to_bf16(x).tobytes()
+    a = b = to_bf16(np.linspace(-3, 3, 500, dtype=np.float32))
+    b = to_bf16(np.linspace(5, 1, 500, dtype=np.float32))
+    out = np.empty_like(a)
+    cast.add_bf16(launcher(plant=("to_f32(a[i]) + to_f32(b[i])", "to_f32(a[i]) + to_f32(a[i])")), a, b, out)
+    assert out.tobytes() != to_bf16(from_bf16(a) + from_bf16(b)).tobytes()

@@ -127,45 +127,26 @@ class Phases:
         return out
 
 
-def part_step_minitrain(args, cfg, B, T):
-    import cupy
-
-    from minitrain import autograd, backend, train
+def minitrain_step(args, cfg, B, T):
+    """(step, run): step() runs the next step of a `minitrain pretrain` Run on the GPU (its own
+    train_step: forward, backward, norm and clipping, AdamW) over random tokens."""
+    from minitrain import backend
     from minitrain.train import Run, TrainConfig
 
     work = tempfile.mkdtemp()
     tc = TrainConfig(data=str(token_file(work, cfg.vocab_size, 4 * B, T)), out=f"{work}/run", arch=args.arch,
                      seq_len=T, batch_size=B, steps=10**6, val_windows=0, device="cuda", dtype=args.dtype,
                      lr=ADAMW["lr"], beta2=ADAMW["betas"][1], warmup_steps=1).resolved()
-    t0 = time.perf_counter()
     run = Run(tc)
     backend.matmul_backward = args.route
-    built = time.perf_counter() - t0
-    event, elapsed = cupy_timer()
-    step = iter(range(10**6))
-    ms = event_times(lambda: run.train_step(next(step)), event, elapsed, args.repeats)
-    phases = Phases(event, elapsed)
-    run.model.loss = phases.wrap("forward", run.model.loss)
-    autograd.Tensor.backward = phases.wrap("backward", autograd.Tensor.backward)
-    train.global_grad_norm = phases.wrap("grad_norm", train.global_grad_norm)
-    train.clip_grads = phases.wrap("clip", train.clip_grads)
-    run.optimizer.step = phases.wrap("adamw", run.optimizer.step)
-    parts = []
-    for _ in range(3):
-        a = event()
-        run.train_step(next(step))
-        b = event()
-        phase = phases.totals()
-        phase["rest"] = elapsed(a, b) - sum(phase.values())
-        parts.append(phase)
-    pool = cupy.get_default_memory_pool()
-    return {"route": args.route, "build_s": built,
-            "phases_ms": {k: statistics.median(p[k] for p in parts) for k in parts[0]},
-            "peak_gib": pool.total_bytes() / 2**30, "memory": "CuPy pool bytes held (its high-water mark)",
-            "cupy": cupy.__version__}, ms
+    steps = iter(range(10**6))
+    return lambda: run.train_step(next(steps)), run
 
 
-def part_step_hf(args, cfg, B, T):
+def hf_step(args, cfg, B, T):
+    """(step, model): step() runs one transformers training step on the GPU: eager with SDPA
+    attention (bf16: autocast over fp32 weights, minitrain's mixed precision), the loss in fp32,
+    clip_grad_norm_ 1.0 and torch AdamW, as minitrain's step does."""
     import torch
     import transformers
 
@@ -182,6 +163,45 @@ def part_step_hf(args, cfg, B, T):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
+    return step, model
+
+
+def part_step_minitrain(args, cfg, B, T):
+    import cupy
+
+    from minitrain import autograd, train
+
+    t0 = time.perf_counter()
+    step, run = minitrain_step(args, cfg, B, T)
+    built = time.perf_counter() - t0
+    event, elapsed = cupy_timer()
+    ms = event_times(step, event, elapsed, args.repeats)
+    phases = Phases(event, elapsed)
+    run.model.loss = phases.wrap("forward", run.model.loss)
+    autograd.Tensor.backward = phases.wrap("backward", autograd.Tensor.backward)
+    train.global_grad_norm = phases.wrap("grad_norm", train.global_grad_norm)
+    train.clip_grads = phases.wrap("clip", train.clip_grads)
+    run.optimizer.step = phases.wrap("adamw", run.optimizer.step)
+    parts = []
+    for _ in range(3):
+        a = event()
+        step()
+        b = event()
+        phase = phases.totals()
+        phase["rest"] = elapsed(a, b) - sum(phase.values())
+        parts.append(phase)
+    pool = cupy.get_default_memory_pool()
+    return {"route": args.route, "build_s": built,
+            "phases_ms": {k: statistics.median(p[k] for p in parts) for k in parts[0]},
+            "peak_gib": pool.total_bytes() / 2**30, "memory": "CuPy pool bytes held (its high-water mark)",
+            "cupy": cupy.__version__}, ms
+
+
+def part_step_hf(args, cfg, B, T):
+    import torch
+    import transformers
+
+    step, model = hf_step(args, cfg, B, T)
     event, elapsed = torch_timer(torch)
     ms = event_times(step, event, elapsed, args.repeats)
     return {"attention": model.config._attn_implementation, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,

@@ -19,12 +19,16 @@ from minitrain.gpu import fused, gemm
 BLOCK = 1 << 16  # elements of a CPU row block (at least one row)
 
 
-def check_targets(z, t):
-    V = z.shape[-1]
-    if t.shape[0] != z.shape[0]:
-        raise ValueError(f"cross_entropy: {t.shape[0]} targets for {z.shape[0]} rows of logits")
+def device_targets(targets, rows, V):
+    """targets (any shape; host data, as a batch is) -> (rows,) int64 where the logits live, each
+    checked to be in [0, V) on the host first: on the GPU the check waits for nothing, and the ids
+    go up once (CuPy stages a host array through pinned memory, asynchronously)."""
+    t = backend.to_numpy(targets).reshape(-1)
+    if t.shape[0] != rows:
+        raise ValueError(f"cross_entropy: {t.shape[0]} targets for {rows} rows of logits")
     if t.size and (int(t.min()) < 0 or int(t.max()) >= V):
         raise ValueError(f"cross_entropy: a target id is outside the vocabulary [0, {V})")
+    return backend.xp.asarray(t, dtype=numpy.int64)
 
 
 def row_losses(z, t):
@@ -92,9 +96,10 @@ def _gradients_cpu(z, t, lse, scale, out):
     parallel.run(parallel.slices(N, max(1, BLOCK // V)), gradients)
 
 
-def flat_rows(z, t):
-    xp = backend.xp
-    return xp.ascontiguousarray(z), xp.ascontiguousarray(t.reshape(-1), dtype=xp.int64)
+def flat_rows(x, targets, V):
+    """x (..., K) -> contiguous (N, K) rows, and the targets as device_targets gives them."""
+    x2 = backend.xp.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    return x2, device_targets(targets, x2.shape[0], V)
 
 
 class CrossEntropy(Function):
@@ -103,8 +108,7 @@ class CrossEntropy(Function):
       dz = (softmax - onehot) * g / N."""
 
     def forward(self, logits, targets):
-        z, t = flat_rows(logits.reshape(-1, logits.shape[-1]), targets)  # (N, V), (N,)
-        check_targets(z, t)
+        z, t = flat_rows(logits, targets, logits.shape[-1])  # (N, V), (N,)
         nll, lse = row_losses(z, t)
         self.save(z, t, lse, logits.shape)
         return nll.mean(dtype=backend.xp.float64).astype(logits.dtype)  # () scalar
@@ -133,20 +137,19 @@ class LinearCrossEntropy(Function):
 
     def forward(self, x, W, targets, chunk_rows=None):
         xp = backend.xp
-        x2, t = flat_rows(x.reshape(-1, x.shape[-1]), targets)  # (N, H), (N,)
+        x2, t = flat_rows(x, targets, W.shape[0])  # (N, H), (N,)
         N, V = x2.shape[0], W.shape[0]
         half = x2.dtype == backend.BF16
         Wc = backend.to_bf16(W) if half else W  # (V, H) in the precision of x
         rows = chunk_rows or max(1, self.BUDGET // (V * W.dtype.itemsize))  # logits are in W's dtype
         dx = xp.empty_like(x2) if self.needs_grad[0] else None
         dW = None
-        total = 0.0
+        total = 0.0  # the float64 sum of the rows' losses, chunk by chunk (on the device: no sync)
         for start in range(0, N, rows):
             xc, tc = x2[start:start + rows], t[start:start + rows]
             z = gemm.matmul(xc, Wc.T, xp.float32) if half else xc @ W.T  # (r, V) fp32 logits
-            check_targets(z, tc)
             nll, lse = row_losses(z, tc)
-            total += float(nll.sum(dtype=xp.float64))
+            total = total + nll.sum(dtype=xp.float64)
             if not any(self.needs_grad):
                 continue
             dz = row_gradients(z, tc, lse, 1.0 / N, out=z)  # (r, V), in place of the logits
@@ -164,11 +167,11 @@ class LinearCrossEntropy(Function):
                 else:
                     dW += part
         self.save(dx, dW, x.shape)
-        return xp.asarray(total / N, dtype=W.dtype)
+        return xp.asarray(total / N).astype(W.dtype)
 
     def backward(self, g):
         dx, dW, shape = self.saved
-        if float(g) != 1.0:  # e.g. 1/grad_accum
+        if backend.host_value(g) != 1.0:  # e.g. 1/grad_accum; a device g is applied unread (no sync)
             if dx is not None:
                 dx = backend.to_bf16(backend.from_bf16(dx) * g) if dx.dtype == backend.BF16 else dx * g
             dW = None if dW is None else dW * g

@@ -3,7 +3,7 @@ the head and the combined loss, over chunks of rows like LinearCrossEntropy."""
 
 from minitrain import backend
 from minitrain.autograd import Function
-from minitrain.ops.cross_entropy import check_targets, flat_rows, row_gradients, row_losses
+from minitrain.ops.cross_entropy import flat_rows, row_gradients, row_losses
 
 
 def _log_softmax(a):
@@ -51,7 +51,7 @@ class LinearDistillation(Function):
 
     def forward(self, x, W, xt, Wt, targets, *, weight, temperature, chunk_rows=None, parts=None):
         xp = backend.xp
-        x2, t = flat_rows(x.reshape(-1, x.shape[-1]), targets)  # (N, H), (N,)
+        x2, t = flat_rows(x, targets, W.shape[0])  # (N, H), (N,)
         xt2 = xp.ascontiguousarray(xt.reshape(-1, xt.shape[-1]))  # (N, Ht)
         N, V = x2.shape[0], W.shape[0]
         if xt2.shape[0] != N or Wt.shape[0] != V:
@@ -60,19 +60,18 @@ class LinearDistillation(Function):
         rows = chunk_rows or max(1, self.BUDGET // (self.ARRAYS * V * W.dtype.itemsize))
         dx = xp.empty_like(x2) if self.needs_grad[0] else None
         dW = None
-        ce = kd = 0.0  # sums over rows of the CE and of KL
+        ce = kd = 0.0  # float64 sums over rows of the CE and of KL (on the device: no sync per chunk)
         T, w = float(temperature), float(weight)
         for start in range(0, N, rows):
             xc, tc = x2[start:start + rows], t[start:start + rows]
             z = xc @ W.T  # (r, V) the student's logits
-            check_targets(z, tc)
             nll, lse = row_losses(z, tc)
             logp = _log_softmax(xt2[start:start + rows] @ Wt.T / T)  # (r, V) the teacher's log p
             logq = _log_softmax(z / T)  # (r, V) the student's log q at temperature T
             p = xp.exp(logp)
             logp -= logq
-            ce += float(nll.sum(dtype=xp.float64))
-            kd += float((p * logp).sum(dtype=xp.float64))  # sum over the chunk's rows of KL(p || q)
+            ce = ce + nll.sum(dtype=xp.float64)
+            kd = kd + (p * logp).sum(dtype=xp.float64)  # sum over the chunk's rows of KL(p || q)
             if not any(self.needs_grad):
                 continue
             dz = row_gradients(z, tc, lse, (1.0 - w) / N, out=z)  # (r, V), in place of the logits
@@ -89,11 +88,11 @@ class LinearDistillation(Function):
         if parts is not None:
             parts.update(ce_loss=ce, kd_loss=kd)
         self.save(dx, dW, x.shape)
-        return xp.asarray((1.0 - w) * ce + w * kd, dtype=W.dtype)
+        return xp.asarray((1.0 - w) * ce + w * kd).astype(W.dtype)
 
     def backward(self, g):
         dx, dW, shape = self.saved
-        if float(g) != 1.0:  # e.g. 1/grad_accum
+        if backend.host_value(g) != 1.0:  # e.g. 1/grad_accum; a device g is applied unread (no sync)
             dx = None if dx is None else dx * g
             dW = None if dW is None else dW * g
         return (None if dx is None else dx.reshape(shape)), dW, None, None, None

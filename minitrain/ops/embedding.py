@@ -1,7 +1,10 @@
 """Token embedding: a row lookup whose backward is a scatter-add."""
 
+import numpy
+
 from minitrain import backend
 from minitrain.autograd import Function, RowSparse
+from minitrain.gpu import embedding as embedding_kernels
 
 
 class Embedding(Function):
@@ -12,23 +15,37 @@ class Embedding(Function):
     -- a scatter-ADD: a token that occurs k times receives the sum of its k gradients; rows of
     tokens that do not occur get 0 (returned as a RowSparse gradient: only the used rows are
     stored). The ids are not differentiable.
+
+    The ids are host data (the batch), checked and grouped on the host: on the GPU nothing here
+    waits for the device. Each used row's sum adds its positions in increasing order, NumPy's
+    add.at order -- on the kernel path by one block per row (kernels/embedding.cu), so the GPU
+    gives the CPU's bits, run after run (no atomics).
     """
 
     def forward(self, W, ids):
         V = W.shape[0]
+        ids = backend.to_numpy(ids)
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
             bad = ids[(ids < 0) | (ids >= V)].reshape(-1)[0]
             raise ValueError(f"embedding: token id {int(bad)} is outside the vocabulary [0, {V})")
         self.save(ids, W.shape)
-        return W[ids]  # (..., H)
+        return W[backend.xp.asarray(ids)]  # (..., H)
 
     def backward(self, g):
         ids, (V, H) = self.saved
         xp = backend.xp
-        used, slot = xp.unique(ids.reshape(-1), return_inverse=True)  # each distinct token once
-        sums = xp.zeros((used.size, H), dtype=g.dtype)
-        xp.add.at(sums, slot.reshape(-1), g.reshape(-1, H))  # repeated ids accumulate
-        return RowSparse(used, sums, (V, H)), None  # zero outside the batch's rows
+        used, slot = numpy.unique(ids.reshape(-1), return_inverse=True)  # each distinct token once
+        slot = slot.reshape(-1)
+        dy = g.reshape(-1, H)  # (N, H)
+        if launch := backend.kernels(dy):
+            order = numpy.argsort(slot, kind="stable")  # positions grouped by token, each group in order
+            starts = numpy.searchsorted(slot[order], numpy.arange(used.size + 1))  # (U + 1,)
+            sums = xp.empty((used.size, H), dtype=dy.dtype)
+            embedding_kernels.backward(launch, xp.ascontiguousarray(dy), xp.asarray(order), xp.asarray(starts), sums)
+        else:
+            sums = xp.zeros((used.size, H), dtype=g.dtype)
+            xp.add.at(sums, xp.asarray(slot), dy)  # repeated ids accumulate, in position order
+        return RowSparse(xp.asarray(used), sums, (V, H)), None  # zero outside the batch's rows
 
 
 def embedding(W, ids):
