@@ -17,12 +17,31 @@ typedef unsigned short bf16;
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __uint_as_float((unsigned)x << 16); }
 
-__device__ __forceinline__ void store(float* p, long i, float v) { p[i] = v; }
-__device__ __forceinline__ void store(bf16* p, long i, float v) {
+// fp32 -> bf16 bits, rounded to nearest even; a NaN stays a (quiet) NaN.
+__device__ __forceinline__ bf16 bf16_bits(float v) {
     unsigned u = __float_as_uint(v);
-    p[i] = (u & 0x7fffffffu) > 0x7f800000u ? (bf16)((u >> 16) | 0x40u)
-                                            : (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return (u & 0x7fffffffu) > 0x7f800000u ? (bf16)((u >> 16) | 0x40u) : (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
+// Two values as the two bf16 halves of a 32-bit register (lo in the low half): an mma operand.
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return (unsigned)bf16_bits(lo) | ((unsigned)bf16_bits(hi) << 16);
+}
+
+__device__ __forceinline__ void store(float* p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void store(bf16* p, long i, float v) { p[i] = bf16_bits(v); }
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+// D = A B + C on the tensor cores, m16n8k16, bf16 operands, fp32 accumulation (sm_80 and later);
+// the fragments' layout is written out beside the CPU emulation of it, in cuda_emu.h.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                                               const float (&c)[4]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%10, %11, %12, %13};\n"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+                   "f"(c[2]), "f"(c[3]));
+}
+#endif
 
 // Sum / max over the 32 lanes of a warp; every lane gets the result (butterfly exchange).
 __device__ __forceinline__ float warp_sum(float v) {

@@ -59,12 +59,18 @@ struct Block {
     bool reverse = false;
     std::vector<State> state;
     std::vector<uint64_t> lanes;  // shuffle exchange buffer, one slot per thread
+    struct Fragments {            // one thread's operands of a warp's mma (mma_bf16_16816 below)
+        unsigned a[4], b[2];
+        float c[4];
+    };
+    std::vector<Fragments> mma;
 
     void start(int threads, bool rev) {
         n = threads;
         reverse = rev;
         state.assign(n, RUNNABLE);
         lanes.assign(n, 0);
+        mma.assign(n, Fragments{});
         wake = std::vector<std::condition_variable>(n);
         turn = reverse ? n - 1 : 0;
     }
@@ -206,6 +212,48 @@ inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: D (16 x 8) = A (16 x 16) B (16 x 8) + C, fp32
+// accumulation, by the 32 lanes of a warp together, each holding its fragments as PTX lays them
+// out (lane = 4 g + t): A in 4 registers of two bf16 (low half first), rows g and g + 8, columns
+// 2t, 2t + 1 and 2t + 8, 2t + 9 -- a[0] (g, 2t..), a[1] (g + 8, 2t..), a[2] (g, 2t + 8..),
+// a[3] (g + 8, 2t + 8..); B in 2 registers, rows (k) 2t, 2t + 1 and 2t + 8, 2t + 9 of column g;
+// C and D: (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1). Every lane publishes its fragments
+// (a warp sync point), rebuilds A and B whole, and forms its four results: the products exact (a
+// bf16 product fits fp32), summed in double and rounded once -- the tensor core's order of sums
+// is its own, so tests compare with a tolerance, never bits.
+inline void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
+    int me = emu::linear_id, lane = me % emu::WARP, base = me - lane;
+    auto& mine = emu::block->mma[me];
+    std::memcpy(mine.a, a, sizeof mine.a);
+    std::memcpy(mine.b, b, sizeof mine.b);
+    std::memcpy(mine.c, c, sizeof mine.c);
+    emu::block->sync(me, emu::Block::AT_WARP_SYNC);  // every lane has published
+    auto half = [](unsigned reg, int h) { return __uint_as_float(((reg >> (16 * h)) & 0xffffu) << 16); };
+    float A[16][16], Bm[16][8];
+    for (int l = 0; l < emu::WARP; l++) {
+        const auto& f = emu::block->mma[base + l];
+        int g = l / 4, t = l % 4;
+        for (int h = 0; h < 2; h++) {
+            A[g][2 * t + h] = half(f.a[0], h);
+            A[g + 8][2 * t + h] = half(f.a[1], h);
+            A[g][2 * t + 8 + h] = half(f.a[2], h);
+            A[g + 8][2 * t + 8 + h] = half(f.a[3], h);
+            Bm[2 * t + h][g] = half(f.b[0], h);
+            Bm[2 * t + 8 + h][g] = half(f.b[1], h);
+        }
+    }
+    int g = lane / 4, t = lane % 4;
+    float out[4];
+    for (int r = 0; r < 4; r++) {
+        int row = g + 8 * (r / 2), col = 2 * t + r % 2;
+        double sum = mine.c[r];
+        for (int k = 0; k < 16; k++) sum += (double)A[row][k] * (double)Bm[k][col];
+        out[r] = (float)sum;
+    }
+    emu::block->sync(me, emu::Block::AT_WARP_SYNC);  // every lane has read the fragments
+    std::memcpy(d, out, sizeof out);
+}
+
 using std::max;  // expf, logf, sqrtf, fmaxf ... come from <cmath> in the global namespace
 using std::min;
 

@@ -127,3 +127,28 @@ def test_planted_bug_is_caught(name, reverse):
     with np.errstate(invalid="ignore"):
         got, overrun = run_kernels(launcher(reverse, plant=(old, new)), q, k, v, do, "f32", backward=spoiled != "o")
         assert overrun or not error(got[spoiled], want) <= TOL["f32"], f"planted bug not caught: {name}"
+
+
+MMA_PLANTS = {  # kernels/attention_mma.cu (the bf16 forward): name: (old, new, B, T, nH, nKV, hd)
+    "tiles read before they are loaded": ("__syncthreads();  // the K and V tiles are loaded", "", 1, 40, 1, 1, 64),
+    "tiles overwritten while in use": ("__syncthreads();  // every warp is done with the tiles: the next ones may "
+                                       "overwrite them", "", 1, 140, 1, 1, 64),
+    "output not rescaled to the new row max": ("acc[n][r] *= alpha[r / 2];", ";", 1, 100, 1, 1, 128),
+    "row maximum over half the quad": (
+        "mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));", "", 1, 40, 2, 1, 64),
+    "diagonal masked": ("j <= row[r / 2]", "j < row[r / 2]", 1, 20, 1, 1, 64),
+    "V's fragment from the wrong key": ("(key + 9) * PITCH", "(key + 8) * PITCH", 1, 30, 1, 1, 64),
+    "row T stored": ("if (row[i] < T)", "if (row[i] <= T)", 1, 20, 1, 1, 64),  # one row: within GUARD
+}
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("name", MMA_PLANTS)
+def test_planted_bug_in_the_tensor_core_forward_is_caught(name, reverse):
+    old, new, B, T, nH, nKV, hd = MMA_PLANTS[name]
+    q, k, v, do = inputs(B, T, nH, nKV, hd, "bf16", seed=1 + reverse)  # not the tiles the other schedule left
+    want = reference(q, k, v, do)
+    with np.errstate(invalid="ignore"):
+        got, overrun = run_kernels(launcher(reverse, plant=(old, new)), q, k, v, do, "bf16", backward=False)
+    assert overrun or not max(error(got["o"], want["o"]), error(got["lse"], want["lse"]) / 1e-3) <= TOL["bf16"], \
+        f"planted bug not caught: {name}"

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import hf_step, minitrain_step, record  # noqa: E402
 
 OURS = ("attention_", "rmsnorm_", "rope_", "swiglu_", "cross_entropy_", "adamw_", "sum_squares_", "matmul_",
-        "bias_grad_", "embedding_")
+        "bias_grad_", "embedding_", "cast_", "add_bf16")
 
 
 def kind(name):
@@ -30,7 +30,7 @@ def kind(name):
     if low.startswith(("memcpy", "memset")):
         return name  # e.g. "Memcpy HtoD (Pinned -> Device)"
     if name.startswith(OURS):
-        return "minitrain kernels (kernels/*.cu): " + name.split("_")[0]
+        return "minitrain kernels (kernels/*.cu): " + ("cast" if name == "add_bf16" else name.split("_")[0])
     if any(k in low for k in ("flash", "fmha", "sdpa", "attention")):  # before GEMM: cuDNN's names hold sm90_
         return "attention (torch, cuDNN)"
     if any(k in low for k in ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "sm80_")):

@@ -9,6 +9,7 @@ from minitrain.gpu import suffix
 
 THREADS = 128
 FORWARD_ROWS = {64: 64, 128: 32}  # query rows per forward block
+MMA_ROWS = 64  # query rows per block of kernels/attention_mma.cu (bf16 forward on the tensor cores)
 BACKWARD_ROWS = {64: 32, 128: 16}  # query rows per dq block, key rows per dkdv block
 DELTA_ROWS, DELTA_BLOCKS = 32, 4096  # rows per delta block and step; a grid-stride loop covers the rest
 
@@ -26,9 +27,19 @@ def _tiles(T, rows):
     return -(-T // rows)
 
 
+def _address(a):
+    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data  # CuPy, NumPy (the emulation)
+
+
 def forward(launch, q, k, v, o, lse):
-    """o = softmax(q k^T / sqrt(hd), causal) v per head; lse = the rows' log-sum-exp."""
+    """o = softmax(q k^T / sqrt(hd), causal) v per head; lse = the rows' log-sum-exp. bf16 runs on
+    the tensor cores (kernels/attention_mma.cu, which copies K and V rows 16 bytes at a time: k and
+    v must start 16-byte aligned, as CuPy's allocations do); fp32 on kernels/attention.cu."""
     B, T, nH, nKV, hd = _shape(q, k)
+    if suffix(q) == "bf16" and all(_address(a) % 16 == 0 for a in (k, v)):
+        launch("attention_mma", f"attention_forward_mma_hd{hd}_bf16", (_tiles(T, MMA_ROWS), nH, B), (THREADS,),
+               (q, k, v, o, lse, B, T, nH, nKV))
+        return
     launch("attention", f"attention_forward_hd{hd}_{suffix(q)}", (_tiles(T, FORWARD_ROWS[hd]), nH, B), (THREADS,),
            (q, k, v, o, lse, B, T, nH, nKV))
 
