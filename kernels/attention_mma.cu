@@ -49,6 +49,70 @@ __device__ __forceinline__ unsigned pair(const bf16* tile, int r, int c) {
     return *reinterpret_cast<const unsigned*>(tile + r * (HD + 8) + c);
 }
 
+// The warp's 16 rows [row0, row0 + 16) of one head, HD wide, straight from global memory into mma
+// A-fragments (rows >= T are zero): Q in the forward and dq, dO in dq, K and V in dkdv.
+template <int HD>
+__device__ __forceinline__ void load_fragments(unsigned (&frag)[HD / 16][4], const bf16* src, long row0, long T,
+                                               long stride) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    UNROLL for (int s = 0; s < HD / 16; s++)
+        UNROLL for (int r = 0; r < 4; r++) {
+            long i = row0 + g + 8 * (r % 2);
+            int c = 16 * s + 2 * t + 8 * (r / 2);
+            frag[s][r] = i < T ? *reinterpret_cast<const unsigned*>(src + i * stride + c) : 0u;
+        }
+}
+
+// acc (16 x 64 of a warp: 8 n-tiles) = A (the warp's 16 rows, HD wide, as fragments) times the
+// transpose of a tile's 64 rows: acc[n] holds columns 8n .. 8n + 7 (tile rows).
+template <int HD>
+__device__ __forceinline__ void times_tile_t(float (&acc)[8][4], const unsigned (&a)[HD / 16][4], const bf16* tile) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    UNROLL for (int n = 0; n < 8; n++)
+        UNROLL for (int kk = 0; kk < HD / 16; kk++) {
+            const unsigned b[2] = {pair<HD>(tile, 8 * n + g, 16 * kk + 2 * t), pair<HD>(tile, 8 * n + g, 16 * kk + 8 + 2 * t)};
+            mma_bf16_16816(acc[n], a[kk], b, acc[n]);
+        }
+}
+
+// acc (16 x HD of a warp) += A (16 x 64, as 4 k-steps of fragments) times a tile's 64 rows (64 x HD).
+template <int HD>
+__device__ __forceinline__ void times_tile(float (&acc)[HD / 8][4], const unsigned (&a)[4][4], const bf16* tile) {
+    constexpr int PITCH = HD + 8;
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    UNROLL for (int n = 0; n < HD / 8; n++)
+        UNROLL for (int kk = 0; kk < 4; kk++) {
+            const int row = 16 * kk + 2 * t, col = 8 * n + g;
+            const unsigned b[2] = {
+                (unsigned)tile[row * PITCH + col] | ((unsigned)tile[(row + 1) * PITCH + col] << 16),
+                (unsigned)tile[(row + 8) * PITCH + col] | ((unsigned)tile[(row + 9) * PITCH + col] << 16)};
+            mma_bf16_16816(acc[n], a[kk], b, acc[n]);
+        }
+}
+
+// A warp's 16 x 64 fp32 result (8 n-tiles) as bf16 A-fragments of 4 k-steps: an m16n8 result
+// fragment holds what an m16k16 A-fragment holds for half its columns, lane for lane.
+__device__ __forceinline__ void as_fragments(unsigned (&frag)[4][4], const float (&x)[8][4]) {
+    UNROLL for (int n = 0; n < 8; n++) {
+        frag[n / 2][2 * (n % 2)] = pack_bf16(x[n][0], x[n][1]);
+        frag[n / 2][2 * (n % 2) + 1] = pack_bf16(x[n][2], x[n][3]);
+    }
+}
+
+// dst rows [row0, row0 + 16) of the warp (< T), HD wide, from acc times mul, as bf16 pairs.
+template <int HD>
+__device__ __forceinline__ void store_fragments(bf16* dst, const float (&acc)[HD / 8][4], float mul, long row0, long T,
+                                                long stride) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    UNROLL for (int n = 0; n < HD / 8; n++)
+        UNROLL for (int i = 0; i < 2; i++) {
+            long r = row0 + g + 8 * i;
+            if (r < T)
+                *reinterpret_cast<unsigned*>(dst + r * stride + 8 * n + 2 * t) =
+                    pack_bf16(acc[n][2 * i] * mul, acc[n][2 * i + 1] * mul);
+        }
+}
+
 template <int HD>
 __device__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                         bf16* __restrict__ o, float* __restrict__ lse, long T, long nH, long nKV) {
@@ -65,12 +129,7 @@ __device__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k, 
     const float scale = LOG2E / sqrtf((float)HD);  // scores in log2 units, for exp2f
 
     unsigned qa[KS][4];  // this warp's Q rows as A-fragments
-    UNROLL for (int s = 0; s < KS; s++)
-        UNROLL for (int r = 0; r < 4; r++) {
-            long i = row[r % 2];
-            int c = 16 * s + 2 * t + 8 * (r / 2);
-            qa[s][r] = i < T ? *reinterpret_cast<const unsigned*>(qb + i * qstride + c) : 0u;
-        }
+    load_fragments<HD>(qa, qb, q0 + 16 * warp, T, qstride);
     float acc[NT][4] = {}, m[2] = {MASKED, MASKED}, l[2] = {0.0f, 0.0f};
     const long q_end = q0 + BQ < T ? q0 + BQ : T;  // one past this tile's last query row
     for (long k0 = 0; k0 < q_end; k0 += BK) {  // key tiles at or below the diagonal
@@ -78,11 +137,7 @@ __device__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k, 
         load_tile<HD>(vs, vb, k0, T, kstride);
         __syncthreads();  // the K and V tiles are loaded
         float s[8][4] = {};  // S: 8 n-tiles of 8 keys
-        UNROLL for (int n = 0; n < 8; n++)
-            UNROLL for (int kk = 0; kk < KS; kk++) {
-                const unsigned kb2[2] = {pair<HD>(ks, 8 * n + g, 16 * kk + 2 * t), pair<HD>(ks, 8 * n + g, 16 * kk + 8 + 2 * t)};
-                mma_bf16_16816(s[n], qa[kk], kb2, s[n]);
-            }
+        times_tile_t<HD>(s, qa, ks);
         float mx[2] = {m[0], m[1]};
         UNROLL for (int n = 0; n < 8; n++)
             UNROLL for (int r = 0; r < 4; r++) {
@@ -100,23 +155,14 @@ __device__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k, 
         }
         UNROLL for (int n = 0; n < NT; n++)
             UNROLL for (int r = 0; r < 4; r++) acc[n][r] *= alpha[r / 2];  // O back to the new row max
-        unsigned pa[4][4];  // P as A-fragments: k-step kk covers n-tiles 2 kk and 2 kk + 1
-        UNROLL for (int n = 0; n < 8; n++) {
-            float p[4];
+        UNROLL for (int n = 0; n < 8; n++)
             UNROLL for (int r = 0; r < 4; r++) {
-                p[r] = exp2f(s[n][r] - m[r / 2]);
-                l[r / 2] += p[r];
+                s[n][r] = exp2f(s[n][r] - m[r / 2]);  // P, in place of S
+                l[r / 2] += s[n][r];
             }
-            pa[n / 2][2 * (n % 2)] = pack_bf16(p[0], p[1]);
-            pa[n / 2][2 * (n % 2) + 1] = pack_bf16(p[2], p[3]);
-        }
-        UNROLL for (int n = 0; n < NT; n++)
-            UNROLL for (int kk = 0; kk < 4; kk++) {
-                const int key = 16 * kk + 2 * t, dim = 8 * n + g;
-                const unsigned vb2[2] = {(unsigned)vs[key * PITCH + dim] | ((unsigned)vs[(key + 1) * PITCH + dim] << 16),
-                                         (unsigned)vs[(key + 8) * PITCH + dim] | ((unsigned)vs[(key + 9) * PITCH + dim] << 16)};
-                mma_bf16_16816(acc[n], pa[kk], vb2, acc[n]);
-            }
+        unsigned pa[4][4];  // P as A-fragments: k-step kk covers n-tiles 2 kk and 2 kk + 1
+        as_fragments(pa, s);
+        times_tile<HD>(acc, pa, vs);
         __syncthreads();  // every warp is done with the tiles: the next ones may overwrite them
     }
     UNROLL for (int i = 0; i < 2; i++) {  // the row sums across the quad, then O / l and lse
@@ -130,6 +176,108 @@ __device__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k, 
             if (row[i] < T)
                 *reinterpret_cast<unsigned*>(ob + row[i] * qstride + 8 * n + 2 * t) =
                     pack_bf16(acc[n][2 * i] / l[i], acc[n][2 * i + 1] / l[i]);
+}
+
+// dq: block = (64 query rows, head, batch), warp w owns rows 16w ..; per key tile at or below the
+// diagonal: S = Q K^T and dP = dO V^T (Q, dO fragments in registers, K, V tiles in shared memory),
+// P = exp2(S c log2 e - lse log2 e), dS = P (dP - D) as bf16 fragments, dQ += dS K. 2 barriers
+// per key tile.
+template <int HD>
+__device__ void backward_dq(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                            const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ D,
+                            bf16* __restrict__ dq, long T, long nH, long nKV) {
+    constexpr int PITCH = HD + 8;
+    alignas(16) __shared__ bf16 ks[BK * PITCH];
+    alignas(16) __shared__ bf16 vs[BK * PITCH];
+    const int warp = threadIdx.x / 32, t = threadIdx.x % 4, g = threadIdx.x % 32 / 4;
+    const long q0 = (long)(gridDim.x - 1 - blockIdx.x) * BQ, h = blockIdx.y, b = blockIdx.z;
+    const long kvh = h / (nH / nKV), qstride = nH * HD, kstride = nKV * HD, w0 = q0 + 16 * warp;
+    const long row[2] = {w0 + g, w0 + g + 8};
+    const float c = 1.0f / sqrtf((float)HD), scale = c * LOG2E;
+    unsigned qa[HD / 16][4], da[HD / 16][4];
+    load_fragments<HD>(qa, q + (b * T * nH + h) * HD, w0, T, qstride);
+    load_fragments<HD>(da, dout + (b * T * nH + h) * HD, w0, T, qstride);
+    float lse2[2], delta[2];
+    UNROLL for (int i = 0; i < 2; i++) {
+        lse2[i] = row[i] < T ? lse[(b * nH + h) * T + row[i]] * LOG2E : 0.0f;
+        delta[i] = row[i] < T ? D[(b * nH + h) * T + row[i]] : 0.0f;
+    }
+    float acc[HD / 8][4] = {};  // dQ / c
+    const long q_end = q0 + BQ < T ? q0 + BQ : T;
+    for (long k0 = 0; k0 < q_end; k0 += BK) {
+        load_tile<HD>(ks, k + (b * T * nKV + kvh) * HD, k0, T, kstride);
+        load_tile<HD>(vs, v + (b * T * nKV + kvh) * HD, k0, T, kstride);
+        __syncthreads();  // K and V loaded: S, dP and dQ may read them
+        float s[8][4] = {}, dp[8][4] = {};
+        times_tile_t<HD>(s, qa, ks);
+        times_tile_t<HD>(dp, da, vs);
+        UNROLL for (int n = 0; n < 8; n++)
+            UNROLL for (int r = 0; r < 4; r++) {
+                long j = k0 + 8 * n + 2 * t + r % 2, i = row[r / 2];
+                float p = i < T && j <= i ? exp2f(s[n][r] * scale - lse2[r / 2]) : 0.0f;
+                s[n][r] = p * (dp[n][r] - delta[r / 2]);  // dS, in place of S
+            }
+        unsigned dsa[4][4];
+        as_fragments(dsa, s);
+        times_tile<HD>(acc, dsa, ks);
+        __syncthreads();  // every warp's dQ has read the K tile: the next one may overwrite it
+    }
+    store_fragments<HD>(dq + (b * T * nH + h) * HD, acc, c, w0, T, qstride);
+}
+
+// dkdv: block = (64 key rows, kv head, batch), warp w owns keys 16w ..; for each query head of the
+// group and each query tile at or below the diagonal: S^T = K Q^T and dP^T = V dO^T (K, V fragments
+// in registers, Q, dO tiles in shared memory), P^T, dS^T = P^T (dP^T - D) as bf16 fragments,
+// dV += P^T dO, dK += dS^T Q. The group's sum is this loop: dK and dV stay in registers and are
+// written once, no atomics. 2 barriers per query tile.
+template <int HD>
+__device__ void backward_dkdv(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                              const bf16* __restrict__ dout, const float* __restrict__ lse,
+                              const float* __restrict__ D, bf16* __restrict__ dk, bf16* __restrict__ dv, long T,
+                              long nH, long nKV) {
+    constexpr int PITCH = HD + 8;
+    alignas(16) __shared__ bf16 qs[BQ * PITCH];
+    alignas(16) __shared__ bf16 dos[BQ * PITCH];
+    __shared__ float lse2[BQ], delta[BQ];
+    const int warp = threadIdx.x / 32, t = threadIdx.x % 4, g = threadIdx.x % 32 / 4;
+    const long k0 = (long)blockIdx.x * BK, kvh = blockIdx.y, b = blockIdx.z, w0 = k0 + 16 * warp;
+    const long group = nH / nKV, qstride = nH * HD, kstride = nKV * HD;
+    const long key[2] = {w0 + g, w0 + g + 8};
+    const float c = 1.0f / sqrtf((float)HD), scale = c * LOG2E;
+    unsigned ka[HD / 16][4], va[HD / 16][4];
+    load_fragments<HD>(ka, k + (b * T * nKV + kvh) * HD, w0, T, kstride);
+    load_fragments<HD>(va, v + (b * T * nKV + kvh) * HD, w0, T, kstride);
+    float dka[HD / 8][4] = {}, dva[HD / 8][4] = {};  // dK / c, dV
+    for (long h = kvh * group; h < (kvh + 1) * group; h++)  // the query heads that share this kv head
+        for (long q0 = k0; q0 < T; q0 += BQ) {  // query tiles at or below the diagonal (BQ = BK)
+            load_tile<HD>(qs, q + (b * T * nH + h) * HD, q0, T, qstride);
+            load_tile<HD>(dos, dout + (b * T * nH + h) * HD, q0, T, qstride);
+            for (int r = threadIdx.x; r < BQ; r += THREADS) {
+                bool in = q0 + r < T;
+                lse2[r] = in ? lse[(b * nH + h) * T + q0 + r] * LOG2E : 0.0f;
+                delta[r] = in ? D[(b * nH + h) * T + q0 + r] : 0.0f;
+            }
+            __syncthreads();  // the Q and dO tiles and their lse, D are loaded
+            float st[8][4] = {}, dpt[8][4] = {};
+            times_tile_t<HD>(st, ka, qs);
+            times_tile_t<HD>(dpt, va, dos);
+            UNROLL for (int n = 0; n < 8; n++)
+                UNROLL for (int r = 0; r < 4; r++) {
+                    const int col = 8 * n + 2 * t + r % 2;
+                    const long j = q0 + col;
+                    float p = j < T && key[r / 2] <= j ? exp2f(st[n][r] * scale - lse2[col]) : 0.0f;
+                    st[n][r] = p;                                // P^T
+                    dpt[n][r] = p * (dpt[n][r] - delta[col]);  // dS^T, in place of dP^T
+                }
+            unsigned pa[4][4], dsa[4][4];
+            as_fragments(pa, st);
+            as_fragments(dsa, dpt);
+            times_tile<HD>(dva, pa, dos);
+            times_tile<HD>(dka, dsa, qs);
+            __syncthreads();  // every warp is done with the Q and dO tiles
+        }
+    store_fragments<HD>(dk + (b * T * nKV + kvh) * HD, dka, c, w0, T, kstride);
+    store_fragments<HD>(dv + (b * T * nKV + kvh) * HD, dva, 1.0f, w0, T, kstride);
 }
 
 }  // namespace mma_attention
@@ -146,3 +294,26 @@ __device__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k, 
 
 MMA_ATTENTION_FORWARD(64)
 MMA_ATTENTION_FORWARD(128)
+
+// The backward on the tensor cores, head_dim 64 (at 128 the dK and dV accumulators and the K and V
+// fragments of dkdv would not fit the registers: attention.cu's backward serves it).
+extern "C" __global__ void __launch_bounds__(mma_attention::THREADS)
+    attention_backward_dq_mma_hd64_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+                                        const float* D, bf16* dq, long B, long T, long nH, long nKV) {
+    mma_attention::backward_dq<64>(q, k, v, dout, lse, D, dq, T, nH, nKV);
+}
+EMU_EXPORT(attention_backward_dq_mma_hd64_bf16,
+           (const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* D, bf16* dq,
+            long B, long T, long nH, long nKV),
+           (q, k, v, dout, lse, D, dq, B, T, nH, nKV))
+
+extern "C" __global__ void __launch_bounds__(mma_attention::THREADS)
+    attention_backward_dkdv_mma_hd64_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                          const float* lse, const float* D, bf16* dk, bf16* dv, long B, long T,
+                                          long nH, long nKV) {
+    mma_attention::backward_dkdv<64>(q, k, v, dout, lse, D, dk, dv, T, nH, nKV);
+}
+EMU_EXPORT(attention_backward_dkdv_mma_hd64_bf16,
+           (const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* D, bf16* dk,
+            bf16* dv, long B, long T, long nH, long nKV),
+           (q, k, v, dout, lse, D, dk, dv, B, T, nH, nKV))

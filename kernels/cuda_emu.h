@@ -63,14 +63,14 @@ struct Block {
         unsigned a[4], b[2];
         float c[4];
     };
-    std::vector<Fragments> mma;
+    std::vector<Fragments> mma;  // two slots per thread: a warp's consecutive mma alternate between them
 
     void start(int threads, bool rev) {
         n = threads;
         reverse = rev;
         state.assign(n, RUNNABLE);
         lanes.assign(n, 0);
-        mma.assign(n, Fragments{});
+        mma.assign(2 * n, Fragments{});
         wake = std::vector<std::condition_variable>(n);
         turn = reverse ? n - 1 : 0;
     }
@@ -123,6 +123,7 @@ struct Block {
 
 inline thread_local uint3 thread_idx, block_idx;
 inline thread_local int linear_id;
+inline thread_local unsigned mma_calls;  // this thread's mma so far: which of its two slots is next
 inline dim3 block_dim, grid_dim;
 inline Block* block = nullptr;
 
@@ -143,6 +144,7 @@ inline void launch(dim3 grid, dim3 blk, bool reverse, const std::function<void()
                         thread_idx = {unsigned(t % blk.x), unsigned(t / blk.x % blk.y), unsigned(t / (blk.x * blk.y))};
                         block_idx = {bx, by, bz};
                         linear_id = t;
+                        mma_calls = 0;
                         {
                             std::unique_lock<std::mutex> lock(b.m);
                             b.wait_turn(lock, t);
@@ -220,10 +222,13 @@ inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); r
 // C and D: (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1). Every lane publishes its fragments
 // (a warp sync point), rebuilds A and B whole, and forms its four results: the products exact (a
 // bf16 product fits fp32), summed in double and rounded once -- the tensor core's order of sums
-// is its own, so tests compare with a tolerance, never bits.
+// is its own, so tests compare with a tolerance, never bits. Consecutive mma of a warp publish into
+// alternate slots: no lane can publish twice more before every lane has read (the next sync point
+// waits for all of them), so one sync point per mma suffices.
 inline void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
     int me = emu::linear_id, lane = me % emu::WARP, base = me - lane;
-    auto& mine = emu::block->mma[me];
+    const int slots = (emu::mma_calls++ % 2) * emu::block->n;  // this call's half of the slots
+    auto& mine = emu::block->mma[slots + me];
     std::memcpy(mine.a, a, sizeof mine.a);
     std::memcpy(mine.b, b, sizeof mine.b);
     std::memcpy(mine.c, c, sizeof mine.c);
@@ -231,7 +236,7 @@ inline void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned
     auto half = [](unsigned reg, int h) { return __uint_as_float(((reg >> (16 * h)) & 0xffffu) << 16); };
     float A[16][16], Bm[16][8];
     for (int l = 0; l < emu::WARP; l++) {
-        const auto& f = emu::block->mma[base + l];
+        const auto& f = emu::block->mma[slots + base + l];
         int g = l / 4, t = l % 4;
         for (int h = 0; h < 2; h++) {
             A[g][2 * t + h] = half(f.a[0], h);
@@ -250,7 +255,6 @@ inline void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned
         for (int k = 0; k < 16; k++) sum += (double)A[row][k] * (double)Bm[k][col];
         out[r] = (float)sum;
     }
-    emu::block->sync(me, emu::Block::AT_WARP_SYNC);  // every lane has read the fragments
     std::memcpy(d, out, sizeof out);
 }
 

@@ -72,16 +72,16 @@ def launch(lib, kernel, grid, block, args, reverse=False):
     fn(*(ctypes.c_uint(v) for v in grid + block), ctypes.c_int(int(reverse)), *(_c(a) for a in args))
 
 
-def launcher(reverse=False, plant=None):
+def launcher(reverse=False, plant=None, planted_in=None):
     """A `launch(source, kernel, grid, block, args)` for minitrain.gpu's launch functions that
     runs the kernel on the CPU; with MINITRAIN_KERNEL_DEVICE=gpu (tools/gpu_check.sh), on the GPU.
     `plant=(old, new)` runs the emulation build with that planted bug (see `library`), always on
-    the CPU."""
+    the CPU: in every source launched, or only in the source `planted_in`."""
     if os.environ.get("MINITRAIN_KERNEL_DEVICE") == "gpu" and plant is None:
         return _on_gpu
 
     def run(source, kernel, grid, block, args):
-        launch(library(source, plant), kernel, grid, block, args, reverse)
+        launch(library(source, plant if planted_in in (None, source) else None), kernel, grid, block, args, reverse)
     return run
 
 

@@ -9,7 +9,8 @@ from minitrain.gpu import suffix
 
 THREADS = 128
 FORWARD_ROWS = {64: 64, 128: 32}  # query rows per forward block
-MMA_ROWS = 64  # query rows per block of kernels/attention_mma.cu (bf16 forward on the tensor cores)
+MMA_ROWS = 64  # query (and key) rows per block of kernels/attention_mma.cu (bf16 on the tensor cores)
+MMA_BACKWARD_HD = (64,)  # head dims of its backward (hd 128 would not fit the registers)
 BACKWARD_ROWS = {64: 32, 128: 16}  # query rows per dq block, key rows per dkdv block
 DELTA_ROWS, DELTA_BLOCKS = 32, 4096  # rows per delta block and step; a grid-stride loop covers the rest
 
@@ -31,12 +32,17 @@ def _address(a):
     return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data  # CuPy, NumPy (the emulation)
 
 
+def _tensor_cores(*arrays):
+    """Whether kernels/attention_mma.cu takes these: bf16, each starting 16-byte aligned (it copies
+    rows 16 bytes at a time; CuPy's allocations are 256-byte aligned)."""
+    return suffix(arrays[0]) == "bf16" and all(_address(a) % 16 == 0 for a in arrays)
+
+
 def forward(launch, q, k, v, o, lse):
     """o = softmax(q k^T / sqrt(hd), causal) v per head; lse = the rows' log-sum-exp. bf16 runs on
-    the tensor cores (kernels/attention_mma.cu, which copies K and V rows 16 bytes at a time: k and
-    v must start 16-byte aligned, as CuPy's allocations do); fp32 on kernels/attention.cu."""
+    the tensor cores (kernels/attention_mma.cu), fp32 on kernels/attention.cu."""
     B, T, nH, nKV, hd = _shape(q, k)
-    if suffix(q) == "bf16" and all(_address(a) % 16 == 0 for a in (k, v)):
+    if _tensor_cores(q, k, v):
         launch("attention_mma", f"attention_forward_mma_hd{hd}_bf16", (_tiles(T, MMA_ROWS), nH, B), (THREADS,),
                (q, k, v, o, lse, B, T, nH, nKV))
         return
@@ -47,10 +53,13 @@ def forward(launch, q, k, v, o, lse):
 def backward(launch, q, k, v, o, do, lse, dq, dk, dv, D):
     """dq, dk, dv from do; D (B, nH, T) float32 is scratch (it receives rowsum(do * o))."""
     B, T, nH, nKV, hd = _shape(q, k)
-    rows = BACKWARD_ROWS[hd]
     launch("attention", f"attention_backward_delta_{suffix(o)}", (min(DELTA_BLOCKS, _tiles(B * T * nH, DELTA_ROWS)),),
            (THREADS,), (o, do, D, B, T, nH, hd))
-    launch("attention", f"attention_backward_dq_hd{hd}_{suffix(q)}", (_tiles(T, rows), nH, B), (THREADS,),
+    if hd in MMA_BACKWARD_HD and _tensor_cores(q, k, v, do):
+        source, name, rows = "attention_mma", f"mma_hd{hd}_bf16", MMA_ROWS
+    else:
+        source, name, rows = "attention", f"hd{hd}_{suffix(q)}", BACKWARD_ROWS[hd]
+    launch(source, f"attention_backward_dq_{name}", (_tiles(T, rows), nH, B), (THREADS,),
            (q, k, v, do, lse, D, dq, B, T, nH, nKV))
-    launch("attention", f"attention_backward_dkdv_hd{hd}_{suffix(q)}", (_tiles(T, rows), nKV, B), (THREADS,),
+    launch(source, f"attention_backward_dkdv_{name}", (_tiles(T, rows), nKV, B), (THREADS,),
            (q, k, v, do, lse, D, dk, dv, B, T, nH, nKV))
