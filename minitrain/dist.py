@@ -33,7 +33,7 @@ import time
 
 import numpy
 
-from minitrain import backend
+from minitrain import backend, gpu
 from minitrain.errors import InputError
 
 LAUNCH_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")  # MPICH (Hydra), Open MPI
@@ -185,7 +185,7 @@ class NCCLGroup(MPIGroup):
         self.types = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64}
 
     def _call(self, method, buf, peer):
-        address = buf.data.ptr if hasattr(buf.data, "ptr") else buf.ctypes.data  # CuPy; NumPy: tests' stand-in
+        address = gpu.address(buf)  # CuPy; NumPy: tests' stand-in
         return lambda: method(address, buf.size, self.types[buf.dtype.name], peer, self.stream.ptr)
 
     def _send(self, buf, dest, tag):

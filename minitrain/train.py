@@ -385,7 +385,7 @@ class Run:
         pair is a teacher's run's two loss terms (zeros without one)."""
         cfg, params, group = self.cfg, self.trained, self.group
         weight = backend.xp.asarray(1.0 / self.micro_per_step, dtype=backend.dtype)
-        grads, losses = [], []  # this rank's micro-batch gradients (rank 0: already summed), losses
+        grads, losses = [], []  # this rank's micro-batch gradients (rank 0: already summed) and losses
         for a in range(cfg.grad_accum):
             micro = step * self.micro_per_step + group.rank * cfg.grad_accum + a  # global micro-batch index
             inputs, targets = self.stream.batch(micro * cfg.batch_size, cfg.batch_size)

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from workload import ADAMW, flops_per_token, hf_model  # noqa: E402
+from workload import ADAMW, flops_per_token, hf_model, torch_step  # noqa: E402
 
 NOMINAL_BF16 = 989.4  # TFLOP/s, H100/H200 SXM dense bf16 (datasheet)
 JSON = Path(os.environ.get("BENCH_JSON", ROOT / "build" / "bench_gpu.json"))
@@ -144,26 +144,14 @@ def minitrain_step(args, cfg, B, T):
 
 
 def hf_step(args, cfg, B, T):
-    """(step, model): step() runs one transformers training step on the GPU: eager with SDPA
-    attention (bf16: autocast over fp32 weights, minitrain's mixed precision), the loss in fp32,
-    clip_grad_norm_ 1.0 and torch AdamW, as minitrain's step does."""
+    """(step, model): step() runs one transformers training step on the GPU (workload.torch_step):
+    eager with SDPA attention (bf16: autocast over fp32 weights, minitrain's mixed precision), the
+    loss in fp32, clip_grad_norm_ 1.0 and torch AdamW, as minitrain's step does."""
     import torch
     import transformers
 
     model = hf_model(transformers, cfg, attn_implementation="sdpa").cuda()
-    opt = torch.optim.AdamW(model.parameters(), **ADAMW)
-    ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
-    bf16 = args.dtype == "bf16"
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(ids[:, :-1]).logits
-        torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-
-    return step, model
+    return torch_step(torch, model, cfg, B, T, bf16=args.dtype == "bf16", clip=1.0), model
 
 
 def part_step_minitrain(args, cfg, B, T):

@@ -78,9 +78,10 @@ def peft_model(transformers, cfg, lora_rank):
                                                                             target_modules=targets))
 
 
-def torch_step(torch, model, cfg, batch, seq_len, bf16=False):
+def torch_step(torch, model, cfg, batch, seq_len, bf16=False, clip=None):
     """step() runs one PyTorch training step of `model` on its device; with bf16, the forward runs
-    under bf16 autocast (the loss stays fp32)."""
+    under bf16 autocast (the loss stays fp32); with clip, the gradients are clipped to that global
+    norm before the update (as `minitrain pretrain`'s step does)."""
     device = next(model.parameters()).device
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **ADAMW)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
@@ -90,6 +91,8 @@ def torch_step(torch, model, cfg, batch, seq_len, bf16=False):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(ids[:, :-1]).logits
         torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
 
     return step

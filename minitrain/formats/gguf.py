@@ -2,7 +2,8 @@
 
 Read and written with the `gguf` package, llama.cpp's own gguf-py, imported by `_gguf()` only
 where a GGUF is read or written (a training run from an .apr or HF model needs no gguf-py): its
-reader memory-maps the file, its `quants` dequantize every block type. What is ours is the mapping, checked as strictly as the other sources:
+reader memory-maps the file, its `quants` dequantize every block type. What is ours is the
+mapping, checked as strictly as the other sources:
 
 - the architecture from `general.architecture` (llama, qwen2) and every hyperparameter from its
   `<arch>.*` key (HPARAMS); a missing key is an error, never llama.cpp's default. Optional keys

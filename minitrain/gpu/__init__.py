@@ -19,6 +19,17 @@ def suffix(a):
     return {"float32": "f32", "uint16": "bf16"}[a.dtype.name]
 
 
+def warps(n, most):
+    """n threads rounded up to whole warps, between one warp and `most` threads."""
+    return min(most, max(32, -(-n // 32) * 32))
+
+
+def address(a):
+    """Where an array's data starts: a CuPy array's device pointer, or a NumPy array's (the tests'
+    CPU stand-ins for the device)."""
+    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
+
+
 def elementwise_grid(n):
     """The grid of an elementwise kernel over n items."""
     return (max(1, min(MAX_BLOCKS, -(-n // BLOCK))),)

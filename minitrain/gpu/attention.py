@@ -5,7 +5,7 @@ q, o, do, dq (B, T, nH, hd); k, v, dk, dv (B, T, nKV, hd); lse, D (B, nH, T) flo
 (kernels/attention.cu, where the tiling is explained) and set the grids.
 """
 
-from minitrain.gpu import suffix
+from minitrain.gpu import address, suffix
 
 THREADS = 128
 FORWARD_ROWS = {64: 64, 128: 32}  # query rows per forward block
@@ -28,14 +28,10 @@ def _tiles(T, rows):
     return -(-T // rows)
 
 
-def _address(a):
-    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data  # CuPy, NumPy (the emulation)
-
-
 def _tensor_cores(*arrays):
     """Whether kernels/attention_mma.cu takes these: bf16, each starting 16-byte aligned (it copies
     rows 16 bytes at a time; CuPy's allocations are 256-byte aligned)."""
-    return suffix(arrays[0]) == "bf16" and all(_address(a) % 16 == 0 for a in arrays)
+    return suffix(arrays[0]) == "bf16" and all(address(a) % 16 == 0 for a in arrays)
 
 
 def forward(launch, q, k, v, o, lse):

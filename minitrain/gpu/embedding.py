@@ -1,6 +1,6 @@
 """Launching kernels/embedding.cu: the embedding's backward, one block per used token row."""
 
-from minitrain.gpu import BLOCK
+from minitrain.gpu import BLOCK, warps
 
 
 def backward(launch, dy, order, starts, sums):
@@ -12,5 +12,5 @@ def backward(launch, dy, order, starts, sums):
                          f"found dy {dy.dtype.name} {tuple(dy.shape)}, order {order.dtype.name}, "
                          f"starts {tuple(starts.shape)}")
     if U:
-        launch("embedding", "embedding_backward_f32", (U,), (min(BLOCK, max(32, -(-H // 32) * 32)),),
+        launch("embedding", "embedding_backward_f32", (U,), (warps(H, BLOCK),),
                (dy, order, starts, sums, H))

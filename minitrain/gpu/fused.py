@@ -7,7 +7,7 @@ and C-contiguous arrays (float32, or bf16 as uint16 bits), writes its outputs in
 returns nothing. Shapes are read from the arrays; sizes go to the kernels as C longs.
 """
 
-from minitrain.gpu import BLOCK, elementwise_grid, suffix
+from minitrain.gpu import BLOCK, elementwise_grid, suffix, warps
 
 RMS_COLS = 8  # kernels/rmsnorm.cu COLS: columns each thread keeps in registers
 RMS_PARTS = 512  # most row blocks in the RMSNorm backward (rows of its dw scratch)
@@ -17,16 +17,11 @@ CE_COLUMNS = 16  # columns per thread the cross-entropy kernels aim for
 NORM_THREADS = 256  # kernels/grad_norm.cu THREADS
 
 
-def _warps(n, most):
-    """n threads rounded up to whole warps, between one warp and `most` threads."""
-    return min(most, max(32, -(-n // 32) * 32))
-
-
 def _rms_block(H):
     if H > RMS_COLS * 1024:
         raise ValueError(f"rmsnorm kernel: hidden size {H} is over {RMS_COLS * 1024}, the most a block keeps "
                          f"in registers ({RMS_COLS} columns per thread, 1024 threads)")
-    return (_warps(-(-H // 4), 1024),)  # about 4 columns per thread
+    return (warps(-(-H // 4), 1024),)  # about 4 columns per thread
 
 
 def rmsnorm_forward(launch, x, w, y, r, eps):
@@ -90,7 +85,7 @@ def cross_entropy_forward(launch, logits, targets, loss, lse):
     """loss (N,) float32 = lse - logits[target], lse (N,) float32 = log sum exp over each row of the
     logits (N, V); targets (N,) int64, each in [0, V) (the caller checks). The mean is the caller's."""
     N, V = _ce_rows(logits, targets)
-    block = (_warps(-(-V // CE_COLUMNS), CE_BLOCK),)
+    block = (warps(-(-V // CE_COLUMNS), CE_BLOCK),)
     launch("cross_entropy", f"cross_entropy_forward_{suffix(logits)}", (N,), block, (logits, targets, loss, lse, V))
 
 
