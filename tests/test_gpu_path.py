@@ -189,6 +189,25 @@ def test_bf16_linear_matches_fp32_on_the_same_values(kernels, bias, monkeypatch)
             assert rel(t[2].grad, ref[2].grad) < 1e-6
 
 
+def test_bf16_head_over_chunks_matches_fp32_on_the_same_values(kernels):
+    """The bf16 head in chunks of 3 rows (the softmax kernel writes dz in bf16, dx's rows are
+    written by their GEMM, dW is summed over the chunks by the GEMM itself): the loss, dx and dW of
+    the fp32 head on the same values, within the rounding of dz to bf16."""
+    rng = np.random.default_rng(5)
+    x, W, t = bf16_values(_f32(rng, 2, 7, 40)), _f32(rng, 97, 40), rng.integers(0, 97, (2, 7))
+    ref = [Tensor(x.copy(), requires_grad=True), Tensor(bf16_values(W), requires_grad=True)]
+    loss_ref = ops.linear_cross_entropy(*ref, t, chunk_rows=3)
+    loss_ref.backward()
+    kernels()
+    with backend.precision("bf16"):
+        got = [Tensor(backend.to_bf16(x), requires_grad=True), Tensor(W.copy(), requires_grad=True)]
+        loss = ops.linear_cross_entropy(*got, t, chunk_rows=3)
+        loss.backward()
+    assert abs(float(loss.data) - float(loss_ref.data)) < 1e-6 * float(loss_ref.data)
+    assert rel(backend.from_bf16(got[0].grad), ref[0].grad) < 1e-2
+    assert rel(got[1].grad, ref[1].grad) < 1e-2
+
+
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_model_in_bf16_tracks_fp32(kernels, family):
     """A whole model with bf16 activations on the kernels: fp32 master weights and gradients, the

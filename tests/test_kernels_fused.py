@@ -171,10 +171,16 @@ def cross_entropy_reference(z, t, scale):
 
 
 def run_cross_entropy(run, dtype, z, t, scale):
-    enc, dec, _, _ = codec(dtype)
+    """dtype f32 or bf16: logits and gradient in it, the gradient in place; f32_bf16: fp32 logits,
+    the gradient written in bf16 (the bf16 head)."""
+    enc, dec, _, _ = codec(dtype.split("_")[0])
     N = len(t)
     loss, lse, dz = np.zeros(N, np.float32), np.zeros(N, np.float32), enc(z).copy()
     fused.cross_entropy_forward(run, enc(z), t, loss, lse)
+    if dtype == "f32_bf16":
+        dz16 = np.zeros(z.shape, np.uint16)
+        fused.cross_entropy_backward(run, dz, t, lse, dz16, scale)
+        return loss, lse, from_bf16(dz16)
     fused.cross_entropy_backward(run, dz, t, lse, dz, scale)  # in place
     return loss, lse, dec(dz)
 
@@ -194,7 +200,7 @@ def check_cross_entropy(dtype, reverse, N, V, seed):
 
 
 @pytest.mark.parametrize("reverse", SCHEDULES)
-@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f32_bf16"])
 def test_cross_entropy(dtype, reverse):
     check_cross_entropy(dtype, reverse, N=7, V=1000 + 3, seed=0)
 
@@ -202,6 +208,20 @@ def test_cross_entropy(dtype, reverse):
 @pytest.mark.parametrize("dtype, reverse", [("f32", False), ("bf16", True)])
 def test_cross_entropy_qwen_vocabulary(dtype, reverse):
     check_cross_entropy(dtype, reverse, N=2, V=151936, seed=1)
+
+
+def test_cross_entropy_bf16_gradient_is_the_rounded_fp32_one():
+    """From fp32 logits the bf16 gradient is the fp32 kernel's gradient rounded once, bit for bit
+    (one store, no second rounding on the way); a planted numeric conversion in place of the
+    rounding to bf16 bits must fail."""
+    rng = np.random.default_rng(4)
+    z, t = inputs(rng, "f32", (5, 1003), 3.0), rng.integers(0, 1003, 5)
+    want = to_bf16(run_cross_entropy(launcher(), "f32", z, t, 0.3)[2])
+    got = run_cross_entropy(launcher(), "f32_bf16", z, t, 0.3)[2]
+    assert to_bf16(got).tobytes() == want.tobytes()
+    planted = run_cross_entropy(launcher(plant=("store(dlogits, row * V + v,", "dlogits[row * V + v] = D(")),
+                                "f32_bf16", z, t, 0.3)[2]
+    assert to_bf16(planted).tobytes() != want.tobytes()
 
 
 def test_cross_entropy_planted_row_bound():

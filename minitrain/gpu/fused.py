@@ -90,11 +90,16 @@ def cross_entropy_forward(launch, logits, targets, loss, lse):
 
 
 def cross_entropy_backward(launch, logits, targets, lse, dlogits, scale):
-    """dlogits (like logits) = (softmax - onehot(target)) * scale, softmax = exp(logits - lse);
-    scale = upstream gradient / N. dlogits may be logits."""
+    """dlogits (logits' shape) = (softmax - onehot(target)) * scale, softmax = exp(logits - lse);
+    scale = upstream gradient / N. dlogits is in the logits' dtype (and may be logits), or bf16 for
+    float32 logits."""
     N, V = _ce_rows(logits, targets)
+    kind = suffix(logits) if dlogits.dtype == logits.dtype else f"{suffix(logits)}_{suffix(dlogits)}"
+    if kind not in ("f32", "bf16", "f32_bf16") or dlogits.shape != logits.shape:
+        raise ValueError(f"cross-entropy kernel: dlogits must be {tuple(logits.shape)}, in the logits' "
+                         f"{logits.dtype.name} or bf16; found {dlogits.dtype.name} {tuple(dlogits.shape)}")
     chunks = min(65535, -(-V // (BLOCK * CE_COLUMNS)))
-    launch("cross_entropy", f"cross_entropy_backward_{suffix(logits)}", (N, chunks), (BLOCK,),
+    launch("cross_entropy", f"cross_entropy_backward_{kind}", (N, chunks), (BLOCK,),
            (logits, targets, lse, dlogits, V, float(scale)))
 
 

@@ -130,10 +130,17 @@ class LinearCrossEntropy(Function):
     backward(g) only scales the saved dx and dW by the incoming gradient g.
     x (..., H), W (V, H), targets (...) -> a scalar.
     Mixed precision (x in bf16): W is rounded to bf16 for the two products with x, but the logits,
-    the softmax and the loss stay fp32; dz is rounded to bf16 for dx (bf16) and dW (fp32).
+    the softmax and the loss stay fp32; dz is written in bf16 by the softmax kernel itself, for dx
+    (bf16, written by its GEMM straight into its rows of dx) and dW (fp32, summed over the chunks by
+    the GEMM: beta = 1, no (V, H) temporary per chunk).
+
+    A chunk holds its logits and (in bf16) their gradient: rows are sized by those bytes per logit,
+    within BUDGET on the CPU (cache and RAM) and DEVICE_BUDGET on the GPU, where fewer, taller
+    chunks mean fewer launches, fuller GEMMs and fewer passes over dW (each chunk reads and writes it).
     """
 
-    BUDGET = 1 << 28  # bytes of logits per chunk
+    BUDGET = 1 << 28  # bytes per chunk on the CPU
+    DEVICE_BUDGET = 1 << 30  # on the GPU
 
     def forward(self, x, W, targets, chunk_rows=None):
         xp = backend.xp
@@ -141,7 +148,8 @@ class LinearCrossEntropy(Function):
         N, V = x2.shape[0], W.shape[0]
         half = x2.dtype == backend.BF16
         Wc = backend.to_bf16(W) if half else W  # (V, H) in the precision of x
-        rows = chunk_rows or max(1, self.BUDGET // (V * W.dtype.itemsize))  # logits are in W's dtype
+        per_logit = W.dtype.itemsize + (2 if half else 0)  # logits in W's dtype, then (bf16) their gradient
+        rows = chunk_rows or max(1, (self.BUDGET if xp is numpy else self.DEVICE_BUDGET) // (V * per_logit))
         dx = xp.empty_like(x2) if self.needs_grad[0] else None
         dW = None
         total = 0.0  # the float64 sum of the rows' losses, chunk by chunk (on the device: no sync)
@@ -152,15 +160,17 @@ class LinearCrossEntropy(Function):
             total = total + nll.sum(dtype=xp.float64)
             if not any(self.needs_grad):
                 continue
-            dz = row_gradients(z, tc, lse, 1.0 / N, out=z)  # (r, V), in place of the logits
-            if half:
-                dz = backend.to_bf16(dz)
+            # (r, V): bf16 from the kernel, or in place of the logits
+            dz = row_gradients(z, tc, lse, 1.0 / N, out=xp.empty(z.shape, backend.BF16) if half else z)
             if dx is not None:
                 if half:
-                    dx[start:start + rows] = gemm.matmul(dz, Wc, backend.BF16)
+                    gemm.matmul(dz, Wc, backend.BF16, out=dx[start:start + rows])
                 else:
                     xp.matmul(dz, W, out=dx[start:start + rows])
             if self.needs_grad[1]:
+                if half and dW is not None:
+                    gemm.matmul_add(dz.T, xc, dW)  # dW += dz^T x_c, by the GEMM
+                    continue
                 part = gemm.matmul(dz.T, xc, xp.float32) if half else dz.T @ xc  # (V, H)
                 if dW is None:
                     dW = part
