@@ -104,9 +104,14 @@ class Tensor:
                 # a tensor used twice: add into an array we own, in place; else into a new one
                 if isinstance(prev, RowSparse):
                     prev = prev.dense()
-                elif id(prev) not in owned:
+                    _add_into(prev, ig)
+                elif id(prev) in owned:
+                    _add_into(prev, ig)
+                elif isinstance(ig, RowSparse):
                     prev = prev.copy()
-                _add_into(prev, ig)
+                    _add_into(prev, ig)
+                else:  # one pass: the sum written to a new array (not a copy, then an add)
+                    prev = backend.add_bf16(prev, ig) if prev.dtype == backend.BF16 else prev + ig
                 grads[id(inp)] = prev
                 owned.add(id(prev))
             fn.inputs = fn.saved = None  # release the graph and its saved activations
@@ -153,7 +158,7 @@ def _add_into(dense, g):
     if isinstance(g, RowSparse):
         g.add_into(dense)
     elif dense.dtype == backend.BF16:
-        dense[...] = backend.add_bf16(dense, g)
+        backend.add_bf16(dense, g, out=dense)
     else:
         dense += g
 

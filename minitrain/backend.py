@@ -108,15 +108,34 @@ def from_bf16(b):
     return (b.astype(xp.uint32) << 16).view(xp.float32)
 
 
-def add_bf16(a, b):
-    """a + b for bf16 bits: widened, added in fp32, rounded once (never an integer sum of bits).
-    On the GPU one kernel pass; operands of different shapes are broadcast first."""
+def add_bf16(a, b, out=None):
+    """a + b for bf16 bits: widened, added in fp32, rounded once (never an integer sum of bits);
+    into `out` when given (it may be a: an accumulation in place). On the GPU one kernel pass;
+    operands of different shapes are broadcast first."""
     if cast := _cast_kernels():
-        a, b = (xp.ascontiguousarray(x) for x in xp.broadcast_arrays(a, b))
-        out = xp.empty(a.shape, dtype=BF16)
+        if a.shape != b.shape or not (a.flags.c_contiguous and b.flags.c_contiguous):
+            a, b = (xp.ascontiguousarray(x) for x in xp.broadcast_arrays(a, b))
+        if out is None:
+            out = xp.empty(a.shape, dtype=BF16)
+        elif out.shape != a.shape or not out.flags.c_contiguous:
+            raise ValueError(f"add_bf16: out must be C-contiguous {tuple(a.shape)}; found {tuple(out.shape)}")
         cast.add_bf16(launch, a, b, out)
         return out
-    return to_bf16(from_bf16(a) + from_bf16(b))
+    s = to_bf16(from_bf16(a) + from_bf16(b))
+    if out is None:
+        return s
+    out[...] = s
+    return out
+
+
+def add_bias_bf16(acc, b):
+    """acc (..., cols) float32 + b (cols,) float32, rounded once to bf16 bits (a bf16 linear's
+    output with its bias); on the GPU one kernel pass."""
+    if cast := _cast_kernels():
+        out = xp.empty(acc.shape, dtype=BF16)
+        cast.add_bias(launch, xp.ascontiguousarray(acc), xp.ascontiguousarray(b), out)
+        return out
+    return to_bf16(acc + b)
 
 
 def acc_dtype(dt) -> "numpy.dtype":

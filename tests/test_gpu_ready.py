@@ -132,8 +132,9 @@ def test_a_training_step_on_the_gpu_path_reads_two_values_from_the_device(case, 
 
 
 def test_the_backends_casts_on_the_gpu_path_are_its_numpy_casts(monkeypatch):
-    """backend.to_bf16, from_bf16 and add_bf16 run kernels/cast.cu on the GPU (CuPy stood in for,
-    the kernel emulated): the same bits as their NumPy expressions, a broadcast sum included."""
+    """backend.to_bf16, from_bf16, add_bf16 and add_bias_bf16 run kernels/cast.cu on the GPU (CuPy
+    stood in for, the kernel emulated): the same bits as their NumPy expressions, a broadcast sum
+    included."""
     import cupy_standin
     from kernel_emu import launcher
 
@@ -142,9 +143,11 @@ def test_the_backends_casts_on_the_gpu_path_are_its_numpy_casts(monkeypatch):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((3, 70)) * 100).astype(np.float32)
     a, b, row = backend.to_bf16(x), backend.to_bf16(x[::-1] / 3), backend.to_bf16(x[0])
-    want = [backend.to_bf16(x), backend.from_bf16(a), backend.add_bf16(a, b), backend.add_bf16(a, row)]
+    casts = lambda: [backend.to_bf16(x), backend.from_bf16(a), backend.add_bf16(a, b),  # noqa: E731
+                     backend.add_bf16(a, row), backend.add_bias_bf16(x, x[1])]
+    want = casts()
     monkeypatch.setattr(backend, "xp", cupy_standin.module())
     monkeypatch.setattr(backend, "launch", launcher())
-    got = [backend.to_bf16(x), backend.from_bf16(a), backend.add_bf16(a, b), backend.add_bf16(a, row)]
+    got = casts()
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape and g.view(np.ndarray).tobytes() == w.tobytes()

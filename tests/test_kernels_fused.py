@@ -383,6 +383,22 @@ def test_add_bf16_is_one_rounded_fp32_sum(reverse):
     assert a.tobytes() == out.tobytes()
 
 
+@pytest.mark.parametrize("reverse", SCHEDULES)
+def test_add_bias_bf16_is_one_rounded_fp32_sum(reverse):
+    """Each row of an fp32 product plus the bias, rounded once: the bits of to_bf16(acc + b); a
+    bias indexed by row instead of column must fail."""
+    from minitrain.gpu import cast
+
+    rng = np.random.default_rng(2)
+    acc, b = (rng.standard_normal((37, 45)) * 5).astype(np.float32), rng.standard_normal(45).astype(np.float32)
+    want = to_bf16(acc + b).tobytes()
+    out = np.empty(acc.shape, np.uint16)
+    cast.add_bias(launcher(reverse), acc, b, out)
+    assert out.tobytes() == want
+    cast.add_bias(launcher(plant=("b[i % cols]", "b[i / cols]"), planted_in="cast"), acc, b, out)
+    assert out.tobytes() != want
+
+
 def test_casts_planted_truncation_and_wrong_operand():
     from minitrain.gpu import cast
 

@@ -1,5 +1,5 @@
-"""Launching kernels/cast.cu: the bf16 casts and the bf16 sum, one pass each (backend.to_bf16,
-from_bf16 and add_bf16 call these on the GPU). Each takes C-contiguous arrays of one size and
+"""Launching kernels/cast.cu: the bf16 casts, the bf16 sum and the bf16 bias add, one pass each
+(backend.to_bf16, from_bf16, add_bf16 and add_bias_bf16 call these on the GPU). Each takes C-contiguous arrays of one size and
 writes `out` in place."""
 
 from minitrain.gpu import BLOCK, elementwise_grid
@@ -28,3 +28,12 @@ def add_bf16(launch, a, b, out):
     """out = a + b for bf16 bits, added in fp32 and rounded once; out may be a or b."""
     _check("add_bf16", out, a, b, dtypes=("uint16", "uint16", "uint16"))
     launch("cast", "add_bf16", elementwise_grid(out.size), (BLOCK,), (a, b, out, out.size))
+
+
+def add_bias(launch, acc, b, out):
+    """out (rows, cols) bf16 = acc (rows, cols) float32 + b (cols,) float32 by column, rounded once."""
+    _check("add_bias_bf16", out, acc, dtypes=("float32", "uint16"))
+    if b.dtype.name != "float32" or b.shape != acc.shape[-1:]:
+        raise ValueError(f"add_bias_bf16 kernel: the bias must be float32 {acc.shape[-1:]}; found "
+                         f"{b.dtype.name} {tuple(b.shape)}")
+    launch("cast", "add_bias_bf16", elementwise_grid(out.size), (BLOCK,), (acc, b, out, out.size, b.size))

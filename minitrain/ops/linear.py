@@ -37,7 +37,7 @@ class Linear(Function):
         if b is None:
             y = gemm.matmul(x2, W16.T, backend.BF16)  # (N, out)
         else:
-            y = backend.to_bf16(gemm.matmul(x2, W16.T, xp.float32) + b)
+            y = backend.add_bias_bf16(gemm.matmul(x2, W16.T, xp.float32), b)
         self.save(W16 if self.needs_grad[0] else None, x2 if self.needs_grad[1] else None, x.shape)
         return y.reshape(x.shape[:-1] + (W.shape[0],))
 
@@ -50,7 +50,10 @@ class Linear(Function):
             g2 = backend.xp.ascontiguousarray(g2)
             dx = gemm.matmul(g2, W, backend.BF16).reshape(x_shape) if self.needs_grad[0] else None
             dW = gemm.matmul(g2.T, x2, backend.xp.float32) if self.needs_grad[1] else None
-            db = backend.from_bf16(g2).sum(axis=0) if self.needs_grad[2] else None
+            db = None
+            if self.needs_grad[2]:  # sum over the rows by kernels/matmul_backward.cu, in fp32
+                db = backend.xp.zeros(g2.shape[1], dtype=backend.xp.float32)
+                matmul_kernels.grad_bias(backend.kernels(g2), g2, db)
             return dx, dW, db
         dx = (g2 @ W).reshape(x_shape) if self.needs_grad[0] else None
         dW = g2.T @ x2 if self.needs_grad[1] else None
