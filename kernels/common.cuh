@@ -30,6 +30,19 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 __device__ __forceinline__ void store(float* p, long i, float v) { p[i] = v; }
 __device__ __forceinline__ void store(bf16* p, long i, float v) { p[i] = bf16_bits(v); }
 
+// Multi-tensor launches (adamw_multi, sum_squares_multi): a table with one row of `columns` longs
+// per tensor, the last column the first block of that tensor (rows in block order, the first at
+// 0). The row of block b: the last whose first block is <= b, by binary search.
+__device__ __forceinline__ const long* table_row(const long* table, int columns, long rows, long b) {
+    long lo = 0, hi = rows - 1;
+    while (lo < hi) {
+        const long mid = (lo + hi + 1) / 2;
+        if (table[mid * columns + columns - 1] <= b) lo = mid;
+        else hi = mid - 1;
+    }
+    return table + lo * columns;
+}
+
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 // D = A B + C on the tensor cores, m16n8k16, bf16 operands, fp32 accumulation (sm_80 and later);
 // the fragments' layout is written out beside the CPU emulation of it, in cuda_emu.h.

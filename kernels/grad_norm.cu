@@ -1,10 +1,10 @@
 // grad_norm.cu: the sums of squares behind the global gradient norm (minitrain/optim.py), on the
 // device, so that a step moves one array of sums to the host instead of syncing once per slice.
 //
-//   sums[s] = sum of g[i]^2 over slice s = [s * chunk, min((s + 1) * chunk, n)), in float64
+//   sums[s] = sum of g[i]^2 over slice s (one slice of one gradient, from a table), in float64
 //
-// One block of THREADS threads per slice: thread t adds the squares of elements start + t,
-// start + t + THREADS, ... in that order, then the block adds the THREADS partial sums by a fixed
+// One block of THREADS threads per slice: thread t adds the squares of the slice's elements t,
+// t + THREADS, ... in that order, then the block adds the THREADS partial sums by a fixed
 // tree (halving strides). Every operation is a correctly rounded float64 one (_rn intrinsics: no
 // fma contraction), so a slice's sum depends on its elements alone -- not on which array or rank
 // holds it, nor on the GPU -- and the CPU emulation gives the same bits as the device. The host
@@ -13,13 +13,17 @@
 
 #define THREADS 256
 
-// grid: one block per slice; block: THREADS threads.
-extern "C" __global__ void sum_squares_f32(const float* __restrict__ g, double* __restrict__ sums, long n,
-                                           long chunk) {
+// Every slice of every gradient of a step in one launch: the table has a row per gradient,
+// (address, length n, first block), and block b sums the squares of one `chunk`-element slice of
+// one gradient into sums[b] (so the sums come in the order of the gradients, then of their slices).
+extern "C" __global__ void sum_squares_multi(const long* __restrict__ table, long rows, long chunk,
+                                             double* __restrict__ sums) {
     __shared__ double part[THREADS];
-    const long start = (long)blockIdx.x * chunk, stop = min(n, start + chunk);
+    const long* row = table_row(table, 3, rows, blockIdx.x);
+    const long start = (blockIdx.x - row[2]) * chunk, n = min(chunk, row[1] - start);
+    const float* g = (const float*)row[0] + start;
     double acc = 0.0;
-    for (long i = start + threadIdx.x; i < stop; i += THREADS) {
+    for (long i = threadIdx.x; i < n; i += THREADS) {
         const double x = (double)g[i];
         acc = __dadd_rn(acc, __dmul_rn(x, x));
     }
@@ -31,4 +35,4 @@ extern "C" __global__ void sum_squares_f32(const float* __restrict__ g, double* 
     }
     if (threadIdx.x == 0) sums[blockIdx.x] = part[0];
 }
-EMU_EXPORT(sum_squares_f32, (const float* g, double* sums, long n, long chunk), (g, sums, n, chunk))
+EMU_EXPORT(sum_squares_multi, (const long* table, long rows, long chunk, double* sums), (table, rows, chunk, sums))

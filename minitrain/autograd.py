@@ -37,7 +37,7 @@ def grad_enabled():
 
 
 class Tensor:
-    __slots__ = ("data", "grad", "requires_grad", "ctx", "name")
+    __slots__ = ("data", "grad", "requires_grad", "ctx", "name", "bf16")
 
     def __init__(self, data, requires_grad=False, name=None, ctx=None):
         self.data = data  # an xp array
@@ -45,6 +45,7 @@ class Tensor:
         self.requires_grad = requires_grad
         self.ctx = ctx  # the Function that produced this tensor; None for a leaf
         self.name = name
+        self.bf16 = None  # data rounded to bf16, kept between steps (bf16_copy)
 
     shape = property(lambda self: self.data.shape)
     dtype = property(lambda self: self.data.dtype)
@@ -56,6 +57,15 @@ class Tensor:
 
     def zero_grad(self):
         self.grad = None
+
+    def bf16_copy(self):
+        """data rounded to bf16 bits: what the bf16 matmuls and norms of mixed precision read.
+        Rounded here on first use and then kept: whoever writes data in place writes the copy too
+        (AdamW's kernel, in the same pass) or drops it (`bf16 = None`), so a forward never
+        re-rounds the weights."""
+        if self.bf16 is None:
+            self.bf16 = backend.to_bf16(self.data)
+        return self.bf16
 
     def backward(self, grad=None):
         """Accumulate d(self)/d(leaf) * grad into every leaf's `.grad`.

@@ -5,7 +5,6 @@ loop sets at every step from the schedule. `state()` / `load_state()` carry what
 needs to continue exactly.
 """
 
-import itertools
 import math
 
 from minitrain import backend, parallel
@@ -21,16 +20,15 @@ def sums_of_squares(arrays):
     float64: the exact float64 squares go to an aligned scratch and NumPy sums that (no casting
     buffer of varying alignment), so a slice's sum depends on its elements alone, not on which
     array or which rank holds it (ZeRO-1's shards start on CHUNK boundaries: minitrain/zero.py).
-    On the kernel path (float32 gradients, kernels/grad_norm.cu) every slice is summed on the
-    device into one float64 array, and that one array comes to the host: one transfer a step, not
-    one sync per slice."""
+    On the kernel path (float32 gradients, kernels/grad_norm.cu) every slice of every array is
+    summed on the device by one launch into one float64 array, and that one array comes to the
+    host: one transfer a step, not one sync per slice."""
     xp = backend.xp
     if arrays and (launch := backend.kernels(*arrays)):
-        counts = [-(-g.size // CHUNK) for g in arrays]
-        sums = xp.empty(sum(counts), dtype=xp.float64)
-        for g, start, count in zip(arrays, itertools.accumulate([0, *counts]), counts):
-            if count:
-                fused.sum_squares(launch, g, sums[start:start + count], CHUNK)
+        arrays = [xp.ascontiguousarray(g) for g in arrays]
+        table, slices_in_all = fused.sum_squares_table(arrays, CHUNK)
+        sums = xp.empty(slices_in_all, dtype=xp.float64)
+        fused.sum_squares(launch, xp.asarray(table), CHUNK, sums)
         return backend.to_numpy(sums).tolist()
     scratch = [backend.aligned_empty(CHUNK, xp.float64) for _ in range(parallel.WORKERS)]
     tasks = [(g, sl) for g in arrays for sl in slices(g.size, CHUNK)]
@@ -69,6 +67,7 @@ class SGD:
         for p in self.params:
             if p.grad is not None:
                 p.data -= p.data.dtype.type(self.lr) * p.grad
+                p.bf16 = None  # a kept bf16 copy is stale now
 
     def state(self, assemble=None):
         return {}, {}
@@ -92,6 +91,8 @@ class AdamW:
     same bits: `pieces`, (parameter index, start, stop) ranges of the flattened parameters, are
     the elements this optimizer updates and keeps m and v for (flat, one pair per piece); by
     default every parameter whole, and under ZeRO-1 this rank's shard (minitrain/zero.py).
+    Mixed precision: where a parameter keeps a bf16 copy (Tensor.bf16_copy), the kernel writes it
+    with the update, in the same pass: the next forward reads it as it is.
     """
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay_1d=False, pieces=None):
@@ -108,19 +109,26 @@ class AdamW:
         lr, b1, b2 = self.lr, self.beta1, self.beta2
         step_size = lr / (1 - b1 ** self.t)
         bc2_sqrt = math.sqrt(1 - b2 ** self.t)
-        tasks = []
+        tasks, on_device, launch = [], [], None  # the CPU's slices; the pieces for kernels/adamw.cu and its launcher
         for (i, a, b), m, v in zip(self.pieces, self.m, self.v):
-            p, g = self.params[i].data, self.params[i].grad
+            tensor = self.params[i]
+            p, g = tensor.data, tensor.grad
             if g is None:
                 continue
             decays = self.weight_decay and (p.ndim >= 2 or self.decay_1d)
             ps, gs = p.reshape(-1)[a:b], backend.xp.ascontiguousarray(g).reshape(-1)[a:b]  # p is contiguous: a view
-            if launch := backend.kernels(p, g):  # kernels/adamw.cu: the same arithmetic, one pass
-                fused.adamw_step(launch, ps, gs, m, v, lr=lr, b1=b1, b2=b2, eps=self.eps,
-                                 wd=self.weight_decay if decays else 0.0, step_size=step_size, bc2_sqrt=bc2_sqrt)
+            if kernels := backend.kernels(p, g):  # kernels/adamw.cu: the same arithmetic, one pass
+                launch = kernels
+                copy = None if tensor.bf16 is None else tensor.bf16.reshape(-1)[a:b]  # the kept bf16 copy
+                on_device.append((ps, gs, m, v, copy, decays))
                 continue
+            tensor.bf16 = None  # no bf16 copy is written here: drop any
             decay = 1 - lr * self.weight_decay if decays else None
             tasks += [((ps, gs, m, v), sl, decay) for sl in slices(b - a, CHUNK)]
+        if on_device:  # every parameter in one launch
+            table, blocks = fused.adamw_table(on_device, CHUNK)
+            fused.adamw_multi(launch, backend.xp.asarray(table), blocks, CHUNK, lr=lr, b1=b1, b2=b2, eps=self.eps,
+                              wd=self.weight_decay, step_size=step_size, bc2_sqrt=bc2_sqrt)
         if tasks:
             dt = tasks[0][0][0].dtype
             scratch = [(backend.aligned_empty(CHUNK, dt), backend.aligned_empty(CHUNK, dt)) for _ in range(parallel.WORKERS)]

@@ -63,6 +63,8 @@ class Shards:
     def share(self):
         """Every rank's updated shard of the parameters to every rank (the all-gather)."""
         self.group.share([p.data for p in self.params], self.layout)
+        for p in self.params:
+            p.bf16 = None  # the kept bf16 copies were updated in this rank's shard only
 
     def assemble(self, flat):
         """This rank's per-piece moments -> the whole moments, per parameter, on rank 0 (else None)."""

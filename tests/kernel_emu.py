@@ -72,12 +72,15 @@ def launch(lib, kernel, grid, block, args, reverse=False):
     fn(*(ctypes.c_uint(v) for v in grid + block), ctypes.c_int(int(reverse)), *(_c(a) for a in args))
 
 
-def launcher(reverse=False, plant=None, planted_in=None):
+def launcher(reverse=False, plant=None, planted_in=None, host_pointers=False):
     """A `launch(source, kernel, grid, block, args)` for minitrain.gpu's launch functions that
     runs the kernel on the CPU; with MINITRAIN_KERNEL_DEVICE=gpu (tools/gpu_check.sh), on the GPU.
     `plant=(old, new)` runs the emulation build with that planted bug (see `library`), always on
-    the CPU: in every source launched, or only in the source `planted_in`."""
-    if os.environ.get("MINITRAIN_KERNEL_DEVICE") == "gpu" and plant is None:
+    the CPU: in every source launched, or only in the source `planted_in`. `host_pointers`: the
+    arguments carry host addresses (the multi-tensor tables of adamw.cu and grad_norm.cu), which the
+    GPU route cannot map (it copies arrays, not what an address points into): always on the CPU;
+    tests/test_gpu.py runs those kernels on the device through the optimizer."""
+    if os.environ.get("MINITRAIN_KERNEL_DEVICE") == "gpu" and plant is None and not host_pointers:
         return _on_gpu
 
     def run(source, kernel, grid, block, args):

@@ -88,3 +88,35 @@ def test_cupy_compiles_our_kernels_with_subnormals_flushed():
     x, y = cupy.asarray(np.array([1e-40], np.float32)), cupy.zeros(1, np.float32)
     module.get_function("twice")((1,), (1,), (x, y))
     assert float(y[0]) == 0.0 and np.float32(1e-40) * 2 != 0
+
+
+def test_adamw_and_the_gradient_norm_on_the_gpu_are_the_cpus():
+    """kernels/adamw.cu and grad_norm.cu run from tables of device addresses, one launch each for
+    every parameter (the kernel tests run them in the emulation only): two AdamW steps and the
+    global gradient norm on the GPU are the CPU's bits (normal numbers: CuPy flushes subnormals)."""
+    from minitrain.autograd import Tensor
+    from minitrain.optim import AdamW, global_grad_norm
+
+    rng = np.random.default_rng(0)
+    shapes = [(300, 70), (70,), (5,), ((1 << 17) + 3,)]  # a tensor past two 65 536-element chunks
+    start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(2)]
+
+    def run(device):
+        backend.use(device)
+        try:
+            params = [Tensor(backend.xp.asarray(a), requires_grad=True, name=f"p{i}") for i, a in enumerate(start)]
+            opt, norms = AdamW(params, lr=1e-2, weight_decay=0.1), []
+            for step in grads:
+                for p, g in zip(params, step):
+                    p.grad = backend.xp.asarray(g)
+                norms.append(global_grad_norm(params))
+                opt.step()
+            return norms, [backend.to_numpy(p.data) for p in params]
+        finally:
+            backend.use("cpu")
+
+    (cpu_norms, cpu), (gpu_norms, gpu) = run("cpu"), run("cuda")
+    assert cpu_norms == gpu_norms
+    for want, got in zip(cpu, gpu):
+        assert got.tobytes() == want.tobytes()

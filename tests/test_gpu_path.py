@@ -241,6 +241,12 @@ def test_model_in_bf16_tracks_fp32(kernels, family):
     assert {"swiglu", "rmsnorm", "rope", "attention", "cross_entropy"} <= launched
     assert all(t.data.dtype == np.float32 and grads[n].dtype == np.float32 for n, t in model.params.items())
     assert logits.dtype == np.float32 and rel(logits, ref_logits) < 2e-2
+    # every weight's bf16 copy is the weight rounded, as AdamW wrote it (none for the biases, added in
+    # fp32, nor for an untied embedding, whose rows are gathered in fp32)
+    assert {n for n, t in model.params.items() if t.bf16 is None} == {n for n in model.params if n.endswith(".bias")} \
+        | ({"model.embed_tokens.weight"} if family == "llama" else set())
+    for name, t in model.params.items():
+        assert t.bf16 is None or t.bf16.tobytes() == backend.to_bf16(t.data).tobytes(), name
     np.testing.assert_allclose(losses, ref_losses, rtol=5e-3)
     assert losses[-1] < losses[0] - 0.1  # it learns
     for name, g in ref_grads.items():

@@ -249,9 +249,10 @@ def test_cross_entropy_planted_no_max_subtraction():
 LR, BETAS, ADAM_EPS, WD = 1e-2, (0.9, 0.999), 1e-8, 0.1
 
 
-def run_adamw(run, copy):
-    """Three steps of the kernel and of minitrain.optim.AdamW on the same weights and gradients:
-    a matrix (decayed) and a vector (not decayed). Returns both sides' (p, m, v, bf16 copy) lists."""
+def run_adamw(run, copy, chunk=300):
+    """Three steps of the kernel (one launch for both tensors, each in chunks of `chunk`) and of
+    minitrain.optim.AdamW on the same weights and gradients: a matrix (decayed) and a vector (not
+    decayed). Returns both sides' (p, m, v, bf16 copy) lists."""
     rng = np.random.default_rng(4)
     shapes = [(23, 45), (1000 + 7,)]
     params = [Tensor(rng.standard_normal(s).astype(np.float32), name=f"p{i}") for i, s in enumerate(shapes)]
@@ -260,11 +261,13 @@ def run_adamw(run, copy):
     opt = AdamW(params, lr=LR, betas=BETAS, eps=ADAM_EPS, weight_decay=WD)
     b1, b2 = BETAS
     for t in range(1, 4):
-        for p, (w, m, v, w16) in zip(params, ours):
+        for p in params:
             p.grad = rng.standard_normal(p.shape).astype(np.float32)
-            fused.adamw_step(run, w, p.grad, m, v, lr=LR, b1=b1, b2=b2, eps=ADAM_EPS, wd=WD if w.ndim >= 2 else 0.0,
-                             step_size=LR / (1 - b1 ** t), bc2_sqrt=math.sqrt(1 - b2 ** t),
-                             p_bf16=w16 if copy else None)
+        table, blocks = fused.adamw_table([(w.reshape(-1), p.grad.reshape(-1), m.reshape(-1), v.reshape(-1),
+                                            w16.reshape(-1) if copy else None, w.ndim >= 2)
+                                           for p, (w, m, v, w16) in zip(params, ours)], chunk)
+        fused.adamw_multi(run, table, blocks, chunk, lr=LR, b1=b1, b2=b2, eps=ADAM_EPS, wd=WD,
+                          step_size=LR / (1 - b1 ** t), bc2_sqrt=math.sqrt(1 - b2 ** t))
         opt.step()
     return ours, [[p.data, m.reshape(p.shape), v.reshape(p.shape)] for p, m, v in zip(params, opt.m, opt.v)]  # flat moments
 
@@ -272,44 +275,53 @@ def run_adamw(run, copy):
 @pytest.mark.parametrize("reverse", SCHEDULES)
 @pytest.mark.parametrize("copy", [False, True], ids=["f32", "bf16_copy"])
 def test_adamw_matches_optimizer(copy, reverse):
-    ours, theirs = run_adamw(launcher(reverse), copy)
+    """Bit for bit (the same rounded operations, in the same order)."""
+    ours, theirs = run_adamw(launcher(reverse, host_pointers=True), copy)
     for (w, m, v, w16), (w_want, m_want, v_want) in zip(ours, theirs):
         for got, want in ((w, w_want), (m, m_want), (v, v_want)):
-            np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+            assert got.tobytes() == want.tobytes()
         np.testing.assert_array_equal(w16, to_bf16(w) if copy else 0)
 
 
-def test_adamw_planted_no_bias_correction():
+def test_adamw_planted_no_bias_correction_and_wrong_row():
     ours, theirs = run_adamw(launcher(plant=("__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt)", "__fsqrt_rn(vi)")), False)
     assert not np.allclose(ours[0][0], theirs[0][0], rtol=1e-3, atol=0)
+    ours, theirs = run_adamw(launcher(plant=("table_row(table, 8, rows, blockIdx.x)",
+                                             "table_row(table, 8, rows - 1, blockIdx.x)")), False)
+    assert not all(np.array_equal(o[0], t[0]) for o, t in zip(ours, theirs))
 
 
 # Gradient norm: sums of squares --------------------------------------------------------------------
 
-def run_sum_squares(launch, g, chunk):
-    sums = np.full(-(-g.size // chunk), np.nan)
-    fused.sum_squares(launch, g, sums, chunk)
+def run_sum_squares(launch, arrays, chunk):
+    table, slices = fused.sum_squares_table(arrays, chunk)
+    sums = np.full(slices, np.nan)
+    fused.sum_squares(launch, table, chunk, sums)
     return sums
+
+
+def slice_sums(arrays, chunk):
+    return [math.fsum(np.square(g[i:i + chunk].astype(np.float64))) for g in arrays for i in range(0, g.size, chunk)]
 
 
 @pytest.mark.parametrize("reverse", SCHEDULES)
 def test_sum_squares_per_slice(reverse):
-    """Each slice's sum to float64 rounding of the exact sum, and the same bits wherever the
-    slice sits (here: behind a whole slice of other values), as ZeRO-1's shards need."""
+    """Each slice's sum (of every slice of every array, in order, one launch) to float64 rounding
+    of the exact sum, and the same bits wherever the slice sits (here: behind a whole slice of
+    other values), as ZeRO-1's shards need."""
     rng = np.random.default_rng(0)
-    g, before = (rng.standard_normal(n).astype(np.float32) * 3 for n in (2500, 1000))
-    sums = run_sum_squares(launcher(reverse), g, 1000)
-    want = [math.fsum(np.square(g[i:i + 1000].astype(np.float64))) for i in range(0, g.size, 1000)]
-    np.testing.assert_allclose(sums, want, rtol=1e-14)
-    shifted = run_sum_squares(launcher(reverse), np.concatenate([before, g]), 1000)
-    assert shifted[1:].tobytes() == sums.tobytes()
+    g, before, small = (rng.standard_normal(n).astype(np.float32) * 3 for n in (2500, 1000, 7))
+    sums = run_sum_squares(launcher(reverse, host_pointers=True), [g, small], 1000)
+    np.testing.assert_allclose(sums, slice_sums([g, small], 1000), rtol=1e-14)
+    shifted = run_sum_squares(launcher(reverse, host_pointers=True), [small, np.concatenate([before, g])], 1000)
+    assert shifted[2:].tobytes() == sums[:3].tobytes() and shifted[0] == sums[3]
 
 
 def test_sum_squares_planted_missing_barrier():
     g = np.random.default_rng(0).standard_normal(2500).astype(np.float32)
-    sums = run_sum_squares(launcher(plant=("        __syncthreads();\n    }", "    }")), g, 1000)
-    want = [math.fsum(np.square(g[i:i + 1000].astype(np.float64))) for i in range(0, g.size, 1000)]
-    assert not np.allclose(sums, want, rtol=1e-6)
+    sums = run_sum_squares(launcher(plant=("        __syncthreads();\n    }\n    if (threadIdx.x == 0) sums",
+                                           "    }\n    if (threadIdx.x == 0) sums")), [g], 1000)
+    assert not np.allclose(sums, slice_sums([g], 1000), rtol=1e-6)
 
 
 # Embedding backward ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import hf_step, minitrain_step, record  # noqa: E402
 
 OURS = ("attention_", "rmsnorm_", "rope_", "swiglu_", "cross_entropy_", "adamw_", "sum_squares_", "matmul_",
-        "bias_grad_", "embedding_", "cast_", "add_bf16")
+        "bias_grad_", "embedding_", "cast_", "add_bf16", "add_bias_bf16")
 
 
 def kind(name):

@@ -1,13 +1,15 @@
 """Launching the fused kernels: RMSNorm (kernels/rmsnorm.cu), RoPE (rope.cu), softmax
 cross-entropy (cross_entropy.cu), the AdamW step (adamw.cu) and the gradient norm's sums of
-squares (grad_norm.cu).
+squares (grad_norm.cu); the last two over every parameter at once, from a table of addresses.
 
 Each function takes the `launch(source, kernel, grid, block, args)` callable (see __init__.py)
 and C-contiguous arrays (float32, or bf16 as uint16 bits), writes its outputs in place and
 returns nothing. Shapes are read from the arrays; sizes go to the kernels as C longs.
 """
 
-from minitrain.gpu import BLOCK, elementwise_grid, suffix, warps
+import numpy
+
+from minitrain.gpu import BLOCK, address, elementwise_grid, suffix, warps
 
 RMS_COLS = 8  # kernels/rmsnorm.cu COLS: columns each thread keeps in registers
 RMS_PARTS = 512  # most row blocks in the RMSNorm backward (rows of its dw scratch)
@@ -103,22 +105,51 @@ def cross_entropy_backward(launch, logits, targets, lse, dlogits, scale):
            (logits, targets, lse, dlogits, V, float(scale)))
 
 
-def adamw_step(launch, p, g, m, v, *, lr, b1, b2, eps, wd, step_size, bc2_sqrt, p_bf16=None):
-    """One AdamW step in place on float32 p, m, v from the float32 grad g, exactly as
-    minitrain.optim.AdamW computes it; wd = 0 where no decay applies. step_size = lr / (1 - b1^t),
-    bc2_sqrt = sqrt(1 - b2^t). With p_bf16 (uint16, p's size) the updated p is also written there
-    rounded to bf16. Every derived scalar is computed here in float64, then rounded to float32 by
-    the launch, which is what NumPy does with a Python float beside a float32 array."""
-    kernel, copy = ("adamw_step_f32", ()) if p_bf16 is None else ("adamw_step_bf16", (p_bf16,))
+def adamw_table(pieces, chunk):
+    """The table of adamw_multi (a host int64 array, one row per parameter): `pieces` are
+    (p, g, m, v, p_bf16, decays) per parameter: flat C-contiguous float32 arrays of one size, and
+    None or a uint16 array of that size for the bf16 copy to write."""
+    rows, first = [], 0
+    for p, g, m, v, p16, decays in pieces:
+        if any(a.dtype.name != "float32" or a.size != p.size or not a.flags.c_contiguous for a in (g, m, v)) \
+                or (p16 is not None and (p16.dtype.name != "uint16" or p16.size != p.size)):
+            raise ValueError(f"adamw kernel: p, g, m, v must be C-contiguous float32 of one size, the copy uint16; "
+                             f"found {[(a.dtype.name, a.size) for a in (p, g, m, v, p16) if a is not None]}")
+        rows.append((*map(address, (p, g, m, v)), 0 if p16 is None else address(p16), p.size, int(bool(decays)), first))
+        first += -(-p.size // chunk)
+    return numpy.array(rows, dtype=numpy.int64).reshape(-1, 8), first
+
+
+def adamw_multi(launch, table, blocks, chunk, *, lr, b1, b2, eps, wd, step_size, bc2_sqrt):
+    """One AdamW step in place on every parameter of adamw_table's `table` (on the device; `blocks`
+    = its second value), exactly as minitrain.optim.AdamW computes it: rows that decay use
+    1 - lr * wd, the others 1. step_size = lr / (1 - b1^t), bc2_sqrt = sqrt(1 - b2^t). Each block
+    takes `chunk` elements of one parameter. Every derived scalar is computed here in float64, then
+    rounded to float32 by the launch, which is what NumPy does with a Python float beside a float32
+    array."""
     scalars = (1 - lr * wd, b1, 1 - b1, b2, 1 - b2, eps, step_size, bc2_sqrt)
-    launch("adamw", kernel, elementwise_grid(p.size), (BLOCK,), (p, g, m, v, *copy, p.size, *map(float, scalars)))
+    if blocks:
+        launch("adamw", "adamw_multi", (blocks,), (BLOCK,), (table, table.shape[0], chunk, *map(float, scalars)))
 
 
-def sum_squares(launch, g, sums, chunk):
-    """sums (slices,) float64 = sum of g^2 over each `chunk`-element slice of the 1-D float32 g,
-    slices = ceil(g.size / chunk), each in float64 by a fixed order (see kernels/grad_norm.cu)."""
-    slices = -(-g.size // chunk)
-    if g.ndim != 1 or sums.shape != (slices,) or sums.dtype.name != "float64":
-        raise ValueError(f"sum_squares kernel: g must be 1-D and sums float64 ({slices},); found g "
-                         f"{tuple(g.shape)}, sums {sums.dtype.name} {tuple(sums.shape)}")
-    launch("grad_norm", "sum_squares_f32", (slices,), (NORM_THREADS,), (g, sums, g.size, chunk))
+def sum_squares_table(arrays, chunk):
+    """The table of sum_squares (a host int64 array, one row per 1-D float32 array) and the number
+    of `chunk`-element slices in all."""
+    rows, first = [], 0
+    for g in arrays:
+        if g.ndim != 1 or g.dtype.name != "float32" or not g.flags.c_contiguous:
+            raise ValueError(f"sum_squares kernel: gradients must be 1-D C-contiguous float32; found "
+                             f"{g.dtype.name} {tuple(g.shape)}")
+        rows.append((address(g), g.size, first))
+        first += -(-g.size // chunk)
+    return numpy.array(rows, dtype=numpy.int64).reshape(-1, 3), first
+
+
+def sum_squares(launch, table, chunk, sums):
+    """sums (slices,) float64 = sum of g^2 over each `chunk`-element slice of each array of
+    sum_squares_table's `table` (on the device), in the arrays' order, each in float64 by a fixed
+    order (see kernels/grad_norm.cu)."""
+    if sums.dtype.name != "float64" or sums.ndim != 1:
+        raise ValueError(f"sum_squares kernel: sums must be 1-D float64; found {sums.dtype.name} {tuple(sums.shape)}")
+    if sums.size:
+        launch("grad_norm", "sum_squares_multi", (sums.size,), (NORM_THREADS,), (table, table.shape[0], chunk, sums))

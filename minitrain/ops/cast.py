@@ -1,7 +1,7 @@
 """Casts between float32 and bfloat16 activations: where mixed precision enters and leaves the model."""
 
 from minitrain import backend
-from minitrain.autograd import Function
+from minitrain.autograd import Function, Tensor
 
 
 class Cast(Function):
@@ -26,3 +26,9 @@ class Cast(Function):
 
 def cast(x, to):
     return Cast.apply(x, to=to)
+
+
+def bf16_weight(x, w):
+    """The bf16 copy a parameter Tensor keeps (Tensor.bf16_copy) when the activation x is bf16,
+    else None: what a bf16 op reads in place of rounding the fp32 master weight again."""
+    return w.bf16_copy() if x.dtype == backend.BF16 and isinstance(w, Tensor) else None

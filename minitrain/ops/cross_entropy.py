@@ -15,6 +15,7 @@ import numpy
 from minitrain import backend, parallel
 from minitrain.autograd import Function
 from minitrain.gpu import fused, gemm
+from minitrain.ops.cast import bf16_weight
 
 BLOCK = 1 << 16  # elements of a CPU row block (at least one row)
 
@@ -142,12 +143,12 @@ class LinearCrossEntropy(Function):
     BUDGET = 1 << 28  # bytes per chunk on the CPU
     DEVICE_BUDGET = 1 << 30  # on the GPU
 
-    def forward(self, x, W, targets, chunk_rows=None):
+    def forward(self, x, W, targets, chunk_rows=None, W16=None):
         xp = backend.xp
         x2, t = flat_rows(x, targets, W.shape[0])  # (N, H), (N,)
         N, V = x2.shape[0], W.shape[0]
         half = x2.dtype == backend.BF16
-        Wc = backend.to_bf16(W) if half else W  # (V, H) in the precision of x
+        Wc = (backend.to_bf16(W) if W16 is None else W16) if half else W  # (V, H) in the precision of x
         per_logit = W.dtype.itemsize + (2 if half else 0)  # logits in W's dtype, then (bf16) their gradient
         rows = chunk_rows or max(1, (self.BUDGET if xp is numpy else self.DEVICE_BUDGET) // (V * per_logit))
         dx = xp.empty_like(x2) if self.needs_grad[0] else None
@@ -193,4 +194,4 @@ def cross_entropy(logits, targets):
 
 
 def linear_cross_entropy(x, W, targets, chunk_rows=None):
-    return LinearCrossEntropy.apply(x, W, targets, chunk_rows=chunk_rows)
+    return LinearCrossEntropy.apply(x, W, targets, chunk_rows=chunk_rows, W16=bf16_weight(x, W))

@@ -2,6 +2,7 @@
 
 from minitrain import backend
 from minitrain.autograd import Function
+from minitrain.ops.cast import bf16_weight
 from minitrain.gpu import gemm
 from minitrain.gpu import matmul as matmul_kernels
 
@@ -14,14 +15,14 @@ class Linear(Function):
       dW = G.T @ X        (out, N) @ (N, in):   sum over tokens of outer(g_n, x_n)
       db = sum_n G[n]     (out,)
 
-    Mixed precision (x in bf16): W and b stay fp32 masters; W is rounded to bf16 here, the
-    products are accumulated in fp32, y is rounded to bf16 once (after the bias), and the
+    Mixed precision (x in bf16): W and b stay fp32 masters; W is read rounded to bf16 (the copy
+    the weight Tensor keeps, see Tensor.bf16_copy), the products are accumulated in fp32, y is rounded to bf16 once (after the bias), and the
     gradients come back as dX in bf16, dW and db in fp32.
     """
 
-    def forward(self, x, W, b):
+    def forward(self, x, W, b, W16=None):
         if x.dtype == backend.BF16:
-            return self._forward_bf16(x, W, b)
+            return self._forward_bf16(x, W, b, W16)
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         y = x2 @ W.T  # (N, out)
         if b is not None:
@@ -30,10 +31,10 @@ class Linear(Function):
         self.save(W if self.needs_grad[0] else None, x2 if self.needs_grad[1] else None, x.shape)
         return y.reshape(x.shape[:-1] + (W.shape[0],))
 
-    def _forward_bf16(self, x, W, b):
+    def _forward_bf16(self, x, W, b, W16):
         xp = backend.xp
         x2 = xp.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (N, in) bf16
-        W16 = backend.to_bf16(W)  # (out, in) bf16
+        W16 = backend.to_bf16(W) if W16 is None else W16  # (out, in) bf16
         if b is None:
             y = gemm.matmul(x2, W16.T, backend.BF16)  # (N, out)
         else:
@@ -80,4 +81,4 @@ def _kernel_backward(launch, g2, W, x2, x_shape, needs):
 
 
 def linear(x, W, b=None):
-    return Linear.apply(x, W, b)
+    return Linear.apply(x, W, b, W16=bf16_weight(x, W))

@@ -5,6 +5,7 @@ import numpy
 from minitrain import backend, parallel
 from minitrain.autograd import Function
 from minitrain.gpu import fused
+from minitrain.ops.cast import bf16_weight
 
 BLOCK = 1 << 16  # elements per block of rows on the CPU (parallel.py)
 
@@ -26,10 +27,10 @@ class RMSNorm(Function):
     the rows stays one sum over the whole (N, H) product.
     """
 
-    def forward(self, x, w, eps):
+    def forward(self, x, w, eps, w16=None):
         if launch := backend.kernels(x, w):  # kernels/rmsnorm.cu saves x and r, recomputes xhat
             if x.dtype == backend.BF16:
-                w = backend.to_bf16(w)
+                w = backend.to_bf16(w) if w16 is None else w16  # the weight's kept bf16 copy
             x2 = backend.xp.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (rows, H)
             y, r = backend.xp.empty_like(x2), backend.xp.empty(x2.shape[0], dtype=backend.xp.float32)
             fused.rmsnorm_forward(launch, x2, w, y, r, eps)
@@ -103,4 +104,4 @@ def _blocks(x2):
 
 
 def rmsnorm(x, w, eps):
-    return RMSNorm.apply(x, w, eps=eps)
+    return RMSNorm.apply(x, w, eps=eps, w16=bf16_weight(x, w))
