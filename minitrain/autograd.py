@@ -87,10 +87,11 @@ class Tensor:
             g = grads.pop(id(t), None)
             if g is None:
                 continue
+            mine = id(g) in owned  # nothing but t's gradient is this array
             owned.discard(id(g))
             fn = t.ctx
             if fn is None:
-                _accumulate_leaf(t, g, handed_out)
+                _accumulate_leaf(t, g, handed_out, mine)
                 continue
             if fn.inputs is None:
                 raise RuntimeError("backward through a graph that was already released "
@@ -106,9 +107,10 @@ class Tensor:
                 prev = grads.get(id(inp))
                 if prev is None:
                     grads[id(inp)] = ig
-                    # a fresh array (not the incoming gradient, not a view, not returned twice) is ours
-                    if not isinstance(ig, RowSparse) and ig is not g and ig.base is None \
-                            and returned.count(id(ig)) == 1:
+                    # a fresh array (not the incoming gradient, not a view, not returned twice) is ours;
+                    # so is a block of an owned incoming gradient that a splitting op handed out
+                    if not isinstance(ig, RowSparse) and returned.count(id(ig)) == 1 and (
+                            (ig is not g and ig.base is None) or (fn.splits and mine)):
                         owned.add(id(ig))
                     continue
                 # a tensor used twice: add into an array we own, in place; else into a new one
@@ -149,16 +151,17 @@ class Tensor:
         return _basic.mean(self, axis, keepdims)
 
 
-def _accumulate_leaf(t, g, handed_out):
+def _accumulate_leaf(t, g, handed_out, mine):
     """Add g into t.grad. A stored array must be owned by this leaf alone: an optimizer may
     later scale it in place, which must not touch another leaf's gradient (Add hands the same
-    array to both inputs; Reshape hands out views)."""
+    array to both inputs; Reshape hands out views). `mine`: no other gradient overlaps g (a block
+    of Concat's dW): it is kept as it is, a view or not."""
     if t.grad is not None:
         _add_into(t.grad, g)
         return
     if isinstance(g, RowSparse):
         g = g.dense()
-    elif g.base is not None or id(g) in handed_out:
+    elif (g.base is not None and not mine) or id(g) in handed_out:
         g = g.copy()
     handed_out.add(id(g))
     t.grad = g
@@ -229,6 +232,7 @@ class Function:
     inputs = None  # the positional arguments of apply(); None once released
     saved = ()
     needs_grad = ()
+    splits = False  # True: backward returns disjoint views of its incoming gradient (blocks of it)
 
     def save(self, *arrays):
         self.saved = arrays

@@ -22,8 +22,8 @@ import numpy
 from minitrain import backend, ops
 from minitrain.autograd import Tensor, no_grad
 from minitrain.config import ModelConfig, tensor_table
-from minitrain.model import Model
-from minitrain.ops.activations import SiLU, SwiGLU
+from minitrain.model import Model, _pack
+from minitrain.ops.activations import SiLU, SwiGLU, SwiGLUPacked
 from minitrain.ops.attention import Attention
 from minitrain.ops.basic import Add, Mean, Mul, Reshape, Sum, Transpose
 from minitrain.ops.cross_entropy import CrossEntropy, LinearCrossEntropy
@@ -31,6 +31,7 @@ from minitrain.ops.distill import LinearDistillation
 from minitrain.ops.embedding import Embedding
 from minitrain.ops.linear import Linear
 from minitrain.ops.lora import LoRALinear
+from minitrain.ops.packed import Columns, Concat
 from minitrain.ops.rmsnorm import RMSNorm
 from minitrain.ops.rope import RoPE
 
@@ -219,6 +220,14 @@ def cases():
         C("silu", ops.silu, lambda r: {"x": _normal(r, 3, 7, scale=4.0)}, (SiLU,)),
         C("swiglu", ops.swiglu, lambda r: {"a": _normal(r, 2, 3, 6, scale=3.0), "u": _normal(r, 2, 3, 6)},
           (SwiGLU,)),
+        C("swiglu_packed", ops.swiglu_packed, lambda r: {"gu": _normal(r, 2, 3, 12, scale=3.0)}, (SwiGLUPacked,),
+          "[gate | up] rows"),
+        # the fused projections' ops (ops/packed.py): weights concatenated, an output split in blocks
+        C("concat", lambda a, b, c: Concat.apply(a, b, c),
+          lambda r: {"a": _normal(r, 3, 5), "b": _normal(r, 1, 5), "c": _normal(r, 2, 5)}, (Concat,)),
+        C("linear_split", lambda x, W, b: _blocks_loss(ops.linear_split(x, W, b, (4, 2, 2))),
+          lambda r: {"x": _normal(r, 2, 3, 5), "W": _normal(r, 8, 5), "b": _normal(r, 8)}, (Linear, Columns),
+          "blocks 4, 2, 2"),
         # cross-entropy: mean over tokens, repeated targets, T=1, huge logits (stability)
         C("cross_entropy", ops.cross_entropy,
           lambda r: {"logits": _normal(r, 2, 3, 11, scale=2.0), "targets": numpy.array([[1, 1, 10], [0, 1, 5]])},
@@ -250,12 +259,23 @@ def cases():
                                 num_key_value_heads=1, head_dim=2, intermediate_size=10, vocab_size=11,
                                 max_position_embeddings=16, rope_theta=1000000.0, rms_norm_eps=1e-6,
                                 tie_word_embeddings=True), "qwen2 GQA 7:1 bias tied"),
+        _model_case(ModelConfig(family="qwen2", hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=1, head_dim=4, intermediate_size=6, vocab_size=11,
+                                max_position_embeddings=16, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                tie_word_embeddings=True), "qwen2, projections packed", packed=True),
     ]
 
 
-def _model_case(cfg, note):
+def _blocks_loss(blocks):
+    """A scalar that weighs each block differently (a block's columns mixed up would show)."""
+    q, k, v = blocks
+    return ops.add(ops.sum(ops.mul(q, q)), ops.add(ops.mul(ops.sum(k), 3.0), ops.sum(ops.mul(v, v))))
+
+
+def _model_case(cfg, note, packed=False):
     """The loss of a whole model as a function of every parameter. Non-trivial weights: std 0.3
-    matrices, biases and norm weights away from 0 and 1."""
+    matrices, biases and norm weights away from 0 and 1. `packed`: with the projections packed,
+    as the kernel path runs them (q, k, v one linear split in three; gate, up one linear)."""
     table = tensor_table(cfg)
 
     def make(rng):
@@ -268,10 +288,14 @@ def _model_case(cfg, note):
 
     def loss(*args):
         *params, ids, targets = args
-        return Model(cfg, dict(zip(table, params))).loss(ids, targets)
+        model = Model(cfg, dict(zip(table, params)))
+        if packed:
+            model.packed = _pack(cfg, model.params)
+        return model.loss(ids, targets)
 
-    return Case("model", loss, make, (Embedding, RMSNorm, Linear, Reshape, RoPE, Attention, Add, SwiGLU,
-                                     LinearCrossEntropy), note)
+    return Case("model", loss, make, (Embedding, RMSNorm, Linear, Reshape, RoPE, Attention, Add,
+                                      *((SwiGLUPacked, Concat, Columns) if packed else (SwiGLU,)), LinearCrossEntropy),
+                note)
 
 
 def _qkv(rng, B, T, nH, nKV, hd):

@@ -14,6 +14,10 @@ Both are decoder-only and pre-norm. For token ids (B, T):
 Parameters live in one dict keyed by Hugging Face tensor names; the expected names and shapes
 come from `config.tensor_table`, and the constructor checks the dict against it. With LoRA
 adapters attached (`model.adapters`, lora.py), the seven linears of each layer go through them.
+On the kernel path (--device cuda) each layer's q, k, v weights (and biases), and its gate and
+up weights, are packed side by side in one buffer (ops/packed.py): q, k, v are one GEMM whose
+output is split, gate and up one GEMM whose output SwiGLU reads as it is. The same parameters,
+names and values; on the CPU every linear stays its own GEMM (and its own bits).
 """
 
 import numpy
@@ -37,6 +41,7 @@ class Model:
         self.config = config
         self.params = {name: params[name] for name in tensor_table(config)}
         self.adapters = None  # lora.Adapters, or None: every linear is plain
+        self.packed = _pack(config, self.params) if backend.launch is not None else {}
 
     @classmethod
     def from_arrays(cls, config, arrays):
@@ -97,9 +102,14 @@ class Model:
             p = f"model.layers.{i}."
             # attention block
             h = ops.rmsnorm(x, P[p + "input_layernorm.weight"], c.rms_norm_eps)  # (B, T, H)
-            q = self._linear(h, p + "self_attn.q_proj")  # (B, T, nH*hd)
-            k = self._linear(h, p + "self_attn.k_proj")  # (B, T, nKV*hd)
-            v = self._linear(h, p + "self_attn.v_proj")  # (B, T, nKV*hd)
+            if self._fused():  # one GEMM over [Wq; Wk; Wv], its output split
+                bias = self.packed.get(p + "qkv.bias")
+                q, k, v = ops.linear_split(h, self.packed[p + "qkv"].tensor(), bias and bias.tensor(),
+                                           (nH * hd, nKV * hd, nKV * hd))
+            else:
+                q = self._linear(h, p + "self_attn.q_proj")  # (B, T, nH*hd)
+                k = self._linear(h, p + "self_attn.k_proj")  # (B, T, nKV*hd)
+                v = self._linear(h, p + "self_attn.v_proj")  # (B, T, nKV*hd)
             q = ops.rope(q.reshape(B, T, nH, hd), c.rope_theta, positions)  # (B, T, nH, hd)
             k = ops.rope(k.reshape(B, T, nKV, hd), c.rope_theta, positions)  # (B, T, nKV, hd)
             v = v.reshape(B, T, nKV, hd)
@@ -108,18 +118,41 @@ class Model:
             x = x + self._linear(a, p + "self_attn.o_proj")  # (B, T, H)
             # MLP block
             h = ops.rmsnorm(x, P[p + "post_attention_layernorm.weight"], c.rms_norm_eps)  # (B, T, H)
-            gate = self._linear(h, p + "mlp.gate_proj")  # (B, T, I)
-            up = self._linear(h, p + "mlp.up_proj")  # (B, T, I)
-            x = x + self._linear(ops.swiglu(gate, up), p + "mlp.down_proj")  # (B, T, H)
+            if self._fused():  # one GEMM over [Wgate; Wup]: (B, T, 2I), SwiGLU reads its two halves
+                m = ops.swiglu_packed(ops.linear(h, self.packed[p + "gate_up"].tensor()))  # (B, T, I)
+            else:
+                gate = self._linear(h, p + "mlp.gate_proj")  # (B, T, I)
+                up = self._linear(h, p + "mlp.up_proj")  # (B, T, I)
+                m = ops.swiglu(gate, up)  # (B, T, I)
+            x = x + self._linear(m, p + "mlp.down_proj")  # (B, T, H)
         if cache is not None:
             cache.advance(T)
         return ops.rmsnorm(x, P["model.norm.weight"], c.rms_norm_eps)  # (B, T, H)
+
+    def _fused(self):
+        """Whether the projections run packed: on the kernel path, without LoRA adapters (whose
+        linears are per module)."""
+        return bool(self.packed) and self.adapters is None
 
     def _linear(self, x, module):
         """x Wᵀ (+ b) for the linear `module` (its tensors' name prefix), through its LoRA
         adapter when one is attached."""
         W, b = self.params[module + ".weight"], self.params.get(module + ".bias")
         return ops.linear(x, W, b) if self.adapters is None else self.adapters.linear(x, module, W, b)
+
+
+def _pack(config, params):
+    """Each layer's packed projections (ops.Packed): 'model.layers.{i}.qkv' (q, k, v weights),
+    '....qkv.bias' (their biases, Qwen2) and '....gate_up' (gate, up weights)."""
+    packed = {}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for key, names in (("qkv", ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]),
+                           ("qkv.bias", ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]),
+                           ("gate_up", ["mlp.gate_proj.weight", "mlp.up_proj.weight"])):
+            if p + names[0] in params:
+                packed[p + key] = ops.Packed([params[p + n] for n in names])
+    return packed
 
 
 def check_tensors(config, found, source):

@@ -30,7 +30,9 @@ def test_one_wrong_gradient_element_is_caught(case, monkeypatch):
 
         def broken(self, g, original=original):
             grads = list(original(self, g))
-            i = next(j for j, x in enumerate(grads) if x is not None)
+            i = next((j for j, x in enumerate(grads) if x is not None), None)
+            if i is None:  # a Columns block after the first: it wrote into the gradient the first returned
+                return tuple(grads)
             bad = grads[i].dense() if isinstance(grads[i], RowSparse) else grads[i].copy()
             bad.reshape(-1)[bad.size // 2] += 0.05
             grads[i] = bad

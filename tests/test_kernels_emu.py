@@ -35,3 +35,26 @@ def test_swiglu_forward_and_backward(dtype, reverse):
     s = sigmoid(a64)
     for got, want in ((y, a64 * s * u64), (da, g64 * u64 * s * (1 + a64 * (1 - s))), (du, g64 * a64 * s)):
         np.testing.assert_allclose(dec(got), want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("reverse", SCHEDULES)
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_swiglu_packed_is_the_separate_kernel(dtype, reverse):
+    """gate|up packed in the rows of one array (one GEMM's output): the bits of the kernels on
+    separate a and u, and the gradient packed the same way; a planted row stride of I (not 2 I)
+    must fail."""
+    rows, I = 7, 45
+    rng = np.random.default_rng(1)
+    enc = to_bf16 if dtype == "bf16" else (lambda x: x)
+    gu, dy = (enc((rng.standard_normal(shape) * 3).astype(np.float32)) for shape in ((rows, 2 * I), (rows, I)))
+    a, u = np.ascontiguousarray(gu[:, :I]), np.ascontiguousarray(gu[:, I:])
+    y, da, du = (np.zeros((rows, I), gu.dtype) for _ in range(3))
+    swiglu.forward(launcher(reverse), a, u, y)
+    swiglu.backward(launcher(reverse), dy, a, u, da, du)
+    y_packed, dgu = np.zeros_like(y), np.zeros_like(gu)
+    swiglu.packed_forward(launcher(reverse), gu, y_packed)
+    swiglu.packed_backward(launcher(reverse), dy, gu, dgu)
+    assert y_packed.tobytes() == y.tobytes() and dgu.tobytes() == np.concatenate([da, du], axis=1).tobytes()
+    swiglu.packed_forward(launcher(plant=("swiglu_forward(gu, gu + I, y, n, I, 2 * I)",
+                                          "swiglu_forward(gu, gu + I, y, n, I, I)")), gu, y_packed)
+    assert y_packed.tobytes() != y.tobytes()

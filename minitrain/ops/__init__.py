@@ -1,6 +1,6 @@
 """Every differentiable op, each a Function with forward and backward side by side."""
 
-from minitrain.ops.activations import silu, swiglu
+from minitrain.ops.activations import silu, swiglu, swiglu_packed
 from minitrain.ops.attention import attention
 from minitrain.ops.basic import add, mean, mul, reshape, sum, transpose
 from minitrain.ops.cast import cast
@@ -9,9 +9,10 @@ from minitrain.ops.distill import linear_distillation
 from minitrain.ops.embedding import embedding
 from minitrain.ops.linear import linear
 from minitrain.ops.lora import lora_linear
+from minitrain.ops.packed import Packed, linear_split
 from minitrain.ops.rmsnorm import rmsnorm
 from minitrain.ops.rope import rope
 
 __all__ = ["add", "attention", "cast", "cross_entropy", "embedding", "linear", "linear_cross_entropy", "linear_distillation",
-           "lora_linear", "mean", "mul", "reshape", "rmsnorm",
-           "rope", "silu", "sum", "swiglu", "transpose"]
+           "linear_split", "lora_linear", "mean", "mul", "Packed", "reshape", "rmsnorm",
+           "rope", "silu", "sum", "swiglu", "swiglu_packed", "transpose"]

@@ -45,12 +45,7 @@ class SwiGLU(Function):
             y = backend.xp.empty_like(a)
             swiglu_kernels.forward(launch, a, u, y)
             return y
-        if backend.xp is numpy:
-            y = numpy.empty_like(a)
-            _by_slices(lambda sl, s, t: numpy.multiply(numpy.multiply(a.reshape(-1)[sl], s, out=t), u.reshape(-1)[sl],
-                                                       out=y.reshape(-1)[sl]), a)
-            return y
-        return a * sigmoid(a) * u
+        return _forward(a, u)
 
     def backward(self, g):
         a, u = self.saved
@@ -58,12 +53,54 @@ class SwiGLU(Function):
             da, du = backend.xp.empty_like(a), backend.xp.empty_like(u)
             swiglu_kernels.backward(launch, backend.xp.ascontiguousarray(g), a, u, da, du)
             return da, du
-        if backend.xp is numpy:
-            return _backward_cpu(numpy.ascontiguousarray(g), a, u, self.needs_grad)
-        s = sigmoid(a)
-        da = g * u * s * (1.0 + a * (1.0 - s)) if self.needs_grad[0] else None
-        du = g * a * s if self.needs_grad[1] else None
-        return da, du
+        return _backward(g, a, u, self.needs_grad)
+
+
+class SwiGLUPacked(Function):
+    """y = silu(a) * u for gu = [a | u] (..., 2 I) -> (..., I): SwiGLU on the output of one GEMM
+    over the concatenated gate and up weights (ops/packed.py). The same math; the gradient comes
+    packed the same way, dgu = [da | du], which is that GEMM's output gradient as it is. On the
+    kernels a and u are read in place (kernels/swiglu.cu's packed variants); the reference path
+    takes contiguous copies of the two halves."""
+
+    def forward(self, gu):
+        self.save(gu)
+        xp, I = backend.xp, gu.shape[-1] // 2
+        if launch := backend.kernels(gu):
+            y = xp.empty(gu.shape[:-1] + (I,), dtype=gu.dtype)
+            swiglu_kernels.packed_forward(launch, xp.ascontiguousarray(gu), y)
+            return y
+        return _forward(xp.ascontiguousarray(gu[..., :I]), xp.ascontiguousarray(gu[..., I:]))
+
+    def backward(self, g):
+        (gu,) = self.saved
+        xp, I = backend.xp, gu.shape[-1] // 2
+        if launch := backend.kernels(g, gu):
+            dgu = xp.empty_like(gu)
+            swiglu_kernels.packed_backward(launch, xp.ascontiguousarray(g), xp.ascontiguousarray(gu), dgu)
+            return (dgu,)
+        da, du = _backward(g, xp.ascontiguousarray(gu[..., :I]), xp.ascontiguousarray(gu[..., I:]), (True, True))
+        return (xp.concatenate([da, du], axis=-1),)
+
+
+def _forward(a, u):
+    """silu(a) * u by the reference ops: on the CPU slice by slice on every core."""
+    if backend.xp is numpy:
+        y = numpy.empty_like(a)
+        _by_slices(lambda sl, s, t: numpy.multiply(numpy.multiply(a.reshape(-1)[sl], s, out=t), u.reshape(-1)[sl],
+                                                   out=y.reshape(-1)[sl]), a)
+        return y
+    return a * sigmoid(a) * u
+
+
+def _backward(g, a, u, needs):
+    """(da, du) by the reference ops; None where not needed."""
+    if backend.xp is numpy:
+        return _backward_cpu(numpy.ascontiguousarray(g), a, u, needs)
+    s = sigmoid(a)
+    da = g * u * s * (1.0 + a * (1.0 - s)) if needs[0] else None
+    du = g * a * s if needs[1] else None
+    return da, du
 
 
 def _by_slices(work, a):
@@ -111,3 +148,7 @@ def silu(x):
 
 def swiglu(a, u):
     return SwiGLU.apply(a, u)
+
+
+def swiglu_packed(gu):
+    return SwiGLUPacked.apply(gu)
