@@ -295,25 +295,31 @@ __device__ void backward_dkdv(const bf16* __restrict__ q, const bf16* __restrict
 MMA_ATTENTION_FORWARD(64)
 MMA_ATTENTION_FORWARD(128)
 
-// The backward on the tensor cores, head_dim 64 (at 128 the dK and dV accumulators and the K and V
-// fragments of dkdv would not fit the registers: attention.cu's backward serves it).
-extern "C" __global__ void __launch_bounds__(mma_attention::THREADS)
-    attention_backward_dq_mma_hd64_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                                        const float* D, bf16* dq, long B, long T, long nH, long nKV) {
-    mma_attention::backward_dq<64>(q, k, v, dout, lse, D, dq, T, nH, nKV);
-}
-EMU_EXPORT(attention_backward_dq_mma_hd64_bf16,
-           (const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* D, bf16* dq,
-            long B, long T, long nH, long nKV),
-           (q, k, v, dout, lse, D, dq, B, T, nH, nKV))
+// The backward on the tensor cores. At head_dim 128 dkdv holds 64 registers of K and V fragments
+// and 128 of dK and dV accumulators per thread, about the 255 a thread may have: what spills, and
+// whether it stays faster than attention.cu's backward, only a GPU can tell (tools/bench_gpu.py
+// attention times both head dims).
+#define MMA_ATTENTION_BACKWARD(HD)                                                                            \
+    extern "C" __global__ void __launch_bounds__(mma_attention::THREADS)                                      \
+        attention_backward_dq_mma_hd##HD##_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,  \
+                                                const float* lse, const float* D, bf16* dq, long B, long T,    \
+                                                long nH, long nKV) {                                          \
+        mma_attention::backward_dq<HD>(q, k, v, dout, lse, D, dq, T, nH, nKV);                               \
+    }                                                                                                         \
+    EMU_EXPORT(attention_backward_dq_mma_hd##HD##_bf16,                                                      \
+               (const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* D, \
+                bf16* dq, long B, long T, long nH, long nKV),                                                 \
+               (q, k, v, dout, lse, D, dq, B, T, nH, nKV))                                                    \
+    extern "C" __global__ void __launch_bounds__(mma_attention::THREADS)                                      \
+        attention_backward_dkdv_mma_hd##HD##_bf16(const bf16* q, const bf16* k, const bf16* v,                 \
+                                                  const bf16* dout, const float* lse, const float* D, bf16* dk, \
+                                                  bf16* dv, long B, long T, long nH, long nKV) {              \
+        mma_attention::backward_dkdv<HD>(q, k, v, dout, lse, D, dk, dv, T, nH, nKV);                         \
+    }                                                                                                         \
+    EMU_EXPORT(attention_backward_dkdv_mma_hd##HD##_bf16,                                                    \
+               (const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* D, \
+                bf16* dk, bf16* dv, long B, long T, long nH, long nKV),                                       \
+               (q, k, v, dout, lse, D, dk, dv, B, T, nH, nKV))
 
-extern "C" __global__ void __launch_bounds__(mma_attention::THREADS)
-    attention_backward_dkdv_mma_hd64_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
-                                          const float* lse, const float* D, bf16* dk, bf16* dv, long B, long T,
-                                          long nH, long nKV) {
-    mma_attention::backward_dkdv<64>(q, k, v, dout, lse, D, dk, dv, T, nH, nKV);
-}
-EMU_EXPORT(attention_backward_dkdv_mma_hd64_bf16,
-           (const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* D, bf16* dk,
-            bf16* dv, long B, long T, long nH, long nKV),
-           (q, k, v, dout, lse, D, dk, dv, B, T, nH, nKV))
+MMA_ATTENTION_BACKWARD(64)
+MMA_ATTENTION_BACKWARD(128)

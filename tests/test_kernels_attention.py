@@ -25,6 +25,7 @@ CASES = [  # B, T, nH, nKV, hd, dtype
     (2, 33, 1, 1, 128, "f32"),  # one head; T = 33 = one past a key tile
     (1, 67, 4, 1, 64, "bf16"),  # the tensor-core backward (hd 64): 4:1, T past one 64-row tile
     (1, 130, 2, 1, 64, "bf16"),  # 2:1, T past two tiles
+    (1, 70, 2, 1, 128, "bf16"),  # the tensor-core backward at hd 128: 2:1, T past one 64-row tile
 ]
 TOL = {"f32": 1e-5, "bf16": 1e-2}  # bf16: outputs rounded to bf16 (and D from the rounded o)
 GUARD = 64  # elements after each output that no kernel may touch
@@ -173,10 +174,11 @@ MMA_BACKWARD_PLANTS = {  # its backward (hd 64): name: (old, new, B, T, nH, nKV,
 }
 
 
-@pytest.mark.parametrize("name", MMA_BACKWARD_PLANTS)
-def test_planted_bug_in_the_tensor_core_backward_is_caught(name):
+@pytest.mark.parametrize("name,hd", [(name, 64) for name in MMA_BACKWARD_PLANTS]
+                         + [("dV from dS", 128), ("one query head of the group", 128)])
+def test_planted_bug_in_the_tensor_core_backward_is_caught(name, hd):
     old, new, B, T, nH, nKV, spoiled = MMA_BACKWARD_PLANTS[name]
-    q, k, v, do = inputs(B, T, nH, nKV, 64, "bf16", seed=1)
+    q, k, v, do = inputs(B, T, nH, nKV, hd, "bf16", seed=1)
     want = reference(q, k, v, do)[spoiled]
     with np.errstate(invalid="ignore"):
         got, overrun = run_kernels(launcher(plant=(old, new), planted_in="attention_mma"), q, k, v, do, "bf16")

@@ -7,8 +7,9 @@
                        layers' backward, and the time per phase; IMPL hf: transformers eager with
                        SDPA attention (bf16: autocast over fp32 weights, minitrain's mixed precision)
                        + torch AdamW + clip_grad_norm_; DTYPE bf16 or fp32
-  attention            minitrain's attention kernels (fp32 and bf16) and torch SDPA, causal, GQA 7:1,
-                       head_dim 64, forward and backward TFLOP/s
+  attention            minitrain's attention kernels (attention.cu in fp32 and bf16, attention_mma.cu's
+                       tensor cores in bf16) and torch SDPA, causal, GQA 7:1, head_dim 64 and 128,
+                       forward and backward TFLOP/s
   table                the table of every row measured so far
 
 Every time is measured with CUDA events around back-to-back calls, after warm-up: the median over
@@ -217,39 +218,47 @@ def part_attention(args):
     from minitrain.gpu import attention
     from minitrain.gpu.runtime import launch
 
-    B, T, nH, nKV, hd = args.batch_size, args.seq_len, 14, 2, 64
-    fwd_flops = 4 * B * T * T * nH * hd / 2
-    shape = {"B": B, "T": T, "nH": nH, "nKV": nKV, "hd": hd}
-
-    def rates(name, fwd, bwd, event, elapsed):
-        f, b = (summary(event_times(fn, event, elapsed, args.repeats)) for fn in (fwd, bwd))
-        record({"part": "attention", "impl": name, **shape, "fwd_ms": f["median_ms"], "bwd_ms": b["median_ms"],
-                "fwd_tflops": fwd_flops / f["median_ms"] / 1e9, "bwd_tflops": 2.5 * fwd_flops / b["median_ms"] / 1e9})
-
     backend.use("cuda")
-    event, elapsed = cupy_timer()
-    for name in ("fp32", "bf16"):
-        cast = backend.to_bf16 if name == "bf16" else (lambda a: a)
-        q, do = (cast(cupy.random.standard_normal((B, T, nH, hd), dtype=cupy.float32)) for _ in range(2))
-        k, v = (cast(cupy.random.standard_normal((B, T, nKV, hd), dtype=cupy.float32)) for _ in range(2))
-        o, dq, dk, dv = cupy.empty_like(q), cupy.empty_like(q), cupy.empty_like(k), cupy.empty_like(v)
-        lse, D = (cupy.empty((B, nH, T), dtype=cupy.float32) for _ in range(2))
-        rates(f"minitrain attention.cu {name}", lambda: attention.forward(launch, q, k, v, o, lse),
-              lambda: attention.backward(launch, q, k, v, o, do, lse, dq, dk, dv, D), event, elapsed)
-    del q, k, v, o, do, dq, dk, dv, lse, D
-    cupy.get_default_memory_pool().free_all_blocks()
-    event, elapsed = torch_timer(torch)
-    for dtype in (torch.float32, torch.bfloat16):
-        tq = torch.randn(B, nH, T, hd, device="cuda", dtype=dtype, requires_grad=True)
-        tk, tv = (torch.randn(B, nKV, T, hd, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    tensor_cores = attention._tensor_cores
+    for hd, nH, nKV in ((64, 14, 2), (128, 7, 1)):  # Qwen2.5-0.5B's heads, and hd 128 at the same width
+        B, T = args.batch_size, args.seq_len
+        fwd_flops = 4 * B * T * T * nH * hd / 2
+        shape = {"B": B, "T": T, "nH": nH, "nKV": nKV, "hd": hd}
 
-        def fwd():
-            return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=True)
+        def rates(name, fwd, bwd, event, elapsed):
+            f, b = (summary(event_times(fn, event, elapsed, args.repeats)) for fn in (fwd, bwd))
+            record({"part": "attention", "impl": name, **shape, "fwd_ms": f["median_ms"], "bwd_ms": b["median_ms"],
+                    "fwd_tflops": fwd_flops / f["median_ms"] / 1e9,
+                    "bwd_tflops": 2.5 * fwd_flops / b["median_ms"] / 1e9})
 
-        out = fwd()
-        grad = torch.randn_like(out)
-        rates(f"torch SDPA {str(dtype).split('.')[-1]}", fwd,
-              lambda: torch.autograd.grad(out, (tq, tk, tv), grad, retain_graph=True), event, elapsed)
+        event, elapsed = cupy_timer()
+        for name, dtype, mma in (("attention.cu fp32", "fp32", False), ("attention.cu bf16", "bf16", False),
+                                 ("attention_mma.cu bf16", "bf16", True)):
+            attention._tensor_cores = tensor_cores if mma else (lambda *arrays: False)  # the route timed
+            cast = backend.to_bf16 if dtype == "bf16" else (lambda a: a)
+            q, do = (cast(cupy.random.standard_normal((B, T, nH, hd), dtype=cupy.float32)) for _ in range(2))
+            k, v = (cast(cupy.random.standard_normal((B, T, nKV, hd), dtype=cupy.float32)) for _ in range(2))
+            o, dq, dk, dv = cupy.empty_like(q), cupy.empty_like(q), cupy.empty_like(k), cupy.empty_like(v)
+            lse, D = (cupy.empty((B, nH, T), dtype=cupy.float32) for _ in range(2))
+            rates(f"minitrain {name}", lambda: attention.forward(launch, q, k, v, o, lse),
+                  lambda: attention.backward(launch, q, k, v, o, do, lse, dq, dk, dv, D), event, elapsed)
+        attention._tensor_cores = tensor_cores
+        del q, k, v, o, do, dq, dk, dv, lse, D
+        cupy.get_default_memory_pool().free_all_blocks()
+        event, elapsed = torch_timer(torch)
+        for dtype in (torch.float32, torch.bfloat16):
+            tq = torch.randn(B, nH, T, hd, device="cuda", dtype=dtype, requires_grad=True)
+            tk, tv = (torch.randn(B, nKV, T, hd, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+
+            def fwd():
+                return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=True)
+
+            out = fwd()
+            grad = torch.randn_like(out)
+            rates(f"torch SDPA {str(dtype).split('.')[-1]}", fwd,
+                  lambda: torch.autograd.grad(out, (tq, tk, tv), grad, retain_graph=True), event, elapsed)
+        del tq, tk, tv, out, grad
+        torch.cuda.empty_cache()
 
 
 def part_table(args):
@@ -267,7 +276,7 @@ def part_table(args):
         if "phases_ms" in r:
             print("    phases ms: " + ", ".join(f"{k} {v:.1f}" for k, v in r["phases_ms"].items()))
     for r in (r for r in rows if r["part"] == "attention"):
-        print(f"attention {r['impl']:<28} fwd {r['fwd_tflops']:6.1f} TFLOP/s ({r['fwd_ms']:.2f} ms)  "
+        print(f"attention hd {r.get('hd', 64):<3} {r['impl']:<32} fwd {r['fwd_tflops']:6.1f} TFLOP/s ({r['fwd_ms']:.2f} ms)  "
               f"bwd {r['bwd_tflops']:6.1f} TFLOP/s ({r['bwd_ms']:.2f} ms)")
 
 

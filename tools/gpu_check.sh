@@ -18,7 +18,7 @@
 #   tiny       a tiny model's loss and gradients on the GPU vs the CPU, two runs' bits     40 s   16 s
 #   peak, bf16, hf-bf16, attention, table: bench (tools/bench_gpu.py, one process each):
 #              matmul peaks; the Qwen2.5-0.5B step at 8 x 1024, minitrain and
-#              transformers in bf16; attention kernels vs torch SDPA                     175 s   76 s
+#              transformers in bf16; attention kernels vs torch SDPA (hd 64, 128)        190 s   76 s
 #   profile    both bf16 steps kernel by kernel (tools/gpu_profile.py)                     90 s   50 s
 #   nccl       the single-GPU NCCL path (tools/nccl_check.py)                              30 s    3 s
 #   sanitizer  compute-sanitizer memcheck over the kernel tests, CuPy's pool off           60 s    4 s
@@ -56,7 +56,7 @@ step tiny "tiny model, GPU vs CPU" 40 python3 -m pytest -q -p no:cacheprovider t
 step peak "bench: matmul peaks" 20 "${BENCH[@]}" peak
 step bf16 "bench: minitrain bf16 step (cuBLAS backward)" 45 "${BENCH[@]}" step minitrain bf16 --route cublas
 step hf-bf16 "bench: transformers bf16 step" 60 "${BENCH[@]}" step hf bf16
-step attention "bench: attention" 30 "${BENCH[@]}" attention
+step attention "bench: attention" 45 "${BENCH[@]}" attention
 step table "bench: table" 10 "${BENCH[@]}" table
 step profile "profile: minitrain bf16 step, kernel by kernel" 45 python3 tools/gpu_profile.py minitrain bf16
 step profile "profile: transformers bf16 step, kernel by kernel" 45 python3 tools/gpu_profile.py hf bf16

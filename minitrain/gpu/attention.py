@@ -10,7 +10,7 @@ from minitrain.gpu import address, suffix
 THREADS = 128
 FORWARD_ROWS = {64: 64, 128: 32}  # query rows per forward block
 MMA_ROWS = 64  # query (and key) rows per block of kernels/attention_mma.cu (bf16 on the tensor cores)
-MMA_BACKWARD_HD = (64,)  # head dims of its backward (hd 128 would not fit the registers)
+MMA_BACKWARD_HD = (64, 128)  # head dims of its backward
 BACKWARD_ROWS = {64: 32, 128: 16}  # query rows per dq block, key rows per dkdv block
 DELTA_ROWS, DELTA_BLOCKS = 32, 4096  # rows per delta block and step; a grid-stride loop covers the rest
 
