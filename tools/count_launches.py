@@ -11,6 +11,11 @@ kernels/ and each cuBLAS call is recorded with its array operands' bytes, and no
 size once: the traffic a launch cannot avoid (a GEMM's tiles read again, or attention's K and V
 per query tile, are not counted), a lower bound to set beside the measured time of each part.
 
+FLOPs: 2 M K N for each GEMM (from its shape), and for attention 4 B T^2 nH hd / 2 forward (the
+causal half) and 2.5x that backward. The "lower bound" column is each part at the H200's nominal
+rates, max(bytes / 4.8 TB/s, FLOPs / 989 TFLOP/s): no part can run faster; how far above it each
+part runs is what a GPU run measures (tools/bench_gpu.py, tools/gpu_profile.py).
+
 The model is counted with 1 and with 2 layers; every layer launches the same, so the step of the
 preset's depth is the 1-layer step plus (layers - 1) times the difference. The second step is
 counted (the first one's one-time work, such as allocating the optimizer's state, excluded).
@@ -84,19 +89,31 @@ def count_step(arch, layers, dtype, batch_size, seq_len):
             backend.set_dtype("fp32")
 
 
+BANDWIDTH, PEAK = 4.8e12, 989.4e12  # H200 SXM nominal: HBM3e bytes/s, dense bf16 FLOP/s
+
+
+def flops(kind, name):
+    """2 M K N for a GEMM named 'gemm MxKxN' (0 for anything else)."""
+    if kind != "gemm" or not name.startswith("gemm "):
+        return 0
+    m, k, n = map(int, name.split()[1].split("x"))
+    return 2 * m * k * n
+
+
 def totals(launches, key):
-    out = collections.defaultdict(lambda: [0, 0])
+    out = collections.defaultdict(lambda: [0, 0, 0])
     for kind, name, nbytes, where in launches:
         entry = out[key(kind, name, where)]
         entry[0] += 1
         entry[1] += nbytes
+        entry[2] += flops(kind, name)
     return out
 
 
 def extrapolate(one, two, layers):
     """Per key: the 1-layer count plus (layers - 1) times the per-layer difference."""
-    return {k: [one.get(k, [0, 0])[i] + (layers - 1) * (two.get(k, [0, 0])[i] - one.get(k, [0, 0])[i])
-                for i in (0, 1)] for k in {*one, *two}}
+    return {k: [one.get(k, [0, 0, 0])[i] + (layers - 1) * (two.get(k, [0, 0, 0])[i] - one.get(k, [0, 0, 0])[i])
+                for i in (0, 1, 2)] for k in {*one, *two}}
 
 
 def main():
@@ -113,21 +130,26 @@ def main():
     by_part = extrapolate(totals(one, part), totals(two, part), layers)
     by_site = extrapolate(totals(one, lambda k, n, w: (part(k, n, w), k, n, w)),
                           totals(two, lambda k, n, w: (part(k, n, w), k, n, w)), layers)
+    c = preset(args.arch)
+    if "attention" in by_part:  # forward and backward of every layer
+        by_part["attention"][2] = layers * 3.5 * 4 * args.batch_size * args.seq_len ** 2 * c.num_attention_heads \
+            * c.head_dim / 2
     print(f"{args.arch} ({layers} layers), {args.dtype}, batch {args.batch_size} x {args.seq_len}: one training step")
-    print(f"{'part':36} {'launches':>9} {'GB moved':>9}")
+    print(f"{'part':36} {'launches':>9} {'GB moved':>9} {'TFLOP':>7} {'lower bound ms':>15}")
     for p, _ in PARTS:
-        n, b = by_part.get(p, [0, 0])
-        print(f"{p:36} {n:9d} {b / 1e9:9.2f}")
-    n_all, b_all = (sum(v[i] for v in by_part.values()) for i in (0, 1))
-    print(f"{'total':36} {n_all:9d} {b_all / 1e9:9.2f}")
+        n, b, f = by_part.get(p, [0, 0, 0])
+        print(f"{p:36} {n:9d} {b / 1e9:9.2f} {f / 1e12:7.2f} {1e3 * max(b / BANDWIDTH, f / PEAK):15.2f}")
+    n_all, b_all, f_all = (sum(v[i] for v in by_part.values()) for i in (0, 1, 2))
+    bound = sum(1e3 * max(v[1] / BANDWIDTH, v[2] / PEAK) for v in by_part.values())
+    print(f"{'total':36} {n_all:9d} {b_all / 1e9:9.2f} {f_all / 1e12:7.2f} {bound:15.2f}")
     busiest = sorted(((v, k) for k, v in by_site.items() if k[0] == "other CuPy" and v[0]), reverse=True)
     print(f"\nthe busiest call sites of 'other CuPy' (launches, GB, what, where):")
-    for (n, b), (_, kind, name, where) in busiest[:args.sites]:
+    for (n, b, _), (_, kind, name, where) in busiest[:args.sites]:
         print(f"{n:7d} {b / 1e9:7.2f}  {kind} {name:18} {where}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "arch": args.arch, "dtype": args.dtype, "batch": args.batch_size, "seq_len": args.seq_len,
-            "parts": {p: {"launches": v[0], "bytes": v[1]} for p, v in by_part.items()},
+            "parts": {p: {"launches": v[0], "bytes": v[1], "flops": v[2]} for p, v in by_part.items()},
             "sites": [{"part": k[0], "kind": k[1], "name": k[2], "where": k[3], "launches": v[0], "bytes": v[1]}
                       for k, v in sorted(by_site.items(), key=lambda kv: -kv[1][0]) if v[0]]}, indent=1))
 
