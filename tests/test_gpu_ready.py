@@ -91,13 +91,13 @@ SMALL = ModelConfig(family="qwen2", hidden_size=64, num_hidden_layers=1, num_att
                     rms_norm_eps=1e-6, tie_word_embeddings=True)  # head_dim 64: the attention kernel runs
 
 
-@pytest.mark.parametrize("case", ["plain", "grad-accum, lora and a teacher"])
+@pytest.mark.parametrize("case", ["plain", "grad-accum, lora and a teacher", "bf16"])
 def test_a_training_step_on_the_gpu_path_reads_two_values_from_the_device(case, tmp_path, monkeypatch):
     """One training step on the GPU path (CuPy stood in for by tests/cupy_standin.py, the kernels
-    by their CPU emulation) moves two things to the host: the step's losses and the gradient
-    norm's slice sums; with grad-accum, LoRA adapters (dropout masks go up) and a teacher (its two
-    loss terms come with the losses) too. Nothing else waits for the device: token ids are checked
-    on the host."""
+    by their CPU emulation, cuBLAS's bf16 GEMMs by the stand-in's) moves two things to the host: the
+    step's losses and the gradient norm's slice sums; with grad-accum, LoRA adapters (dropout masks
+    go up) and a teacher (its two loss terms come with the losses) too, and in bf16. Nothing else
+    waits for the device: token ids are checked on the host."""
     import cupy_standin
     from kernel_emu import launcher
 
@@ -105,6 +105,7 @@ def test_a_training_step_on_the_gpu_path_reads_two_values_from_the_device(case, 
     from minitrain.convert import apr_tensors
     from minitrain.formats.apr import write_apr
     from minitrain.formats.apr_meta import model_metadata
+    from minitrain.gpu import gemm
     from minitrain.model import Model
     from minitrain.train import Run, configure
 
@@ -114,8 +115,9 @@ def test_a_training_step_on_the_gpu_path_reads_two_values_from_the_device(case, 
     np.random.default_rng(0).integers(0, 256, 20 * 17, dtype="<u4").tofile(tmp_path / "tokens.bin")
     options = dict(init=str(tmp_path / "small.apr"), data=str(tmp_path / "tokens.bin"), out=str(tmp_path / "run"),
                    seq_len=16, batch_size=2, steps=3, val_windows=2, seed=1,
-                   **({} if case == "plain" else {"grad_accum": 2, "lora_rank": 4, "lora_dropout": 0.1,
-                                                  "teacher": str(tmp_path / "small.apr")}))
+                   **{"plain": {}, "bf16": {"dtype": "bf16"},
+                      "grad-accum, lora and a teacher": {"grad_accum": 2, "lora_rank": 4, "lora_dropout": 0.1,
+                                                         "teacher": str(tmp_path / "small.apr")}}[case])
     xp = cupy_standin.module()
 
     def gpu(name):
@@ -124,11 +126,13 @@ def test_a_training_step_on_the_gpu_path_reads_two_values_from_the_device(case, 
         return "cuda"
 
     monkeypatch.setattr(train, "_device", gpu)
+    monkeypatch.setattr(gemm, "_gemm_ex", cupy_standin.gemm_ex)
     run = Run(*configure(options))
     assert isinstance(next(iter(run.trained)).data, cupy_standin.DeviceArray)
     cupy_standin.TRANSFERS.clear()
-    run.train_step(0)  # the first step, one-time work included
+    loss = run.train_step(0)[0]  # the first step, one-time work included
     assert len(cupy_standin.TRANSFERS) <= 2, cupy_standin.TRANSFERS
+    assert 1.0 < loss < 10.0  # a working step (ln 256 = 5.5 for a fresh model), not zeros
 
 
 def test_the_backends_casts_on_the_gpu_path_are_its_numpy_casts(monkeypatch):

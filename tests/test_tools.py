@@ -78,3 +78,26 @@ def test_bench_parts_times_both_frameworks():
               "--rounds", "1")
     assert re.search(r"^base matmuls \(4 x 7 linears, y and dX\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, re.M), out
     assert re.search(r"^attention \(4 layers, fwd \+ bwd\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, re.M), out
+
+
+def test_count_launches_counts_the_fused_step():
+    """tools/count_launches.py counts a bf16 step on the GPU path without a GPU (here of a small
+    Qwen2 with head_dim 64, which the bf16 attention kernels take). The counts are the design's:
+    per layer, the linears are 4 GEMMs forward and 8 backward (q, k, v one GEMM; gate, up one), no
+    weight is rounded to bf16 again (AdamW keeps the copies), and AdamW with the gradient norm is
+    one launch each."""
+    sys.path.insert(0, str(TOOLS))
+    import count_launches
+
+    from minitrain.config import ModelConfig
+
+    config = ModelConfig(family="qwen2", hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=64, intermediate_size=96, vocab_size=300,
+                         max_position_embeddings=64, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    one, two = (count_launches.count_step(config, n, "bf16", 2, 16) for n in (1, 2))
+    parts = [count_launches.totals(step, count_launches.part) for step in (one, two)]
+    per_layer = {p: parts[1][p][0] - parts[0].get(p, [0])[0] for p in parts[1]}
+    assert per_layer["GEMMs: layers"] == 12, per_layer
+    assert per_layer["attention"] == 4, per_layer  # forward; delta, dq, dkdv
+    assert parts[1]["optimizer, grad norm"][0] == 2
+    assert not [w for kind, name, _, w in two if name == "cast.cast_f32_to_bf16" and "linear" in w]

@@ -58,14 +58,15 @@ def part(kind, name, where):
     return next(p for p, test in PARTS if test(kind, name, where))
 
 
-def count_step(arch, layers, dtype, batch_size, seq_len):
-    """The launches of the second training step of `arch` cut to `layers` layers: [(kind, name, bytes, where)]."""
-    config = dataclasses.replace(preset(arch), num_hidden_layers=layers)
+def count_step(model_config, layers, dtype, batch_size, seq_len):
+    """The launches of the second training step of a model (a ModelConfig) cut to `layers` layers:
+    [(kind, name, bytes, where)]."""
+    config = dataclasses.replace(model_config, num_hidden_layers=layers)
     with tempfile.TemporaryDirectory() as tmp:
         tokens = Path(tmp) / "tokens.bin"
         numpy.random.default_rng(0).integers(0, config.vocab_size, 4 * batch_size * (seq_len + 1),
                                              dtype="<u4").tofile(tokens)
-        options = dict(arch=arch, data=str(tokens), out=str(Path(tmp) / "run"), seq_len=seq_len,
+        options = dict(arch="counted", data=str(tokens), out=str(Path(tmp) / "run"), seq_len=seq_len,
                        batch_size=batch_size, steps=4, val_windows=1, eval_every=1000, dtype=dtype, device="cuda")
         xp = cupy_standin.module()
 
@@ -125,12 +126,12 @@ def main():
     ap.add_argument("--sites", type=int, default=12, help="the busiest call sites of 'other CuPy' to list")
     ap.add_argument("--json", help="write the table here too")
     args = ap.parse_args()
-    layers = preset(args.arch).num_hidden_layers
-    one, two = (count_step(args.arch, n, args.dtype, args.batch_size, args.seq_len) for n in (1, 2))
+    c = preset(args.arch)
+    layers = c.num_hidden_layers
+    one, two = (count_step(c, n, args.dtype, args.batch_size, args.seq_len) for n in (1, 2))
     by_part = extrapolate(totals(one, part), totals(two, part), layers)
     by_site = extrapolate(totals(one, lambda k, n, w: (part(k, n, w), k, n, w)),
                           totals(two, lambda k, n, w: (part(k, n, w), k, n, w)), layers)
-    c = preset(args.arch)
     if "attention" in by_part:  # forward and backward of every layer
         by_part["attention"][2] = layers * 3.5 * 4 * args.batch_size * args.seq_len ** 2 * c.num_attention_heads \
             * c.head_dim / 2
