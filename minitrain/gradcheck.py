@@ -237,15 +237,25 @@ def cases():
         C("cross_entropy", ops.cross_entropy,
           lambda r: {"logits": 1000 + _normal(r, 4, 9), "targets": _ints(r, 9, 4)}, (CrossEntropy,),
           "logits near 1000"),
+        C("cross_entropy", ops.cross_entropy,
+          lambda r: {"logits": _normal(r, 2, 3, 7), "targets": numpy.array([[1, -100, 6], [-100, 0, 0]])},
+          (CrossEntropy,), "ignored targets (-100)"),
         # the lm_head and the loss fused, over chunks of 2 rows (the (N, V) logits never whole)
         C("linear_cross_entropy", lambda x, W, t: ops.linear_cross_entropy(x, W, t, chunk_rows=2),
           lambda r: {"x": _normal(r, 1, 5, 6), "W": _normal(r, 9, 6), "targets": numpy.array([[0, 8, 8, 3, 0]])},
           (LinearCrossEntropy,), "chunks of 2 rows"),
+        C("linear_cross_entropy", lambda x, W, t: ops.linear_cross_entropy(x, W, t, chunk_rows=2),
+          lambda r: {"x": _normal(r, 1, 5, 6), "W": _normal(r, 9, 6), "targets": numpy.array([[-100, 8, -100, 3, 0]])},
+          (LinearCrossEntropy,), "ignored targets, chunks of 2 rows"),
         # distillation: the head, CE and T^2 KL toward a fixed teacher (its own hidden size), fused
         C("linear_distillation", lambda x, W, t: ops.linear_distillation(
             x, W, backend.xp.asarray(TEACHER_X), backend.xp.asarray(TEACHER_W), t, 0.7, 2.0, chunk_rows=2),
           lambda r: {"x": _normal(r, 1, 5, 6), "W": _normal(r, 9, 6), "targets": numpy.array([[0, 8, 8, 3, 0]])},
           (LinearDistillation,), "w 0.7, T 2, chunks of 2 rows"),
+        C("linear_distillation", lambda x, W, t: ops.linear_distillation(
+            x, W, backend.xp.asarray(TEACHER_X), backend.xp.asarray(TEACHER_W), t, 0.4, 1.5, chunk_rows=2),
+          lambda r: {"x": _normal(r, 1, 5, 6), "W": _normal(r, 9, 6), "targets": numpy.array([[0, -100, 8, -100, -100]])},
+          (LinearDistillation,), "ignored targets, w 0.4, T 1.5"),
         C("linear_distillation", lambda x, W, t: ops.linear_distillation(
             x, W, backend.xp.asarray(TEACHER_X[:, :3]), backend.xp.asarray(TEACHER_W), t, 1.0, 0.5),
           lambda r: {"x": _normal(r, 3, 6), "W": _normal(r, 9, 6), "targets": numpy.array([4, 4, 1])},

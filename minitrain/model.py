@@ -83,8 +83,9 @@ class Model:
         return ops.cast(logits, "fp32") if backend.bf16 else logits
 
     def loss(self, ids, targets):
-        """Mean cross-entropy over all B*T target tokens; the lm_head and the loss fused and
-        chunked, so the (B*T, V) logits are never held whole."""
+        """Mean cross-entropy over the target tokens (a target -100 marks a position without one:
+        its row never reaches the lm_head); the lm_head and the loss fused and chunked, so the
+        (B*T, V) logits are never held whole."""
         return ops.linear_cross_entropy(self.hidden(ids), self.head, targets)
 
     def hidden(self, ids, cache=None):

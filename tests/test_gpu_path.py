@@ -189,16 +189,24 @@ def test_bf16_linear_matches_fp32_on_the_same_values(kernels, bias, monkeypatch)
             assert rel(t[2].grad, ref[2].grad) < 1e-6
 
 
-def test_bf16_head_over_chunks_matches_fp32_on_the_same_values(kernels):
+@pytest.mark.parametrize("ignored", [False, True])
+def test_bf16_head_over_chunks_matches_fp32_on_the_same_values(kernels, monkeypatch, ignored):
     """The bf16 head in chunks of 3 rows (the softmax kernel writes dz in bf16, dx's rows are
     written by their GEMM, dW is summed over the chunks by the GEMM itself): the loss, dx and dW of
-    the fp32 head on the same values, within the rounding of dz to bf16."""
+    the fp32 head on the same values, within the rounding of dz to bf16. With targets ignored
+    (-100), their rows never reach the head: its GEMMs see only the others, and their dx is 0."""
+    from minitrain.gpu import gemm
+
     rng = np.random.default_rng(5)
     x, W, t = bf16_values(_f32(rng, 2, 7, 40)), _f32(rng, 97, 40), rng.integers(0, 97, (2, 7))
+    if ignored:
+        t[0, :4] = t[1, 5:] = -100
     ref = [Tensor(x.copy(), requires_grad=True), Tensor(bf16_values(W), requires_grad=True)]
     loss_ref = ops.linear_cross_entropy(*ref, t, chunk_rows=3)
     loss_ref.backward()
     kernels()
+    rows, matmul = [], gemm.matmul
+    monkeypatch.setattr(gemm, "matmul", lambda a, b, *args, **kw: rows.append(a.shape) or matmul(a, b, *args, **kw))
     with backend.precision("bf16"):
         got = [Tensor(backend.to_bf16(x), requires_grad=True), Tensor(W.copy(), requires_grad=True)]
         loss = ops.linear_cross_entropy(*got, t, chunk_rows=3)
@@ -206,6 +214,8 @@ def test_bf16_head_over_chunks_matches_fp32_on_the_same_values(kernels):
     assert abs(float(loss.data) - float(loss_ref.data)) < 1e-6 * float(loss_ref.data)
     assert rel(backend.from_bf16(got[0].grad), ref[0].grad) < 1e-2
     assert rel(got[1].grad, ref[1].grad) < 1e-2
+    assert sum(m for m, k in rows if k == 40) == (t != -100).sum()  # the logits' GEMMs: the target rows only
+    assert not backend.from_bf16(got[0].grad)[t == -100].any()
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])

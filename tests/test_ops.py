@@ -48,6 +48,38 @@ def test_cross_entropy_is_a_mean_over_all_tokens():
 def test_cross_entropy_rejects_out_of_range_targets():
     with pytest.raises(ValueError, match="outside the vocabulary"):
         ops.cross_entropy(Tensor(np.zeros((2, 5))), np.array([1, 5]))
+    with pytest.raises(ValueError, match="and not -100"):
+        ops.cross_entropy(Tensor(np.zeros((2, 5))), np.array([1, -1]))
+
+
+def test_ignored_targets_are_torchs_ignore_index():
+    """Targets -100 leave their positions out, as torch's cross_entropy(ignore_index=-100) does: the
+    mean over the other targets and a zero gradient in the ignored rows, fused head and plain loss
+    alike, in float64 to 1e-12. With no target at all the loss is 0 and so are the gradients (torch
+    gives nan: a batch of prompts only would stop a run)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    x, W = rng.standard_normal((2, 5, 6)), rng.standard_normal((11, 6))
+    t = np.array([[-100, 3, 10, -100, 0], [4, -100, -100, -100, 7]])
+    tx, tW = torch.tensor(x, requires_grad=True), torch.tensor(W, requires_grad=True)
+    want = torch.nn.functional.cross_entropy((tx @ tW.T).reshape(-1, 11), torch.tensor(t).reshape(-1), ignore_index=-100)
+    want.backward()
+    for chunk_rows in (None, 2):
+        got = [Tensor(x.copy(), requires_grad=True), Tensor(W.copy(), requires_grad=True)]
+        loss = ops.linear_cross_entropy(*got, t, chunk_rows=chunk_rows)
+        loss.backward()
+        assert abs(float(loss.data) - want.item()) < 1e-12
+        np.testing.assert_allclose(got[0].grad, tx.grad.numpy(), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(got[1].grad, tW.grad.numpy(), rtol=0, atol=1e-12)
+        assert not got[0].grad[t == -100].any()
+    z = Tensor(x @ W.T, requires_grad=True)
+    plain = ops.cross_entropy(z, t)
+    plain.backward()
+    assert abs(float(plain.data) - want.item()) < 1e-12
+    none = [Tensor(x.copy(), requires_grad=True), Tensor(W.copy(), requires_grad=True)]
+    loss = ops.linear_cross_entropy(*none, np.full((2, 5), -100))
+    loss.backward()
+    assert float(loss.data) == 0.0 and not none[0].grad.any() and not none[1].grad.any()
 
 
 def test_rmsnorm_statistics_in_fp32_for_half_inputs():

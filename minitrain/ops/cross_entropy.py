@@ -10,6 +10,8 @@ CPU the rows are done a block at a time on every core (parallel.py), each block'
 a cache-sized scratch buffer, with the same operations per row as a whole-array evaluation.
 """
 
+import math
+
 import numpy
 
 from minitrain import backend, parallel
@@ -18,18 +20,24 @@ from minitrain.gpu import fused, gemm
 from minitrain.ops.cast import bf16_weight
 
 BLOCK = 1 << 16  # elements of a CPU row block (at least one row)
+IGNORE = -100  # a target that is none (Hugging Face's convention): its position counts for nothing
 
 
 def device_targets(targets, rows, V):
-    """targets (any shape; host data, as a batch is) -> (rows,) int64 where the logits live, each
-    checked to be in [0, V) on the host first: on the GPU the check waits for nothing, and the ids
-    go up once (CuPy stages a host array through pinned memory, asynchronously)."""
+    """targets (any shape; host data, as a batch is) -> (the targets that are not IGNORE, (n,)
+    int64 where the logits live; keep): keep is None when every row has a target, else the host
+    indices of the n rows that do. Each target is checked to be in [0, V) or IGNORE on the host
+    first: on the GPU the check waits for nothing, and the ids go up once (CuPy stages a host array
+    through pinned memory, asynchronously)."""
     t = backend.to_numpy(targets).reshape(-1)
     if t.shape[0] != rows:
         raise ValueError(f"cross_entropy: {t.shape[0]} targets for {rows} rows of logits")
-    if t.size and (int(t.min()) < 0 or int(t.max()) >= V):
-        raise ValueError(f"cross_entropy: a target id is outside the vocabulary [0, {V})")
-    return backend.xp.asarray(t, dtype=numpy.int64)
+    ignored = t == IGNORE
+    if ((t < 0) & ~ignored).any() or (t >= V).any():
+        raise ValueError(f"cross_entropy: a target id is outside the vocabulary [0, {V}) (and not {IGNORE}, "
+                         f"which ignores its position)")
+    keep = numpy.flatnonzero(~ignored) if ignored.any() else None
+    return backend.xp.asarray(t if keep is None else t[keep], dtype=numpy.int64), keep
 
 
 def row_losses(z, t):
@@ -98,26 +106,41 @@ def _gradients_cpu(z, t, lse, scale, out):
 
 
 def flat_rows(x, targets, V):
-    """x (..., K) -> contiguous (N, K) rows, and the targets as device_targets gives them."""
-    x2 = backend.xp.ascontiguousarray(x.reshape(-1, x.shape[-1]))
-    return x2, device_targets(targets, x2.shape[0], V)
+    """x (..., K) -> the contiguous (n, K) rows that have a target, their targets and keep, as
+    device_targets gives them: rows whose target is IGNORE never reach the head or the loss."""
+    x2 = x.reshape(-1, x.shape[-1])  # (N, K)
+    t, keep = device_targets(targets, x2.shape[0], V)
+    if keep is not None:
+        x2 = x2[backend.xp.asarray(keep)]  # (n, K): a gather
+    return backend.xp.ascontiguousarray(x2), t, keep
+
+
+def all_rows(d, keep, shape):
+    """The gradient of all N rows (shape (..., K)) from that of the kept rows d (n, K): zeros
+    where the target was ignored."""
+    if keep is None:
+        return d.reshape(shape)
+    full = backend.xp.zeros((math.prod(shape[:-1]), shape[-1]), dtype=d.dtype)  # (N, K)
+    full[backend.xp.asarray(keep)] = d  # a scatter
+    return full.reshape(shape)
 
 
 class CrossEntropy(Function):
-    """loss = mean over the N targets of lse_n - z_n[t_n]; logits z (..., V), targets t (...).
+    """loss = mean over the N targets of lse_n - z_n[t_n]; logits z (..., V), targets t (...),
+    IGNORE where a position has no target (its row is left out; no target at all: loss 0).
     Only the logits and one lse per row are kept; the softmax is rebuilt in the backward:
-      dz = (softmax - onehot) * g / N."""
+      dz = (softmax - onehot) * g / N   (0 in the rows left out)."""
 
     def forward(self, logits, targets):
-        z, t = flat_rows(logits, targets, logits.shape[-1])  # (N, V), (N,)
+        z, t, keep = flat_rows(logits, targets, logits.shape[-1])  # (N, V), (N,)
         nll, lse = row_losses(z, t)
-        self.save(z, t, lse, logits.shape)
-        return nll.mean(dtype=backend.xp.float64).astype(logits.dtype)  # () scalar
+        self.save(z, t, lse, keep, logits.shape)
+        return (nll.sum(dtype=backend.xp.float64) / max(1, t.shape[0])).astype(logits.dtype)  # () scalar
 
     def backward(self, g):
-        z, t, lse, shape = self.saved
-        dz = row_gradients(z, t, lse, float(g) / z.shape[0], backend.xp.empty_like(z))
-        return dz.reshape(shape), None
+        z, t, lse, keep, shape = self.saved
+        dz = row_gradients(z, t, lse, float(g) / max(1, z.shape[0]), backend.xp.empty_like(z))
+        return all_rows(dz, keep, shape), None
 
 
 class LinearCrossEntropy(Function):
@@ -129,7 +152,8 @@ class LinearCrossEntropy(Function):
         z_c = x_c W^T,   dz_c = (softmax(z_c) - onehot) / N   (in place of z_c)
         dx_c = dz_c W,   dW += dz_c^T x_c
     backward(g) only scales the saved dx and dW by the incoming gradient g.
-    x (..., H), W (V, H), targets (...) -> a scalar.
+    x (..., H), W (V, H), targets (...) -> a scalar. Rows whose target is IGNORE are left out
+    before the first product (N counts the others): they never reach the head, and their dx is 0.
     Mixed precision (x in bf16): W is rounded to bf16 for the two products with x, but the logits,
     the softmax and the loss stay fp32; dz is written in bf16 by the softmax kernel itself, for dx
     (bf16, written by its GEMM straight into its rows of dx) and dW (fp32, summed over the chunks by
@@ -145,7 +169,7 @@ class LinearCrossEntropy(Function):
 
     def forward(self, x, W, targets, chunk_rows=None, W16=None):
         xp = backend.xp
-        x2, t = flat_rows(x, targets, W.shape[0])  # (N, H), (N,)
+        x2, t, keep = flat_rows(x, targets, W.shape[0])  # (N, H), (N,): the rows with a target
         N, V = x2.shape[0], W.shape[0]
         half = x2.dtype == backend.BF16
         Wc = (backend.to_bf16(W) if W16 is None else W16) if half else W  # (V, H) in the precision of x
@@ -177,16 +201,18 @@ class LinearCrossEntropy(Function):
                     dW = part
                 else:
                     dW += part
-        self.save(dx, dW, x.shape)
-        return xp.asarray(total / N).astype(W.dtype)
+        if self.needs_grad[1] and dW is None:  # no target at all: a zero gradient
+            dW = xp.zeros(W.shape, dtype=W.dtype)
+        self.save(dx, dW, keep, x.shape)
+        return xp.asarray(total / max(1, N)).astype(W.dtype)
 
     def backward(self, g):
-        dx, dW, shape = self.saved
+        dx, dW, keep, shape = self.saved
         if backend.host_value(g) != 1.0:  # e.g. 1/grad_accum; a device g is applied unread (no sync)
             if dx is not None:
                 dx = backend.to_bf16(backend.from_bf16(dx) * g) if dx.dtype == backend.BF16 else dx * g
             dW = None if dW is None else dW * g
-        return (None if dx is None else dx.reshape(shape)), dW, None
+        return (None if dx is None else all_rows(dx, keep, shape)), dW, None
 
 
 def cross_entropy(logits, targets):

@@ -1,9 +1,11 @@
 """Knowledge distillation (Hinton et al. 2015) fused with the student's lm_head: one Function for
 the head and the combined loss, over chunks of rows like LinearCrossEntropy."""
 
+import math
+
 from minitrain import backend
 from minitrain.autograd import Function
-from minitrain.ops.cross_entropy import flat_rows, row_gradients, row_losses
+from minitrain.ops.cross_entropy import all_rows, flat_rows, row_gradients, row_losses
 
 
 def _log_softmax(a):
@@ -26,7 +28,8 @@ class LinearDistillation(Function):
     """loss = (1 - w) CE(z, targets) + w T^2 KL(p || q),  mean over the N rows, where
     z = x W^T (the student's logits), p = softmax(zt / T) (the teacher's, zt = xt Wt^T, fixed) and
     q = softmax(z / T). x (..., H), W (V, H); xt (..., Ht), Wt (V, Ht) the teacher's last hidden
-    state and head (arrays: no gradient); targets (...). Returns the loss, and writes the two
+    state and head (arrays: no gradient); targets (...), IGNORE where a position has none: its row
+    is left out of both terms (N counts the others). Returns the loss, and writes the two
     means, "ce_loss" = CE and "kd_loss" = T^2 KL, into the dict `parts` when one is given.
 
     Per row, KL(p || q) = sum_v p_v (log p_v - log q_v), with log q_v = z_v / T - lse(z / T):
@@ -51,12 +54,13 @@ class LinearDistillation(Function):
 
     def forward(self, x, W, xt, Wt, targets, *, weight, temperature, chunk_rows=None, parts=None):
         xp = backend.xp
-        x2, t = flat_rows(x, targets, W.shape[0])  # (N, H), (N,)
-        xt2 = xp.ascontiguousarray(xt.reshape(-1, xt.shape[-1]))  # (N, Ht)
+        x2, t, keep = flat_rows(x, targets, W.shape[0])  # (N, H), (N,): the rows with a target
+        xt2 = xt.reshape(-1, xt.shape[-1])  # (all rows, Ht)
         N, V = x2.shape[0], W.shape[0]
-        if xt2.shape[0] != N or Wt.shape[0] != V:
+        if xt2.shape[0] != math.prod(x.shape[:-1]) or Wt.shape[0] != V:
             raise ValueError(f"distillation: the teacher's {xt2.shape[0]} rows x {Wt.shape[0]} logits do not "
-                             f"match the student's {N} x {V}")
+                             f"match the student's {math.prod(x.shape[:-1])} x {V}")
+        xt2 = xp.ascontiguousarray(xt2 if keep is None else xt2[xp.asarray(keep)])  # (N, Ht): the same rows
         rows = chunk_rows or max(1, self.BUDGET // (self.ARRAYS * V * W.dtype.itemsize))
         dx = xp.empty_like(x2) if self.needs_grad[0] else None
         dW = None
@@ -84,18 +88,20 @@ class LinearDistillation(Function):
                     dW = part
                 else:
                     dW += part
-        ce, kd = ce / N, T * T * kd / N  # CE and T^2 KL, means over the N rows
+        if self.needs_grad[1] and dW is None:  # no target at all: a zero gradient
+            dW = xp.zeros(W.shape, dtype=W.dtype)
+        ce, kd = ce / max(1, N), T * T * kd / max(1, N)  # CE and T^2 KL, means over the N rows
         if parts is not None:
             parts.update(ce_loss=ce, kd_loss=kd)
-        self.save(dx, dW, x.shape)
+        self.save(dx, dW, keep, x.shape)
         return xp.asarray((1.0 - w) * ce + w * kd).astype(W.dtype)
 
     def backward(self, g):
-        dx, dW, shape = self.saved
+        dx, dW, keep, shape = self.saved
         if backend.host_value(g) != 1.0:  # e.g. 1/grad_accum; a device g is applied unread (no sync)
             dx = None if dx is None else dx * g
             dW = None if dW is None else dW * g
-        return (None if dx is None else dx.reshape(shape)), dW, None, None, None
+        return (None if dx is None else all_rows(dx, keep, shape)), dW, None, None, None
 
 
 def linear_distillation(x, W, xt, Wt, targets, weight, temperature, chunk_rows=None, parts=None):
