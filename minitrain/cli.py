@@ -329,12 +329,30 @@ def plot(run_dir, output):
 @click.option("--out", "out_dir", required=True, metavar="DIR", help="Where shard-NNNNN.bin and manifest.json go.")
 @click.option("--content-field", default="content", show_default=True, help="The text field of JSONL records.")
 @click.option("--shard-tokens", type=click.IntRange(min=1), default=10_000_000, show_default=True)
+@click.option("--chat", is_flag=True,
+              help="JSONL conversations (`messages`: system/user/assistant turns, or `prompt` and `completion`), "
+                   "rendered with the model's chat template; beside each shard NAME.bin a mask shard NAME.mask, one "
+                   "byte per token, 1 = a training target (the assistant turns' content and end-of-turn text).")
+@click.option("--chat-template", metavar="FILE.jinja",
+              help="With --chat: this template instead of the model's (an HF directory's chat_template.jinja or "
+                   "tokenizer_config.json, a GGUF's tokenizer.chat_template, an APR's chat_template).")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUTS...")
-def tokenize(tokenizer_path, out_dir, content_field, shard_tokens, inputs):
+def tokenize(tokenizer_path, out_dir, content_field, shard_tokens, chat, chat_template, inputs):
     """Text, .py and JSONL files (or directories of them) -> u32 token shards + manifest.json,
-    EOS between documents."""
+    EOS between documents; with --chat, conversations with their loss masks."""
     from minitrain.tokenize import tokenize_to_shards
 
+    if chat_template and not chat:
+        raise InputError("--chat-template renders conversations: give --chat too")
+    if chat:
+        from minitrain.tokenize_chat import tokenize_chat_to_shards
+
+        m = tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template, shard_tokens=shard_tokens)
+        c = m["chat"]
+        click.echo(f"{c['conversations']:,} conversations -> {m['total_tokens']:,} tokens ({c['target_tokens']:,} "
+                   f"targets) in {m['shard_count']} shard(s) under {out_dir}, masks beside them (template: "
+                   f"{c['template_origin']})")
+        return
     m = tokenize_to_shards(tokenizer_path, out_dir, inputs, content_field=content_field, shard_tokens=shard_tokens)
     click.echo(f"{m['total_documents']:,} documents -> {m['total_tokens']:,} tokens in {m['shard_count']} shard(s) "
                f"under {out_dir} (vocab {m['vocab_size']:,}, EOS {m['eos_token_id']} between documents)")

@@ -101,7 +101,8 @@ def input_files(paths):
     return files
 
 
-def _jsonl_documents(path, content_field):
+def jsonl_records(path):
+    """Yield (label, object) for every non-empty line of a JSONL file; label "path:line N"."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             where = f"{path}:line {n}"
@@ -117,15 +118,20 @@ def _jsonl_documents(path, content_field):
                 raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise InputError(f"{where}: expected a JSON object, found {_JSON_TYPES[type(record)]}")
-            if content_field not in record:
-                raise InputError(f'{where}: no field "{content_field}" (fields: '
-                                 f'{", ".join(record) or "none"}); choose one with --content-field')
-            text = record[content_field]
-            if not isinstance(text, str):
-                raise InputError(f'{where}: field "{content_field}" is {_JSON_TYPES[type(text)]}, '
-                                 f"expected a string")
-            if text:
-                yield where, text
+            yield where, record
+
+
+def _jsonl_documents(path, content_field):
+    for where, record in jsonl_records(path):
+        if content_field not in record:
+            raise InputError(f'{where}: no field "{content_field}" (fields: '
+                             f'{", ".join(record) or "none"}); choose one with --content-field')
+        text = record[content_field]
+        if not isinstance(text, str):
+            raise InputError(f'{where}: field "{content_field}" is {_JSON_TYPES[type(text)]}, '
+                             f"expected a string")
+        if text:
+            yield where, text
 
 
 def read_documents(paths, content_field="content"):
@@ -143,30 +149,51 @@ def read_documents(paths, content_field="content"):
             yield str(path), text
 
 
-class _ShardWriter:
+class ShardWriter:
     """Appends u32 ids to shard-NNNNN.bin files of exactly `shard_tokens` ids (the last: fewer),
-    holding at most one shard's worth in memory."""
+    holding at most one shard's worth in memory; with `suffixes`, parallel per-token streams too
+    (a mask, one u8 per token: shard-NNNNN.mask beside shard-NNNNN.bin, cut at the same tokens)."""
 
-    def __init__(self, out_dir, shard_tokens):
-        self.out_dir, self.shard_tokens = out_dir, shard_tokens
+    def __init__(self, out_dir, shard_tokens, suffixes=()):
+        self.out_dir, self.shard_tokens, self.suffixes = out_dir, shard_tokens, suffixes
         self.pending, self.pending_count, self.paths, self.total = [], 0, [], 0
 
-    def add(self, ids):  # ids: (n,) <u4
+    def add(self, ids, *streams):  # ids: (n,) <u4; each stream: (n,), one per suffix
+        arrays = (ids, *streams)
         while self.pending_count + len(ids) >= self.shard_tokens:
             take = self.shard_tokens - self.pending_count
-            self.pending.append(ids[:take])
-            self.pending_count, ids = self.shard_tokens, ids[take:]
+            self.pending.append([a[:take] for a in arrays])
+            self.pending_count, arrays = self.shard_tokens, [a[take:] for a in arrays]
+            ids = arrays[0]
             self.flush()
         if len(ids):
-            self.pending.append(ids)
+            self.pending.append(list(arrays))
             self.pending_count += len(ids)
 
     def flush(self):
         if self.pending_count:
-            self.paths.append(self.out_dir / f"shard-{len(self.paths):05d}.bin")
-            numpy.concatenate(self.pending).astype("<u4").tofile(self.paths[-1])
+            name = f"shard-{len(self.paths):05d}"
+            self.paths.append(self.out_dir / f"{name}.bin")
+            numpy.concatenate([p[0] for p in self.pending]).astype("<u4").tofile(self.paths[-1])
+            for k, (suffix, dtype) in enumerate(self.suffixes, 1):
+                self.paths.append(self.out_dir / f"{name}{suffix}")
+                numpy.concatenate([p[k] for p in self.pending]).astype(dtype).tofile(self.paths[-1])
             self.total += self.pending_count
             self.pending, self.pending_count = [], 0
+
+    def shards(self):
+        return sum(p.suffix == ".bin" for p in self.paths)
+
+
+def output_dir(out_dir):
+    """out_dir, made if needed; an error if it already holds shards or a manifest."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    old = sorted(out.glob("shard-*")) + sorted(out.glob("manifest.json"))
+    if old:
+        raise InputError(f"{out}: already holds {old[0].name} ({len(old)} shard/manifest files); "
+                         f"remove them or choose another output directory")
+    return out
 
 
 def tokenize_to_shards(tokenizer_path, out_dir, inputs, content_field="content",
@@ -184,13 +211,8 @@ def tokenize_to_shards(tokenizer_path, out_dir, inputs, content_field="content",
     tokenizer.no_padding()
     tokenizer.encode_special_tokens = True
     eos, vocab_size = find_eos(tokenizer, tokenizer_path), tokenizer.get_vocab_size(with_added_tokens=True)
-    files, out = input_files(inputs), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    old = sorted(out.glob("shard-*.bin")) + sorted(out.glob("manifest.json"))
-    if old:
-        raise InputError(f"{out}: already holds {old[0].name} ({len(old)} shard/manifest files); "
-                         f"remove them or choose another output directory")
-    writer, documents = _ShardWriter(out, shard_tokens), 0
+    files, out = input_files(inputs), output_dir(out_dir)
+    writer, documents = ShardWriter(out, shard_tokens), 0
     try:
         docs = read_documents(files, content_field)
         while batch := list(itertools.islice(docs, batch_docs)):
@@ -212,7 +234,7 @@ def tokenize_to_shards(tokenizer_path, out_dir, inputs, content_field="content",
         raise
     manifest = {"schema": "pretokenize-bin-v1", "tokenizer": str(tokenizer_path), "vocab_size": vocab_size,
                 "eos_policy": "between", "eos_token_id": eos, "eos_token_count": documents - 1,
-                "shard_count": len(writer.paths), "total_tokens": writer.total, "total_documents": documents,
+                "shard_count": writer.shards(), "total_tokens": writer.total, "total_documents": documents,
                 "content_field": content_field, "input_files": [str(f) for f in files],
                 "elapsed_seconds": round(time.perf_counter() - start, 3)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -1,0 +1,233 @@
+"""Chat templates: where a model keeps its template, rendering it, and which characters of a
+rendered conversation are the assistant's (the targets of fine-tuning on conversations).
+
+Where a template is found, first to last: `--chat-template FILE.jinja` (given by the user); an
+HF directory's `chat_template.jinja` (what transformers writes today), else its
+`tokenizer_config.json`'s `chat_template` (a string, or a list of {"name", "template"}: the one
+named "default", else the first); a GGUF's `tokenizer.chat_template`; an APR's metadata
+`chat_template`.
+
+Rendering: a template comes from a model file, so it is data, not code: Jinja2's
+ImmutableSandboxedEnvironment renders it (no attribute of Python's internals, no mutation of what
+it is given), with trim_blocks and lstrip_blocks, loop controls, `raise_exception(message)` and a
+`tojson` that does not escape HTML, as transformers renders it; its variables are `messages`,
+`add_generation_prompt`, `bos_token` and `eos_token`. `{% generation %}` markers (TRL's way of
+marking the assistant's tokens) render their content; nothing here needs them.
+
+The assistant's part of a conversation, without markers: for each assistant turn i,
+    before = render(messages[:i], add_generation_prompt=True)    ends with the turn's role header
+    after = render(messages[:i + 1])                               ends after its end-of-turn text
+and the whole conversation's render must extend each (a template that renders a prefix of the
+conversation differently from the start of the whole cannot be split into turns this way: an
+error naming the turn). The turn's targets are the characters after - before: its content and
+whatever the template emits after it, up to the next turn (the end-of-turn token, a newline).
+"""
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+from minitrain.errors import InputError
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Template:
+    text: str
+    origin: str  # where it came from, for messages: "model.gguf (tokenizer.chat_template)"
+
+
+def read_template_file(path):
+    """A --chat-template FILE.jinja."""
+    p = Path(path)
+    try:
+        return Template(p.read_text(encoding="utf-8"), str(p))
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"--chat-template {p}: cannot read it ({e.strerror if isinstance(e, OSError) else e})") from None
+
+
+def model_template(model_path):
+    """The chat template a model keeps (HF directory, GGUF or APR), or None when it keeps none."""
+    from minitrain.formats.sources import source_kind
+
+    p = Path(model_path)
+    kind = source_kind(p)
+    if kind == "hf":
+        if (p / "chat_template.jinja").is_file():
+            return read_template_file(p / "chat_template.jinja")
+        config = _tokenizer_config(p)
+        return _from_config(config.get("chat_template"), f"{p / 'tokenizer_config.json'} (chat_template)")
+    if kind == "gguf":
+        from minitrain.formats.gguf import fields, open_gguf
+
+        text = fields(open_gguf(p)).get("tokenizer.chat_template")
+        return Template(text, f"{p} (tokenizer.chat_template)") if isinstance(text, str) and text else None
+    from minitrain.formats.apr import read_apr
+
+    text = read_apr(p).metadata.get("chat_template")
+    return Template(text, f"{p} (metadata chat_template)") if isinstance(text, str) and text else None
+
+
+def _tokenizer_config(directory):
+    path = directory / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
+def _from_config(value, origin):
+    """tokenizer_config.json's chat_template: a string, or a list of {"name", "template"}."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return Template(value, origin)
+    if isinstance(value, list) and value and all(isinstance(t, dict) and isinstance(t.get("template"), str)
+                                                 for t in value):
+        chosen = next((t for t in value if t.get("name") == "default"), value[0])
+        return Template(chosen["template"], f"{origin[:-1]}, {chosen.get('name', 'the first')!s})")
+    raise InputError(f"{origin}: expected a string or a list of {{\"name\", \"template\"}} objects, found "
+                     f"{json.dumps(value)[:80]}")
+
+
+@lru_cache(maxsize=8)
+def _compiled(text):
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        """{% generation %} ... {% endgeneration %}: the body, as it is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, Generation])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, separators=None, sort_keys=False: json.dumps(
+        x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(text)
+
+
+def render(template, messages, add_generation_prompt=False, bos_token="", eos_token=""):
+    """The template's text for `messages` (a list of {"role", "content"}); InputError with Jinja's
+    message and the template's origin if it fails."""
+    import jinja2
+
+    try:
+        return _compiled(template.text).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                               bos_token=bos_token, eos_token=eos_token)
+    except jinja2.exceptions.TemplateError as e:
+        raise InputError(f"the chat template of {template.origin} failed to render: {e}") from None
+
+
+def assistant_spans(template, messages, where, **tokens):
+    """(text, spans): the whole conversation rendered, and the [start, end) character spans of the
+    assistant turns' targets (see the module's docstring). `where` names the conversation in errors
+    ("data.jsonl line 7"); `tokens`: bos_token, eos_token."""
+    text = render(template, messages, **tokens)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(template, messages[:i], add_generation_prompt=True, **tokens)
+        after = render(template, messages[:i + 1], **tokens)
+        if not (after.startswith(before) and text.startswith(after)):
+            raise InputError(f"{where}: turn {i + 1} (assistant): the template of {template.origin} renders the "
+                             f"conversation up to this turn differently from the start of the whole conversation, "
+                             f"so the turn's tokens cannot be told apart; use a template whose turns only append")
+        if len(after) > len(before):
+            spans.append((len(before), len(after)))
+    return text, spans
+
+
+def messages_of(record, where):
+    """The conversation of one JSONL record: its `messages` (system/user/assistant turns, each with
+    string content), or `prompt` and `completion` as a user and an assistant turn."""
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object with `messages` or `prompt` and `completion`")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise InputError(f"{where}: `messages` must be a non-empty list of {{\"role\", \"content\"}} objects")
+        for n, m in enumerate(messages, 1):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise InputError(f"{where}: message {n} must be an object with a string `content`")
+            if m.get("role") not in ROLES:
+                raise InputError(f"{where}: message {n} has role {m.get('role')!r}; expected one of {', '.join(ROLES)}")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+    raise InputError(f"{where}: no `messages` and no string `prompt` and `completion` (found keys: "
+                     f"{', '.join(record) or 'none'})")
+
+
+def model_of_tokenizer(tokenizer_path):
+    """The model a tokenizer belongs to: a GGUF or APR file is its own; a tokenizer.json, the HF
+    directory that holds it."""
+    p = Path(tokenizer_path)
+    return p.parent if p.suffix == ".json" else p
+
+
+def chat_setup(tokenizer_path, tokenizer, override=None):
+    """(Template, special tokens) to render conversations for the model of `tokenizer_path`: the
+    template given (`--chat-template`) or the model's; bos_token and eos_token as the model names
+    them (an HF tokenizer_config.json, a GGUF's token ids), else the tokenizer's EOS and no BOS."""
+    from minitrain.formats.sources import source_kind
+    from minitrain.tokenize import find_eos
+
+    model = model_of_tokenizer(tokenizer_path)
+    template = read_template_file(override) if override else model_template(model)
+    if template is None:
+        raise InputError(f"{model}: the model has no chat template; give one with --chat-template FILE.jinja")
+    tokens = {"bos_token": "", "eos_token": tokenizer.id_to_token(find_eos(tokenizer, str(tokenizer_path)))}
+    kind = source_kind(model)
+    if kind == "hf":
+        config = _tokenizer_config(model)
+        for key in tokens:
+            value = config.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                tokens[key] = value
+    elif kind == "gguf":
+        from minitrain.formats.gguf import fields, open_gguf
+
+        values = fields(open_gguf(model))
+        for key, field in (("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id")):
+            if isinstance(values.get(field), int) and tokenizer.id_to_token(values[field]) is not None:
+                tokens[key] = tokenizer.id_to_token(values[field])
+    return template, tokens
+
+
+def target_mask(offsets, spans):
+    """One 0/1 per token from the tokens' (start, end) character offsets: 1 where a token overlaps
+    a target span (a token that holds a span's first or last character counts, as transformers'
+    assistant masks count it)."""
+    import numpy
+
+    mask = numpy.zeros(len(offsets), dtype=numpy.uint8)
+    if not spans or not len(offsets):
+        return mask
+    o = numpy.asarray(offsets, dtype=numpy.int64).reshape(-1, 2)
+    for start, end in spans:
+        mask[(o[:, 0] < end) & (o[:, 1] > start)] = 1
+    return mask

@@ -1,0 +1,197 @@
+"""Chat templates (minitrain/chat.py) and `tokenize --chat` (minitrain/tokenize_chat.py): found where
+models keep them, rendered and tokenized as transformers renders and tokenizes them, and the
+assistant's tokens marked as transformers' assistant masks mark them where a template has
+`{% generation %}` markers (ours needs none). The tokenizer is the real SmolLM2-135M-Instruct's."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minitrain import chat
+from minitrain.errors import InputError
+
+# A ChatML template in the manner of Qwen2.5's (a default system turn; turns end <|im_end|>\n)
+CHATML = ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+          "{%- endif %}{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+# Llama-3's shape: bos, header tokens, content trimmed, <|eot_id|> without a newline
+LLAMA3 = ("{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
+          "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+          "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+# The same three (SmolLM2's own too) with transformers' generation markers around each assistant
+# turn's content and end-of-turn text: what transformers' return_assistant_tokens_mask needs
+MARKED = {
+    "chatml": CHATML.replace("{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}",
+                             "{{- '<|im_start|>' + message['role'] + '\\n' }}{%- if message['role'] == 'assistant' %}"
+                             "{% generation %}{{- message['content'] + '<|im_end|>\\n' }}{% endgeneration %}"
+                             "{%- else %}{{- message['content'] + '<|im_end|>\\n' }}{%- endif %}"),
+    "llama3": LLAMA3.replace("{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+                             "message['content'] | trim + '<|eot_id|>' }}",
+                             "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+                             "{%- if message['role'] == 'assistant' %}{% generation %}{{- message['content'] | trim + "
+                             "'<|eot_id|>' }}{% endgeneration %}{%- else %}{{- message['content'] | trim + "
+                             "'<|eot_id|>' }}{%- endif %}"),
+}
+SMOLLM2_MARKED = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                  "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                  "<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+                  "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' + '\\n' }}"
+                  "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' + '\\n' }}{% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CONVERSATIONS = [
+    [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Add two numbers."},
+     {"role": "assistant", "content": "def add(a, b):\n    return a + b"}, {"role": "user", "content": "Three?"},
+     {"role": "assistant", "content": " def add3(a, b, c):\n    return a + b + c\n"}],
+    [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi! <|im_end|> is not special here"}],
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    from minitrain.tokenize import load_tokenizer
+
+    return load_tokenizer(smollm2)
+
+
+def hf_tokenizer(tokenizer, template):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    hf.chat_template = template
+    return hf
+
+
+def ours(tokenizer, template, messages, bos=""):
+    from minitrain.tokenize_chat import encode_conversation
+
+    return encode_conversation(tokenizer, chat.Template(template, "test"), {"bos_token": bos, "eos_token": "<|im_end|>"},
+                               messages, "test")
+
+
+@pytest.mark.parametrize("name", ["smollm2", "chatml", "llama3"])
+def test_ids_and_masks_are_transformers(tokenizer, smollm2, name):
+    """Token ids equal transformers' apply_chat_template(tokenize=True) on the unmarked template,
+    and the masks its return_assistant_tokens_mask on the marked one, whose render is the same."""
+    plain = {"smollm2": chat.model_template(smollm2).text, "chatml": CHATML, "llama3": LLAMA3}[name]
+    marked = {"smollm2": SMOLLM2_MARKED, **MARKED}[name]
+    for messages in CONVERSATIONS:
+        out = hf_tokenizer(tokenizer, marked).apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, bos_token="<|bos|>")
+        want_ids = hf_tokenizer(tokenizer, plain).apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                                      bos_token="<|bos|>")["input_ids"]
+        for template in (plain, marked):
+            ids, mask = ours(tokenizer, template, messages, bos="<|bos|>")
+            assert ids.tolist() == want_ids == out["input_ids"]
+            assert mask.tolist() == out["assistant_masks"], name
+        text = tokenizer.decode(ids[mask == 1].tolist(), skip_special_tokens=False)
+        assert all(m["content"].strip() in text for m in messages if m["role"] == "assistant")
+        assert not any(m["content"] in text for m in messages if m["role"] != "assistant")
+
+
+def test_a_mask_off_by_one_token_is_caught(tokenizer, smollm2, monkeypatch):
+    """The comparison above fails when the targets start one token late (a planted bug)."""
+    target_mask = chat.target_mask
+
+    def late(offsets, spans):
+        mask = target_mask(offsets, spans)
+        first = np.flatnonzero(mask)[:1]
+        mask[first] = 0
+        return mask
+
+    monkeypatch.setattr(chat, "target_mask", late)
+    out = hf_tokenizer(tokenizer, SMOLLM2_MARKED).apply_chat_template(
+        CONVERSATIONS[1], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ours(tokenizer, SMOLLM2_MARKED, CONVERSATIONS[1])[1].tolist() != out["assistant_masks"]
+
+
+def test_templates_are_found_where_models_keep_them(tmp_path, smollm2):
+    from minitrain.convert import apr_tensors
+    from minitrain.formats.apr import write_apr
+    from minitrain.formats.apr_meta import model_metadata
+    from minitrain.config import preset
+    from minitrain.model import Model
+
+    assert chat.model_template(smollm2).text.startswith("{% for message in messages %}")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    assert chat.model_template(hf).text == CHATML
+    (hf / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": LLAMA3}, {"name": "default", "template": CHATML}]}))
+    assert chat.model_template(hf).text == CHATML
+    (hf / "chat_template.jinja").write_text(LLAMA3)  # what transformers writes today wins
+    assert chat.model_template(hf).text == LLAMA3
+    config = preset("tiny-llama")
+    model = Model.from_scratch(config)
+    meta = model_metadata(config, model.num_parameters())
+    write_apr(tmp_path / "m.apr", apr_tensors(config, {n: t.data for n, t in model.params.items()}),
+              {**meta, "chat_template": CHATML})
+    assert chat.model_template(tmp_path / "m.apr").text == CHATML
+    write_apr(tmp_path / "none.apr", apr_tensors(config, {n: t.data for n, t in model.params.items()}), meta)
+    assert chat.model_template(tmp_path / "none.apr") is None
+
+
+def test_templates_render_in_a_sandbox_and_fail_in_one_line():
+    with pytest.raises(InputError, match=r"the chat template of evil failed to render: .*unsafe|access"):
+        chat.render(chat.Template("{{ ''.__class__.__mro__[1].__subclasses__() }}", "evil"), [])
+    with pytest.raises(InputError, match="of t.jinja failed to render: no system turns"):
+        chat.render(chat.Template("{{ raise_exception('no system turns') }}", "t.jinja"), [])
+    shifting = chat.Template("{% for m in messages %}{{ m['content'] }}{% endfor %}{{ messages | length }}", "s.jinja")
+    with pytest.raises(InputError, match="conv 3: turn 2 \\(assistant\\): the template of s.jinja renders"):
+        chat.assistant_spans(shifting, CONVERSATIONS[1], "conv 3")
+
+
+@pytest.mark.parametrize("line, message", [
+    ({"text": "x"}, "no `messages` and no string `prompt` and `completion` (found keys: text)"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "message 1 has role 'robot'"),
+    ({"messages": [{"role": "user", "content": 3}]}, "message 1 must be an object with a string `content`"),
+    ({"messages": []}, "`messages` must be a non-empty list"),
+])
+def test_bad_conversations_name_the_line(tmp_path, smollm2, line, message):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps(line) + "\n")
+    out = subprocess.run([sys.executable, "-m", "minitrain", "tokenize", "--chat", "--tokenizer", smollm2, "--out",
+                          str(tmp_path / "out"), str(data)], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert f"{data}:line 2: {message}" in out.stderr
+    assert not list((tmp_path / "out").glob("shard-*"))  # nothing half-written is left
+
+
+def test_tokenize_chat_writes_masks_beside_the_shards(tmp_path, smollm2):
+    """`tokenize --chat` end to end: shards cut at the same tokens as their masks, EOS (mask 0)
+    between conversations, the manifest's counts and template digest; a model without a template
+    and no --chat-template is refused, and --chat-template overrides."""
+    import hashlib
+
+    from minitrain.tokenize import load_tokenizer
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": m}) for m in CONVERSATIONS) + "\n")
+    run = [sys.executable, "-m", "minitrain", "tokenize", "--chat", "--tokenizer", smollm2, "--shard-tokens", "50"]
+    out = subprocess.run([*run, "--out", str(tmp_path / "a"), str(data)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    ids = np.concatenate([np.fromfile(p, "<u4") for p in sorted((tmp_path / "a").glob("shard-*.bin"))])
+    mask = np.concatenate([np.fromfile(p, "u1") for p in sorted((tmp_path / "a").glob("shard-*.mask"))])
+    sizes = [p.stat().st_size for p in sorted((tmp_path / "a").glob("shard-*"))]
+    assert sizes[0::2] == [4 * s for s in sizes[1::2]]  # .bin is 4 bytes a token, .mask 1
+    tokenizer = load_tokenizer(smollm2)
+    first, second = (ours(tokenizer, chat.model_template(smollm2).text, m) for m in CONVERSATIONS)
+    assert ids.tolist() == first[0].tolist() + [manifest["eos_token_id"]] + second[0].tolist()
+    assert mask.tolist() == first[1].tolist() + [0] + second[1].tolist()
+    assert manifest["masks"] and manifest["shard_count"] == len(sizes) // 2
+    assert manifest["chat"]["conversations"] == 2 and manifest["chat"]["target_tokens"] == int(mask.sum())
+    assert manifest["chat"]["template_sha256"] == hashlib.sha256(chat.model_template(smollm2).text.encode()).hexdigest()
+    (tmp_path / "t.jinja").write_text(CHATML)
+    out = subprocess.run([*run, "--chat-template", str(tmp_path / "t.jinja"), "--out", str(tmp_path / "b"), str(data)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and json.loads((tmp_path / "b" / "manifest.json").read_text())["chat"][
+        "template_origin"] == str(tmp_path / "t.jinja")
+    tok_json = tmp_path / "hf" / "tokenizer.json"
+    tok_json.parent.mkdir()
+    tokenizer.save(str(tok_json))
+    out = subprocess.run([*run[:-4], "--tokenizer", str(tok_json), "--out", str(tmp_path / "c"), str(data)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "has no chat template; give one with --chat-template" in out.stderr
