@@ -84,9 +84,10 @@ def shapes(arch):
 @click.option("--batches", type=click.IntRange(min=1), default=None, help="Default: every full batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
 def evaluate(init_path, arch, rope_layout, data_path, seq_len, batch_size, batches, as_json):
-    """Mean cross-entropy over all targets of the first BATCHES * BATCH_SIZE windows."""
+    """Mean cross-entropy over all targets of the first BATCHES * BATCH_SIZE windows (with loss masks,
+    the targets they mark)."""
     from minitrain.autograd import no_grad
-    from minitrain.data import TokenWindows
+    from minitrain.data import TokenWindows, target_count
     from minitrain.formats.sources import load_model
 
     model = load_model(init_path, arch, rope_layout)
@@ -95,15 +96,16 @@ def evaluate(init_path, arch, rope_layout, data_path, seq_len, batch_size, batch
     if n == 0 or n * batch_size > len(data):
         raise InputError(f"{data_path}: {len(data)} windows of {seq_len + 1} tokens; {batches or 1} batches of "
                          f"{batch_size} need {(batches or 1) * batch_size}")
-    total = 0.0
+    total, tokens = 0.0, 0
     with no_grad():
         for i in range(n):
             inputs, targets = data.batch(range(i * batch_size, (i + 1) * batch_size))
-            total += float(model.loss(inputs, targets).data) * inputs.size  # batch mean x its tokens
+            count = target_count(targets)  # B*T without masks
+            total += float(model.loss(inputs, targets).data) * count  # batch mean x its targets
+            tokens += count
             click.echo(f"\reval batch {i + 1}/{n}", err=True, nl=False)
     click.echo("", err=True)
-    tokens = n * batch_size * seq_len
-    loss = total / tokens
+    loss = total / max(1, tokens)
     result = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": tokens}
     click.echo(json.dumps(result) if as_json else f"loss {loss:.6f}  ppl {result['ppl']:.3f}  tokens {tokens}")
 

@@ -3,6 +3,11 @@
 Window k of a shard holds tokens [k*(T+1), (k+1)*(T+1)): input = the first T, target = the last
 T (each input token's next token). A shard's tail shorter than T+1 is dropped. Windows are
 numbered across shards in lexical file order. Shards are memory-mapped, never read whole.
+
+Loss masks (`minitrain tokenize --chat`): beside a shard NAME.bin, NAME.mask holds one byte per
+token, 1 where the token is a training target. Where a shard has one, a target whose mask byte is
+0 is IGNORE (-100): the loss leaves its position out (ops/cross_entropy.py). Every shard has a
+mask, or none does.
 """
 
 from pathlib import Path
@@ -10,6 +15,7 @@ from pathlib import Path
 import numpy
 
 from minitrain.errors import InputError
+from minitrain.ops.cross_entropy import IGNORE
 
 
 def token_files(path):
@@ -41,10 +47,28 @@ class TokenWindows:
             self.shards.append(shard)
             self.first_window.append(total)
             total += len(shard) // (seq_len + 1)
+        self.masks = self._masks()  # per shard its u8 mask, or None without masks
         self.num_windows = total
         if total == 0:
             raise InputError(f"{path}: no window of {seq_len + 1} tokens (--seq-len {seq_len} + 1) in the data")
         self._check_vocab()
+
+    def _masks(self):
+        found = [f.with_suffix(".mask") for f in self.files if f.with_suffix(".mask").is_file()]
+        if not found:
+            return None
+        if len(found) != len(self.files):
+            missing = next(f for f in self.files if not f.with_suffix(".mask").is_file())
+            raise InputError(f"{missing.with_suffix('.mask')}: missing; {len(found)} of the {len(self.files)} token "
+                             f"shards have a mask shard beside them (all or none must)")
+        masks = []
+        for f, shard in zip(found, self.shards):
+            size = f.stat().st_size
+            if size != len(shard):
+                raise InputError(f"{f}: {size} mask bytes for the {len(shard)} tokens of {f.with_suffix('.bin').name} "
+                                 f"(one byte per token)")
+            masks.append(numpy.memmap(f, dtype=numpy.uint8, mode="r") if size else numpy.zeros(0, numpy.uint8))
+        return masks
 
     def _check_vocab(self, chunk=1 << 24):
         """Every token any window can read must be < vocab_size: checked once, up front, so bad
@@ -61,16 +85,31 @@ class TokenWindows:
     def __len__(self):
         return self.num_windows
 
+    def _locate(self, k):
+        """(shard index, first token) of window k."""
+        i = int(numpy.searchsorted(self.first_window, k, side="right")) - 1
+        return i, (k - self.first_window[i]) * (self.seq_len + 1)
+
     def window(self, k):
         """Window k as (T+1,) int64."""
-        i = int(numpy.searchsorted(self.first_window, k, side="right")) - 1
-        start = (k - self.first_window[i]) * (self.seq_len + 1)
+        i, start = self._locate(k)
         return numpy.asarray(self.shards[i][start: start + self.seq_len + 1], dtype=numpy.int64)
 
     def batch(self, indices):
-        """Windows `indices` -> (inputs, targets), each (B, T) int64."""
+        """Windows `indices` -> (inputs, targets), each (B, T) int64; with masks, a target is IGNORE
+        where its mask byte is 0."""
         w = numpy.stack([self.window(k) for k in indices])  # (B, T+1)
-        return w[:, :-1], w[:, 1:]
+        inputs, targets = w[:, :-1], w[:, 1:]
+        if self.masks is not None:
+            mask = numpy.stack([self.masks[i][start: start + self.seq_len + 1]
+                                for i, start in map(self._locate, indices)])  # (B, T+1) u8
+            targets = numpy.where(mask[:, 1:] == 1, targets, IGNORE)
+        return inputs, targets
+
+
+def target_count(targets):
+    """The targets the loss counts (not IGNORE) in a batch's targets."""
+    return int(numpy.count_nonzero(numpy.asarray(targets) != IGNORE))
 
 
 class TrainStream:

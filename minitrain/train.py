@@ -25,7 +25,7 @@ from minitrain import backend, checkpoint, dist, lora, ops, zero
 from minitrain.autograd import no_grad
 from minitrain.config import PRESETS, ModelConfig, preset
 from minitrain.convert import apr_tensors, checked_tokenizer
-from minitrain.data import TokenWindows, TrainStream
+from minitrain.data import TokenWindows, TrainStream, target_count
 from minitrain.errors import InputError, TrainingAborted
 from minitrain.formats import peft
 from minitrain.formats.apr import write_apr
@@ -244,6 +244,7 @@ class Run:
             self.state = {k: state[k] for k in self.state}
         self.out = Path(cfg.out)
         self.micro_per_step = self.group.size * cfg.grad_accum  # micro-batches of a step, all ranks
+        self.step_targets = None  # the last step's targets with loss masks (metrics.jsonl target_tokens)
         self.tokens_per_step = self.micro_per_step * cfg.batch_size * cfg.seq_len
         if self.lead:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -364,8 +365,8 @@ class Run:
     # --- losses -----------------------------------------------------------------------------
 
     def evaluate(self):
-        """Mean loss over the validation windows (batches of batch_size), or None without any.
-        Rank r evaluates batches r, r+N, ...; the sums run over all batches in batch order."""
+        """Mean loss over the validation windows' targets (batches of batch_size), or None without
+        any. Rank r evaluates batches r, r+N, ...; the sums run over all batches in batch order."""
         if self.val_source is None:
             return None
         B, mine = self.cfg.batch_size, []
@@ -373,22 +374,34 @@ class Run:
         with no_grad():
             for k in range(self.group.rank, len(starts), self.group.size):
                 inputs, targets = self.val_source.batch(self.val_ids[starts[k]: starts[k] + B])
-                mine.append((k, float(self.model.loss(inputs, targets).data) * inputs.size, inputs.size))
+                n = target_count(targets)  # B*T without masks
+                mine.append((k, float(self.model.loss(inputs, targets).data) * n, n))
         total, count = 0.0, 0
         for _, weighted, size in sorted(self.group.gather(mine, -(-len(starts) // self.group.size), 3)):
             total += weighted
             count += size
-        return total / count
+        return total / max(1, count)
 
     def train_step(self, step):
         """One update; returns (mean loss, pre-clip grad norm, lr, (mean CE, mean T^2 KL)): the last
-        pair is a teacher's run's two loss terms (zeros without one)."""
+        pair is a teacher's run's two loss terms (zeros without one).
+
+        The loss is the mean over the step's targets, all micro-batches and ranks together: each
+        micro-batch's loss (the mean over its own n_m targets) is weighted n_m / N, N the step's
+        targets. Without masks every micro-batch has B*T targets and the weight is 1 / (micro-batches
+        per step), as it always was; with masks (`self.step_targets`: N) the counts come from the
+        data, on the host, the same on every rank."""
         cfg, params, group = self.cfg, self.trained, self.group
+        counts = self._target_counts(step)  # per micro-batch of the step (all ranks), or None: B*T each
+        self.step_targets = None if counts is None else sum(counts)
         weight = backend.xp.asarray(1.0 / self.micro_per_step, dtype=backend.dtype)
         grads, losses = [], []  # this rank's micro-batch gradients (rank 0: already summed) and losses
         for a in range(cfg.grad_accum):
             micro = step * self.micro_per_step + group.rank * cfg.grad_accum + a  # global micro-batch index
             inputs, targets = self.stream.batch(micro * cfg.batch_size, cfg.batch_size)
+            if counts is not None:
+                n = counts[micro - step * self.micro_per_step]
+                weight = backend.xp.asarray(n / self.step_targets if self.step_targets else 0.0, dtype=backend.dtype)
             for p in params:
                 p.zero_grad()
             if self.adapters:
@@ -407,8 +420,12 @@ class Run:
         xp = backend.xp  # every micro-batch's loss and a teacher's two terms, read at once: one transfer
         values = backend.to_numpy(xp.stack([xp.asarray(v, dtype=xp.float64) for v in losses]))
         losses = [tuple(row) for row in values.reshape(-1, 3).tolist()]
-        loss, ce, kd = (sum(column) / self.micro_per_step  # in micro-batch order
-                        for column in zip(*group.gather(losses, cfg.grad_accum, 3)))
+        rows = group.gather(losses, cfg.grad_accum, 3)  # every micro-batch's, in micro-batch order
+        if counts is None:
+            loss, ce, kd = (sum(column) / self.micro_per_step for column in zip(*rows))
+        else:  # the means of the micro-batches weighted by their targets
+            loss, ce, kd = (sum(v * n for v, n in zip(column, counts)) / max(1, self.step_targets)
+                            for column in zip(*rows))
         if not math.isfinite(loss):
             raise TrainingAborted(f"step {step + 1}: the training loss is {loss}; stopping (lower --lr?)")
         norm = self.shards.grad_norm() if self.shards else global_grad_norm(params)
@@ -422,6 +439,14 @@ class Run:
         if self.shards:
             self.shards.share()
         return loss, norm, lr, (ce, kd)
+
+    def _target_counts(self, step):
+        """The targets of each micro-batch of `step` (every rank's, in micro-batch order) when the
+        data has masks; None without (every one then has B*T)."""
+        if self.windows.masks is None:
+            return None
+        B, first = self.cfg.batch_size, step * self.micro_per_step
+        return [target_count(self.stream.batch(m * B, B)[1]) for m in range(first, first + self.micro_per_step)]
 
     def _loss(self, inputs, targets, parts):
         """The micro-batch's training loss; with a teacher, (1 - w) CE + w T^2 KL, its two terms in `parts`."""
@@ -470,8 +495,10 @@ class Run:
             self.state["step"] = done = step + 1
             distilled = {"ce_loss": ce, "kd_loss": kd} if self.teacher else {}
             last_parts = distilled
-            self._write({"type": "step", "step": done, "loss": loss, **distilled, "grad_norm": norm, "lr": lr,
-                         "tokens_per_sec": self.tokens_per_step / dt, "wall_s": time.perf_counter() - self.start_time})
+            targets = {} if self.step_targets is None else {"target_tokens": self.step_targets}
+            self._write({"type": "step", "step": done, "loss": loss, **distilled, **targets, "grad_norm": norm,
+                         "lr": lr, "tokens_per_sec": self.tokens_per_step / dt,
+                         "wall_s": time.perf_counter() - self.start_time})
             val = self._eval_and_gate(done) if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps else None
             now = time.perf_counter()
             if now - last_print > 10.0 or val is not None or done == cfg.steps or done == first_step + 1:

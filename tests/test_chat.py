@@ -195,3 +195,29 @@ def test_tokenize_chat_writes_masks_beside_the_shards(tmp_path, smollm2):
     out = subprocess.run([*run[:-4], "--tokenizer", str(tok_json), "--out", str(tmp_path / "c"), str(data)],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "has no chat template; give one with --chat-template" in out.stderr
+
+
+def test_fine_tuning_on_conversations_counts_only_the_assistants_tokens(tmp_path, smollm2):
+    """tokenize --chat, then pretrain and eval on what it wrote (the real SmolLM2): each step's
+    target_tokens in metrics.jsonl are the masked tokens of its windows, and eval's mean runs over
+    the same targets."""
+    from minitrain.data import TokenWindows, target_count
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": CONVERSATIONS[k % 2]}) for k in range(6)) + "\n")
+    out = subprocess.run([sys.executable, "-m", "minitrain", "tokenize", "--chat", "--tokenizer", smollm2, "--out",
+                          str(tmp_path / "tok"), str(data)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    run = subprocess.run([sys.executable, "-m", "minitrain", "pretrain", "--init", smollm2, "--data", str(tmp_path / "tok"),
+                          "--out", str(tmp_path / "run"), "--seq-len", "32", "--batch-size", "2", "--steps", "2",
+                          "--val-windows", "2", "--eval-every", "0", "--json"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    windows = TokenWindows(tmp_path / "tok", 32, 49152)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["type"] == "step"]
+    assert [r["target_tokens"] for r in steps] == [target_count(windows.batch(range(2 * s, 2 * s + 2))[1])
+                                                   for s in range(2)]
+    ev = subprocess.run([sys.executable, "-m", "minitrain", "eval", "--init", smollm2, "--data", str(tmp_path / "tok"),
+                         "--seq-len", "32", "--batch-size", "2", "--batches", "1", "--json"], capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout.strip().splitlines()[-1])["tokens"] == target_count(windows.batch([0, 1])[1])

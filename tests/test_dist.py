@@ -32,6 +32,19 @@ def data(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def masked_data(tmp_path_factory):
+    """The same kind of tokens with a loss mask beside them: runs of targets and of none (a
+    conversation's turns), whole windows without a target among them."""
+    directory = tmp_path_factory.mktemp("masked")
+    rng = numpy.random.default_rng(1)
+    rng.integers(0, 8192, 60 * 33).astype("<u4").tofile(directory / "shard-00000.bin")
+    mask = numpy.repeat(rng.random(60 * 33 // 11) < 0.5, 11).astype(numpy.uint8)
+    mask[5 * 33: 9 * 33] = 0
+    mask.tofile(directory / "shard-00000.mask")
+    return directory
+
+
 def launch(ranks):
     """The command prefix that starts `ranks` processes (none for one)."""
     return [MPIEXEC, "-n", str(ranks)] if ranks > 1 else []
@@ -64,6 +77,19 @@ def test_n_ranks_equal_one_process_with_n_times_the_accumulation(ranks, accum, d
     assert dp.stdout.count('"status"') == 1 and report["tokens"] == 3 * ranks * accum * 2 * 32
     assert [line.split()[0] for line in dp.stderr.splitlines()].count("init_loss") == 1  # progress once too
     assert json.loads((tmp_path / "dp" / "run.json").read_text())["ranks"] == ranks
+
+
+def test_with_loss_masks_n_ranks_equal_one_process_too(masked_data, tmp_path):
+    """With loss masks each micro-batch has its own number of targets: the step's loss is the mean
+    over all of them (every micro-batch and rank), still the same bits over 2 ranks as in one
+    process; metrics.jsonl counts them."""
+    one = pretrain(1, tmp_path / "one", "--data", masked_data, "--steps", "3", "--grad-accum", "2")
+    assert one.returncode == 0, one.stderr
+    dp = pretrain(2, tmp_path / "dp", "--data", masked_data, "--steps", "3")
+    assert dp.returncode == 0, dp.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "dp")
+    steps = [r for r in metrics(tmp_path / "one") if r["type"] == "step"]
+    assert all(0 < r["target_tokens"] < 2 * 2 * 32 for r in steps)
 
 
 def resume(ranks, checkpoint, *args):

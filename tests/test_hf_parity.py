@@ -76,10 +76,18 @@ def ours(directory, precision):
         return Model.from_arrays(cfg, arrays)
 
 
-def batches(vocab, n, seed=0):
+def batches(vocab, n, seed=0, masked=False):
+    """n batches (inputs, targets); `masked`: targets -100 (torch's ignore_index) where a loss mask
+    would leave them out: at random, and one whole row of the first batch."""
     rng = np.random.default_rng(seed)
     windows = rng.integers(0, vocab, (n, B, T + 1))
-    return [(w[:, :-1], w[:, 1:]) for w in windows]
+    data = [(w[:, :-1], w[:, 1:].copy()) for w in windows]
+    if masked:
+        for k, (_, targets) in enumerate(data):
+            targets[rng.random(targets.shape) < 0.4] = -100
+            if k == 0:
+                targets[1] = -100
+    return data
 
 
 def bounds(cfg, precision):
@@ -117,12 +125,15 @@ def test_logits_loss_and_every_gradient_match(pair, precision):
 
 
 @pytest.mark.parametrize("precision", ["fp64", "fp32"])
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_three_optimizer_steps_end_at_the_same_weights(pair, optimizer, precision):
+@pytest.mark.parametrize("optimizer, masked", [("sgd", False), ("adamw", False), ("adamw", True)],
+                         ids=["sgd", "adamw", "adamw-masked"])
+def test_three_optimizer_steps_end_at_the_same_weights(pair, optimizer, masked, precision):
+    """Three steps against torch's; `masked`: on batches with targets left out by loss masks
+    (-100, torch's ignore_index), one row with none: the loss is the mean over the others."""
     _, directory, _ = pair
     truth = hf_oracle.float64_model(directory)  # a fresh copy: the steps change its weights
     model = ours(directory, precision)
-    data = batches(model.config.vocab_size, 3, seed=11)
+    data = batches(model.config.vocab_size, 3, seed=11, masked=masked)
     expected, history = hf_oracle.reference_steps(truth, optimizer, OPTIMIZERS[optimizer], data)
     with backend.precision(precision):
         opt = (SGD if optimizer == "sgd" else AdamW)(model.parameters(), **OPTIMIZERS[optimizer])

@@ -56,6 +56,31 @@ def minitrain(*args):
 
 # --- data ----------------------------------------------------------------------------------
 
+def test_masked_windows_ignore_the_targets_their_mask_leaves_out(tokens):
+    mask = mask_beside(tokens)
+    windows = TokenWindows(tokens, 16, VOCAB)
+    inputs, targets = windows.batch([0, 1, 3])
+    ids = np.fromfile(tokens, "<u4").astype(np.int64)
+    for row, k in enumerate([0, 1, 3]):
+        w, m = ids[17 * k: 17 * (k + 1)], mask[17 * k: 17 * (k + 1)]
+        assert inputs[row].tolist() == w[:-1].tolist()
+        assert targets[row].tolist() == np.where(m[1:] == 1, w[1:], -100).tolist()
+    assert (targets[1] == -100).all()  # window 1: no target at all
+
+
+def test_mask_shards_must_match_their_token_shards(tokens, tmp_path):
+    directory = tmp_path / "shards"
+    directory.mkdir()
+    for name in ("shard-00000", "shard-00001"):
+        (directory / f"{name}.bin").write_bytes(tokens.read_bytes())
+    (directory / "shard-00000.mask").write_bytes(bytes(tokens.stat().st_size // 4))
+    with pytest.raises(InputError, match="shard-00001.mask: missing; 1 of the 2 token shards have a mask"):
+        TokenWindows(directory, 16, VOCAB)
+    (directory / "shard-00001.mask").write_bytes(bytes(7))
+    with pytest.raises(InputError, match="shard-00001.mask: 7 mask bytes for the 1042 tokens of shard-00001.bin"):
+        TokenWindows(directory, 16, VOCAB)
+
+
 def test_windows_follow_the_interface(tmp_path):
     a, b = tmp_path / "d" / "a.bin", tmp_path / "d" / "b.bin"
     a.parent.mkdir()
@@ -131,9 +156,22 @@ def test_clipping_by_the_true_global_norm(tokens, tmp_path):
     assert norm == pytest.approx(norm2, rel=1e-12) == pytest.approx(unclipped, rel=1e-12)
 
 
+def mask_beside(tokens, seed=0):
+    """A loss mask beside the token file: runs of targets and of none, a window with none."""
+    n = tokens.stat().st_size // 4
+    mask = np.repeat(np.random.default_rng(seed).random(-(-n // 5)) < 0.5, 5)[:n].astype(np.uint8)
+    mask[17: 2 * 17] = 0
+    mask.tofile(tokens.with_suffix(".mask"))
+    return mask
+
+
 @pytest.mark.numerics
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_accumulation_gives_the_big_batch_update(tokens, tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, masked", [("sgd", False), ("adamw", False), ("adamw", True)])
+def test_accumulation_gives_the_big_batch_update(tokens, tmp_path, optimizer, masked):
+    """Two micro-batches of 2 make the update of one batch of 4; with loss masks too, where the
+    micro-batches hold different numbers of targets (the step's mean is over all of them)."""
+    if masked:
+        mask_beside(tokens)
     common = dict(optimizer=optimizer, steps=3, dtype="fp64", grad_clip=0.5, eval_every=0)
     big, _ = train(small(tokens, tmp_path / "big", batch_size=4, grad_accum=1, **common))
     acc, _ = train(small(tokens, tmp_path / "acc", batch_size=2, grad_accum=2, **common))
