@@ -99,9 +99,10 @@ def evaluate(init_path, arch, rope_layout, data_path, seq_len, batch_size, batch
     total, tokens = 0.0, 0
     with no_grad():
         for i in range(n):
-            inputs, targets = data.batch(range(i * batch_size, (i + 1) * batch_size))
+            window_ids = range(i * batch_size, (i + 1) * batch_size)
+            inputs, targets = data.batch(window_ids)
             count = target_count(targets)  # B*T without masks
-            total += float(model.loss(inputs, targets).data) * count  # batch mean x its targets
+            total += float(model.loss(inputs, targets, data.positions(window_ids)).data) * count  # mean x targets
             tokens += count
             click.echo(f"\reval batch {i + 1}/{n}", err=True, nl=False)
     click.echo("", err=True)
@@ -338,22 +339,35 @@ def plot(run_dir, output):
 @click.option("--chat-template", metavar="FILE.jinja",
               help="With --chat: this template instead of the model's (an HF directory's chat_template.jinja or "
                    "tokenizer_config.json, a GGUF's tokenizer.chat_template, an APR's chat_template).")
+@click.option("--pack", is_flag=True,
+              help="With --chat: whole conversations packed into windows of --seq-len + 1 tokens (best-fit "
+                   "decreasing, padding with mask 0), and a positions shard NAME.pos: training never lets one "
+                   "conversation attend to another.")
+@click.option("--seq-len", type=click.IntRange(min=1), help="With --pack: the --seq-len the data will train at.")
+@click.option("--no-truncate", is_flag=True,
+              help="With --pack: refuse a conversation longer than a window instead of cutting it (and counting it).")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUTS...")
-def tokenize(tokenizer_path, out_dir, content_field, shard_tokens, chat, chat_template, inputs):
+def tokenize(tokenizer_path, out_dir, content_field, shard_tokens, chat, chat_template, pack, seq_len, no_truncate,
+             inputs):
     """Text, .py and JSONL files (or directories of them) -> u32 token shards + manifest.json,
-    EOS between documents; with --chat, conversations with their loss masks."""
+    EOS between documents; with --chat, conversations with their loss masks (and --pack, packed)."""
     from minitrain.tokenize import tokenize_to_shards
 
-    if chat_template and not chat:
-        raise InputError("--chat-template renders conversations: give --chat too")
+    if (chat_template or pack) and not chat:
+        raise InputError(f"{'--chat-template' if chat_template else '--pack'} is for conversations: give --chat too")
+    if pack != bool(seq_len) or (no_truncate and not pack):
+        raise InputError("--pack needs --seq-len T (the windows it packs), and --seq-len and --no-truncate need --pack")
     if chat:
         from minitrain.tokenize_chat import tokenize_chat_to_shards
 
-        m = tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template, shard_tokens=shard_tokens)
-        c = m["chat"]
+        m = tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template, shard_tokens=shard_tokens,
+                                    pack_seq_len=seq_len, truncate=not no_truncate)
+        c, packing = m["chat"], m.get("packing")
         click.echo(f"{c['conversations']:,} conversations -> {m['total_tokens']:,} tokens ({c['target_tokens']:,} "
-                   f"targets) in {m['shard_count']} shard(s) under {out_dir}, masks beside them (template: "
-                   f"{c['template_origin']})")
+                   f"targets) in {m['shard_count']} shard(s) under {out_dir}, masks beside them"
+                   + (f"; packed into {packing['windows']:,} windows of {seq_len + 1} ({packing['padding_tokens']:,} "
+                      f"padding, {c['truncated']} truncated), positions beside them" if packing else "")
+                   + f" (template: {c['template_origin']})")
         return
     m = tokenize_to_shards(tokenizer_path, out_dir, inputs, content_field=content_field, shard_tokens=shard_tokens)
     click.echo(f"{m['total_documents']:,} documents -> {m['total_tokens']:,} tokens in {m['shard_count']} shard(s) "

@@ -8,6 +8,11 @@ Loss masks (`minitrain tokenize --chat`): beside a shard NAME.bin, NAME.mask hol
 token, 1 where the token is a training target. Where a shard has one, a target whose mask byte is
 0 is IGNORE (-100): the loss leaves its position out (ops/cross_entropy.py). Every shard has a
 mask, or none does.
+
+Packed windows (`tokenize --chat --pack --seq-len T`): NAME.pos holds each token's position inside
+its conversation (u32; 0 where a conversation starts, then +1 per token). The model turns RoPE by
+them and attention never crosses conversations (model.hidden). Each window must start a
+conversation: data packed for another --seq-len is refused.
 """
 
 from pathlib import Path
@@ -47,28 +52,53 @@ class TokenWindows:
             self.shards.append(shard)
             self.first_window.append(total)
             total += len(shard) // (seq_len + 1)
-        self.masks = self._masks()  # per shard its u8 mask, or None without masks
+        self.masks = self._beside(".mask", numpy.dtype(numpy.uint8))  # per shard its u8 mask, or None without masks
+        self.pos = self._beside(".pos", numpy.dtype("<u4"))  # per shard its u32 positions, or None
+        if self.pos is not None:
+            self._check_positions()
         self.num_windows = total
         if total == 0:
             raise InputError(f"{path}: no window of {seq_len + 1} tokens (--seq-len {seq_len} + 1) in the data")
         self._check_vocab()
 
-    def _masks(self):
-        found = [f.with_suffix(".mask") for f in self.files if f.with_suffix(".mask").is_file()]
+    def _beside(self, suffix, dtype):
+        """The per-token shards NAME{suffix} beside every NAME.bin, memory-mapped; None if there are
+        none; an error if only some shards have one or one's length is not its shard's."""
+        found = [f.with_suffix(suffix) for f in self.files if f.with_suffix(suffix).is_file()]
         if not found:
             return None
         if len(found) != len(self.files):
-            missing = next(f for f in self.files if not f.with_suffix(".mask").is_file())
-            raise InputError(f"{missing.with_suffix('.mask')}: missing; {len(found)} of the {len(self.files)} token "
-                             f"shards have a mask shard beside them (all or none must)")
-        masks = []
+            missing = next(f for f in self.files if not f.with_suffix(suffix).is_file())
+            raise InputError(f"{missing.with_suffix(suffix)}: missing; {len(found)} of the {len(self.files)} token "
+                             f"shards have a {suffix} shard beside them (all or none must)")
+        arrays = []
         for f, shard in zip(found, self.shards):
             size = f.stat().st_size
-            if size != len(shard):
-                raise InputError(f"{f}: {size} mask bytes for the {len(shard)} tokens of {f.with_suffix('.bin').name} "
-                                 f"(one byte per token)")
-            masks.append(numpy.memmap(f, dtype=numpy.uint8, mode="r") if size else numpy.zeros(0, numpy.uint8))
-        return masks
+            if size != len(shard) * dtype.itemsize:
+                raise InputError(f"{f}: {size} bytes for the {len(shard)} tokens of {f.with_suffix('.bin').name} "
+                                 f"({dtype.itemsize} per token)")
+            arrays.append(numpy.memmap(f, dtype=dtype, mode="r") if size else numpy.zeros(0, dtype))
+        return arrays
+
+    def _check_positions(self, chunk=1 << 24):
+        """Positions start at 0 in every window and go up by one, or back to 0 where a conversation
+        starts: checked once, up front, like the token ids."""
+        for f, pos in zip(self.files, self.pos):
+            f = f.with_suffix(".pos")
+            used = len(pos) // (self.seq_len + 1) * (self.seq_len + 1)
+            firsts = pos[:used:self.seq_len + 1]
+            if firsts.any():
+                k = int(numpy.argmax(firsts != 0))
+                raise InputError(f"{f}: window {k} starts at position {int(firsts[k])}, not 0: the data was packed "
+                                 f"for another --seq-len than {self.seq_len} (its manifest.json says which)")
+            for start in range(1, used, chunk):
+                now = pos[start: min(start + chunk, used)].astype(numpy.int64)
+                before = pos[start - 1: min(start + chunk, used) - 1].astype(numpy.int64)
+                bad = (now != 0) & (now != before + 1)
+                if bad.any():
+                    at = start + int(numpy.argmax(bad))
+                    raise InputError(f"{f}: position {int(pos[at])} at token {at} follows {int(pos[at - 1])}: a "
+                                     f"conversation's positions go up by one (0 where one starts)")
 
     def _check_vocab(self, chunk=1 << 24):
         """Every token any window can read must be < vocab_size: checked once, up front, so bad
@@ -105,6 +135,14 @@ class TokenWindows:
                                 for i, start in map(self._locate, indices)])  # (B, T+1) u8
             targets = numpy.where(mask[:, 1:] == 1, targets, IGNORE)
         return inputs, targets
+
+    def positions(self, indices):
+        """The inputs' positions inside their conversations, (B, T) int64, for packed data; else
+        None (every window is positions 0..T-1)."""
+        if self.pos is None:
+            return None
+        return numpy.stack([numpy.asarray(self.pos[i][start: start + self.seq_len], dtype=numpy.int64)
+                            for i, start in map(self._locate, indices)])
 
 
 def target_count(targets):
@@ -145,3 +183,7 @@ class TrainStream:
     def batch(self, start, count):
         """Samples start..start+count-1 as (inputs, targets), each (count, T)."""
         return self.windows.batch(self.window_ids(start, count))
+
+    def positions(self, start, count):
+        """Their positions (count, T) for packed data, else None."""
+        return self.windows.positions(self.window_ids(start, count))

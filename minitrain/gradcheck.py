@@ -39,6 +39,7 @@ EPS, ATOL, RTOL = 1e-3, 1e-5, 1e-4
 FROZEN_W = numpy.random.default_rng(7).standard_normal((5, 6))  # a constant, not an input: no dW
 TEACHER = numpy.random.default_rng(8)
 TEACHER_X, TEACHER_W = TEACHER.standard_normal((1, 5, 4)), 2 * TEACHER.standard_normal((9, 4))  # constants: no gradient
+PACKED_STARTS = numpy.array([[0, 0, 0, 3, 3, 3, 3], [0, 0, 2, 2, 4, 4, 4]])  # each query's first key
 ELEMENTWISE_MAX = 3000  # differentiable elements up to which the element-by-element check runs
 
 
@@ -216,6 +217,8 @@ def cases():
         C("attention", ops.attention, lambda r: _qkv(r, B=1, T=1, nH=4, nKV=1, hd=4), (Attention,), "T=1"),
         C("attention", ops.attention, lambda r: _qkv(r, B=1, T=33, nH=14, nKV=2, hd=8), (Attention,),
           "GQA 7:1 T=33 (direction only)"),
+        C("attention", lambda q, k, v: ops.attention(q, k, v, starts=PACKED_STARTS),
+          lambda r: _qkv(r, B=2, T=7, nH=4, nKV=2, hd=4), (Attention,), "packed: conversations 3+4 and 2+2+3"),
         # activations
         C("silu", ops.silu, lambda r: {"x": _normal(r, 3, 7, scale=4.0)}, (SiLU,)),
         C("swiglu", ops.swiglu, lambda r: {"a": _normal(r, 2, 3, 6, scale=3.0), "u": _normal(r, 2, 3, 6)},

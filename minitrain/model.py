@@ -76,26 +76,34 @@ class Model:
     def head(self):
         return self.params["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
 
-    def forward(self, ids, cache=None):
+    def forward(self, ids, cache=None, positions=None):
         """ids (B, T) integer -> logits (B, T, V), in fp32 also under mixed precision. With a
-        KVCache (kv_cache.py), ids are the next T tokens after those the cache holds."""
-        logits = ops.linear(self.hidden(ids, cache), self.head)  # (B, T, V)
+        KVCache (kv_cache.py), ids are the next T tokens after those the cache holds; `positions`:
+        a packed window's (see hidden)."""
+        logits = ops.linear(self.hidden(ids, cache, positions), self.head)  # (B, T, V)
         return ops.cast(logits, "fp32") if backend.bf16 else logits
 
-    def loss(self, ids, targets):
+    def loss(self, ids, targets, positions=None):
         """Mean cross-entropy over the target tokens (a target -100 marks a position without one:
         its row never reaches the lm_head); the lm_head and the loss fused and chunked, so the
-        (B*T, V) logits are never held whole."""
-        return ops.linear_cross_entropy(self.hidden(ids), self.head, targets)
+        (B*T, V) logits are never held whole. `positions`: see hidden."""
+        return ops.linear_cross_entropy(self.hidden(ids, positions=positions), self.head, targets)
 
-    def hidden(self, ids, cache=None):
+    def hidden(self, ids, cache=None, positions=None):
         """ids (B, T) integer -> the final normalized hidden states (B, T, H), the lm_head's input.
-        Without a cache the T tokens are positions 0..T-1; with one they follow what it holds,
-        their k, v join it, and attention reads all of it (inference only: no graph)."""
+        Without a cache the T tokens are positions 0..T-1, or `positions` (B, T) host integers: a
+        packed window, each token's position inside its own conversation (0 where one starts);
+        RoPE turns by them and attention never crosses conversations. With a cache the tokens
+        follow what it holds, their k, v join it, and attention reads all of it (inference only:
+        no graph)."""
         c, P = self.config, self.params
         B, T = ids.shape  # ids stay host data: the embedding checks them there and uploads them once
         nH, nKV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        positions = None if cache is None else cache.positions(T)  # (B, T) each row's own
+        starts = None  # (B, T) each query's first visible key, in a packed window
+        if cache is not None:
+            positions = cache.positions(T)  # (B, T) each row's own
+        elif positions is not None:
+            starts = numpy.arange(T)[None, :] - positions
         x = ops.embedding(P["model.embed_tokens.weight"], ids)  # (B, T, H)
         if backend.bf16:  # mixed precision: activations in bf16 from here on, parameters stay fp32
             x = ops.cast(x, "bf16")
@@ -114,7 +122,7 @@ class Model:
             q = ops.rope(q.reshape(B, T, nH, hd), c.rope_theta, positions)  # (B, T, nH, hd)
             k = ops.rope(k.reshape(B, T, nKV, hd), c.rope_theta, positions)  # (B, T, nKV, hd)
             v = v.reshape(B, T, nKV, hd)
-            a = ops.attention(q, k, v) if cache is None else cache.attend(i, q, k, v)  # (B, T, nH, hd)
+            a = ops.attention(q, k, v, starts) if cache is None else cache.attend(i, q, k, v)  # (B, T, nH, hd)
             a = a.reshape(B, T, nH * hd)
             x = x + self._linear(a, p + "self_attn.o_proj")  # (B, T, H)
             # MLP block

@@ -9,8 +9,18 @@ the assistant turns' content and the end-of-turn text the template writes after 
 (chat.assistant_spans). Conversations follow one another with the EOS id between them (mask 0),
 as documents do in tokenize.py. manifest.json says so ("masks": true) and records the template's
 sha256 and origin and the counts.
+
+Packing (`--pack --seq-len T`): whole conversations go into windows of T + 1 tokens, the windows
+training reads, by best-fit decreasing (longest first, each into the fullest window it fits, a
+new window when none has room); the rest of a window is padding (EOS ids, mask 0). A positions
+shard `shard-NNNNN.pos` (u32) gives each token's position inside its conversation (padding: a
+run of its own), from which training builds RoPE's positions and a block-diagonal causal mask
+(model.hidden): no conversation sees another. A conversation longer than a window is cut to one
+window and counted ("truncated"), or refused (truncate=False). The conversations are held in
+memory while packing (5 bytes a token).
 """
 
+import bisect
 import hashlib
 import json
 import time
@@ -22,6 +32,7 @@ from minitrain.errors import InputError
 from minitrain.tokenize import ShardWriter, find_eos, input_files, jsonl_records, load_tokenizer, output_dir
 
 MASK = (".mask", "u1")
+POS = (".pos", "<u4")
 
 
 def conversations(files):
@@ -40,9 +51,39 @@ def encode_conversation(tokenizer, template, tokens, messages, where):
     return numpy.array(encoding.ids, dtype="<u4"), chat.target_mask(encoding.offsets, spans)
 
 
-def tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template=None, shard_tokens=10_000_000):
+def pack(encoded, window, truncate=True):
+    """Best-fit decreasing: `encoded` [(label, ids, mask)] -> (windows [[(ids, mask), ...]],
+    truncated count). Each conversation is cut to `window` tokens (or, with truncate=False, an
+    error naming it)."""
+    items, truncated = [], 0
+    for label, ids, mask in encoded:
+        if len(ids) > window:
+            if not truncate:
+                raise InputError(f"{label}: {len(ids)} tokens do not fit a window of {window} (--seq-len + 1); "
+                                 f"drop --no-truncate to cut it to one window")
+            ids, mask, truncated = ids[:window], mask[:window], truncated + 1
+        items.append((ids, mask))
+    order = sorted(range(len(items)), key=lambda k: -len(items[k][0]))  # longest first (stable)
+    windows, free = [], []  # free: sorted (room left, window index)
+    for k in order:
+        n = len(items[k][0])
+        at = bisect.bisect_left(free, (n, -1))  # the fullest window with room for n
+        if at == len(free):
+            windows.append([])
+            room, w = window, len(windows) - 1
+        else:
+            room, w = free.pop(at)
+        windows[w].append(items[k])
+        if room - n:
+            bisect.insort(free, (room - n, w))
+    return windows, truncated
+
+
+def tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template=None, shard_tokens=10_000_000,
+                            pack_seq_len=None, truncate=True):
     """Tokenize the conversations of `inputs` into `out_dir` as u32 token shards, u8 mask shards and
-    manifest.json; return the manifest. On any error the shards written so far are removed."""
+    manifest.json (packed into windows of pack_seq_len + 1 tokens with u32 positions shards, when
+    given); return the manifest. On any error the shards written so far are removed."""
     start = time.perf_counter()
     tokenizer = load_tokenizer(tokenizer_path)
     tokenizer.no_truncation()
@@ -50,30 +91,53 @@ def tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template=None,
     template, tokens = chat.chat_setup(tokenizer_path, tokenizer, chat_template)
     eos, vocab_size = find_eos(tokenizer, tokenizer_path), tokenizer.get_vocab_size(with_added_tokens=True)
     files, out = input_files(inputs), output_dir(out_dir)
-    writer, count, targets = ShardWriter(out, shard_tokens, (MASK,)), 0, 0
+    window = None if pack_seq_len is None else pack_seq_len + 1
+    if window is not None:
+        shard_tokens = max(1, shard_tokens // window) * window  # shards of whole windows
+    writer = ShardWriter(out, shard_tokens, (MASK,) if window is None else (MASK, POS))
+    count, targets, encoded, extra = 0, 0, [], {}
     try:
         for where, messages in conversations(files):
             ids, mask = encode_conversation(tokenizer, template, tokens, messages, where)
             if len(ids) and int(ids.max()) >= vocab_size:
                 raise InputError(f"{tokenizer_path}: produced token id {int(ids.max())} >= its vocab_size "
                                  f"{vocab_size} on {where}")
-            if count:
-                writer.add(numpy.array([eos], dtype="<u4"), numpy.zeros(1, dtype=numpy.uint8))
-            writer.add(ids, mask)
-            count, targets = count + 1, targets + int(mask.sum())
-        writer.flush()
+            if window is not None:
+                encoded.append((where, ids, mask))
+            else:
+                if count:
+                    writer.add(numpy.array([eos], dtype="<u4"), numpy.zeros(1, dtype=numpy.uint8))
+                writer.add(ids, mask)
+                targets += int(mask.sum())
+            count += 1
         if count == 0:
             raise InputError(f"no conversations in {', '.join(map(str, inputs)) or 'the inputs'} (files read: {len(files)})")
+        if window is not None:
+            windows, extra["truncated"] = pack(encoded, window, truncate)
+            padding = 0
+            for parts in windows:
+                pad = window - sum(len(ids) for ids, _ in parts)
+                writer.add(numpy.concatenate([ids for ids, _ in parts] + [numpy.full(pad, eos, dtype="<u4")]),
+                           numpy.concatenate([mask for _, mask in parts] + [numpy.zeros(pad, dtype=numpy.uint8)]),
+                           numpy.concatenate([numpy.arange(len(ids)) for ids, _ in parts] + [numpy.arange(pad)]))
+                targets += sum(int(mask.sum()) for _, mask in parts)
+                padding += pad
+            extra["packing"] = {"seq_len": pack_seq_len, "windows": len(windows), "padding_tokens": padding,
+                                "method": "best-fit decreasing"}
+        writer.flush()
     except BaseException:
         for p in writer.paths:
             p.unlink(missing_ok=True)
         raise
     manifest = {"schema": "pretokenize-bin-v1", "tokenizer": str(tokenizer_path), "vocab_size": vocab_size,
-                "eos_policy": "between", "eos_token_id": eos, "eos_token_count": count - 1,
+                "eos_policy": "between" if window is None else "padding", "eos_token_id": eos,
+                "eos_token_count": count - 1 if window is None else extra["packing"]["padding_tokens"],
                 "shard_count": writer.shards(), "total_tokens": writer.total, "masks": True,
+                "positions": window is not None,
                 "chat": {"template_sha256": hashlib.sha256(template.text.encode()).hexdigest(),
                          "template_origin": template.origin, "conversations": count, "target_tokens": targets,
-                         "truncated": 0},
+                         "truncated": extra.get("truncated", 0)},
+                **({"packing": extra["packing"]} if window is not None else {}),
                 "input_files": [str(f) for f in files], "elapsed_seconds": round(time.perf_counter() - start, 3)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -232,6 +232,9 @@ class Run:
         self.tokenizer = checked_tokenizer(cfg.tokenizer, mc) if cfg.tokenizer else None
         self.teacher = self._teacher(cfg.teacher, mc) if cfg.teacher else None
         self._data(cfg, mc.vocab_size)
+        if backend.bf16 and self.windows.pos is not None:
+            raise InputError(f"--dtype bf16: {cfg.data} is packed (positions beside its shards), and the bf16 "
+                             f"attention kernels have no per-conversation mask yet; use --dtype fp32")
         self.trained = params = self.adapters.parameters() if self.adapters else self.model.parameters()
         self.shards = zero.Shards(self.group, params) if cfg.zero else None
         if cfg.optimizer == "sgd":
@@ -373,9 +376,11 @@ class Run:
         starts = range(0, len(self.val_ids), B)
         with no_grad():
             for k in range(self.group.rank, len(starts), self.group.size):
-                inputs, targets = self.val_source.batch(self.val_ids[starts[k]: starts[k] + B])
+                ids = self.val_ids[starts[k]: starts[k] + B]
+                inputs, targets = self.val_source.batch(ids)
                 n = target_count(targets)  # B*T without masks
-                mine.append((k, float(self.model.loss(inputs, targets).data) * n, n))
+                loss = self.model.loss(inputs, targets, self.val_source.positions(ids))
+                mine.append((k, float(loss.data) * n, n))
         total, count = 0.0, 0
         for _, weighted, size in sorted(self.group.gather(mine, -(-len(starts) // self.group.size), 3)):
             total += weighted
@@ -399,6 +404,7 @@ class Run:
         for a in range(cfg.grad_accum):
             micro = step * self.micro_per_step + group.rank * cfg.grad_accum + a  # global micro-batch index
             inputs, targets = self.stream.batch(micro * cfg.batch_size, cfg.batch_size)
+            positions = self.stream.positions(micro * cfg.batch_size, cfg.batch_size)  # packed data, else None
             if counts is not None:
                 n = counts[micro - step * self.micro_per_step]
                 weight = backend.xp.asarray(n / self.step_targets if self.step_targets else 0.0, dtype=backend.dtype)
@@ -407,7 +413,7 @@ class Run:
             if self.adapters:
                 self.adapters.reseed(cfg.seed, micro)
             parts = {}
-            loss = self._loss(inputs, targets, parts)
+            loss = self._loss(inputs, targets, positions, parts)
             loss.backward(weight)
             losses += [loss.data, parts.get("ce_loss", 0.0), parts.get("kd_loss", 0.0)]  # read after the loop
             g = [p.grad for p in params]
@@ -448,14 +454,16 @@ class Run:
         B, first = self.cfg.batch_size, step * self.micro_per_step
         return [target_count(self.stream.batch(m * B, B)[1]) for m in range(first, first + self.micro_per_step)]
 
-    def _loss(self, inputs, targets, parts):
-        """The micro-batch's training loss; with a teacher, (1 - w) CE + w T^2 KL, its two terms in `parts`."""
+    def _loss(self, inputs, targets, positions, parts):
+        """The micro-batch's training loss; with a teacher, (1 - w) CE + w T^2 KL, its two terms in
+        `parts`. `positions`: a packed batch's (model.hidden), else None."""
         if self.teacher is None:
-            return self.model.loss(inputs, targets)
+            return self.model.loss(inputs, targets, positions)
         with no_grad():
-            teacher_hidden = self.teacher.hidden(inputs).data  # (B, T, Ht): no graph kept
+            teacher_hidden = self.teacher.hidden(inputs, positions=positions).data  # (B, T, Ht): no graph kept
         m = self.model
-        return ops.linear_distillation(m.hidden(inputs), m.head, teacher_hidden, self.teacher.head.data,
+        return ops.linear_distillation(m.hidden(inputs, positions=positions), m.head, teacher_hidden,
+                                       self.teacher.head.data,
                                        targets, self.cfg.distill_weight,
                                        self.cfg.distill_temperature, parts=parts)
 
@@ -481,7 +489,8 @@ class Run:
             init = self._eval_and_gate(0)
             if init is None:  # no validation data: the first training batch's loss, before any update
                 with no_grad():
-                    init = float(self.model.loss(*self.stream.batch(0, cfg.batch_size)).data)
+                    init = float(self.model.loss(*self.stream.batch(0, cfg.batch_size),
+                                                 self.stream.positions(0, cfg.batch_size)).data)
             self.state["init_loss"] = init
             self._say(f"init_loss {init:.4f} (step 0, before any update; ln V = {math.log(self.model.config.vocab_size):.4f})")
         train_time, last_loss, last_print, last_parts = 0.0, None, 0.0, {}

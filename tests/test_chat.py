@@ -221,3 +221,56 @@ def test_fine_tuning_on_conversations_counts_only_the_assistants_tokens(tmp_path
                          "--seq-len", "32", "--batch-size", "2", "--batches", "1", "--json"], capture_output=True, text=True)
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout.strip().splitlines()[-1])["tokens"] == target_count(windows.batch([0, 1])[1])
+
+
+def test_packing_is_best_fit_decreasing_and_counts_what_it_cuts():
+    from minitrain.tokenize_chat import pack
+
+    def conv(n):
+        return (f"c{n}", np.arange(n, dtype="<u4"), np.ones(n, np.uint8))
+
+    windows, truncated = pack([conv(n) for n in (3, 9, 5, 4, 12, 2)], window=10)
+    assert [[len(ids) for ids, _ in w] for w in windows] == [[10], [9], [5, 4], [3, 2]] and truncated == 1
+    with pytest.raises(InputError, match="c12: 12 tokens do not fit a window of 10"):
+        pack([conv(12)], window=10, truncate=False)
+
+
+def test_a_packed_window_computes_each_conversation_as_if_alone():
+    """Three conversations in one window, positions restarting at each: every logit equals the
+    conversation's own, run alone (float64, to 1e-12): RoPE turns by the positions and attention
+    never crosses a conversation. Without the block-diagonal mask it does not hold."""
+    from minitrain import backend
+    from minitrain.config import ModelConfig
+    from minitrain.model import Model
+
+    cfg = ModelConfig(family="qwen2", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=8, intermediate_size=24, vocab_size=50, max_position_embeddings=64, rope_theta=1e6,
+                      rms_norm_eps=1e-6, tie_word_embeddings=True)
+    rng = np.random.default_rng(0)
+    convs = [rng.integers(0, 50, n) for n in (5, 3, 6)]
+    ids = np.concatenate(convs)[None]
+    positions = np.concatenate([np.arange(len(c)) for c in convs])[None]
+    with backend.precision("fp64"):
+        model = Model.from_scratch(cfg, seed=1)
+        alone = np.concatenate([model.forward(c[None]).data[0] for c in convs])
+        packed = model.forward(ids, positions=positions).data[0]
+        crossing = model.forward(ids).data[0]  # positions 0..13, every token sees all before it
+    assert np.abs(packed - alone).max() <= 1e-12 * np.abs(alone).max()
+    assert np.abs(crossing[5:] - alone[5:]).max() > 1e-3
+
+
+def test_packed_data_trains_and_must_match_the_seq_len(tmp_path, smollm2):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": CONVERSATIONS[k % 2]}) for k in range(8)) + "\n")
+    out = subprocess.run([sys.executable, "-m", "minitrain", "tokenize", "--chat", "--pack", "--seq-len", "127",
+                          "--tokenizer", smollm2, "--out", str(tmp_path / "tok"), str(data)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    manifest = json.loads((tmp_path / "tok" / "manifest.json").read_text())
+    assert manifest["positions"] and manifest["packing"]["seq_len"] == 127 and manifest["chat"]["truncated"] == 0
+    assert (tmp_path / "tok" / "shard-00000.pos").stat().st_size == 4 * manifest["total_tokens"]
+    common = [sys.executable, "-m", "minitrain", "pretrain", "--init", smollm2, "--data", str(tmp_path / "tok"),
+              "--batch-size", "1", "--steps", "1", "--val-windows", "1", "--eval-every", "0"]
+    run = subprocess.run([*common, "--seq-len", "127", "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    wrong = subprocess.run([*common, "--seq-len", "31", "--out", str(tmp_path / "wrong")], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "was packed for another --seq-len than 31" in wrong.stderr, wrong.stderr

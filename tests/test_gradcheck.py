@@ -91,7 +91,7 @@ def test_realistic_bug_attention_mask_missing_in_backward(monkeypatch):
 
     def unmasked(self, g):
         with monkeypatch.context() as m:
-            m.setattr(module, "_causal", lambda s, a, e, c: s.__imul__(c))  # every key seen, none masked
+            m.setattr(module, "_causal", lambda s, a, e, c, starts: s.__imul__(c))  # every key seen, none masked
             return original(self, g)
 
     monkeypatch.setattr(Attention, "backward", unmasked)

@@ -36,13 +36,17 @@ def _mask(xp, T, dtype):
     return xp.triu(xp.full((T, T), -xp.inf, dtype=dtype), k=1)
 
 
-def _causal(s, a, e, scale):
+def _causal(s, a, e, scale, starts=None):
     """s: the raw scores Q K^T of query positions a..e-1 (rows) against all T keys (columns), a
     view. Scales them and adds -inf where key j > query i; the columns j >= e, -inf on every row,
-    are left out: returns the view s[:, :e] the softmax needs (the caller zeroes the rest of P)."""
+    are left out: returns the view s[:, :e] the softmax needs (the caller zeroes the rest of P).
+    `starts` (e - a,): each row's first visible key (packed windows), -inf before it too."""
     seen = s[:, :e]
     seen *= scale
     seen += _mask(backend.xp, s.shape[1], s.dtype)[a:e, :e]
+    if starts is not None:
+        xp = backend.xp
+        seen[xp.arange(e)[None, :] < starts[:, None]] = -xp.inf
     return seen
 
 
@@ -57,7 +61,9 @@ def _blocks(B, nKV, g, T):
 
 class Attention(Function):
     """O = softmax(Q K^T / sqrt(hd) + M) V per head, M = -inf above the diagonal (causal).
-    q (B, T, nH, hd), k and v (B, T, nKV, hd) -> o (B, T, nH, hd).
+    q (B, T, nH, hd), k and v (B, T, nKV, hd) -> o (B, T, nH, hd). With `starts` (B, T) (a packed
+    window: several conversations one after another), query i sees keys starts[b, i] .. i only,
+    the start of its own conversation (M = -inf before it too): attention never crosses them.
 
     Forward per row i: s_ij = q_i.k_j * c, P_ij = exp(s_ij - lse_i), lse_i = log sum_j exp(s_ij),
     o_i = sum_j P_ij v_j. Backward, with dO given:
@@ -68,7 +74,7 @@ class Attention(Function):
     Masked entries have P_ij = 0, so they pass no gradient.
     """
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, starts=None):
         B, T, nH, hd = q.shape
         nKV = k.shape[2]
         if nH % nKV or k.shape != v.shape or k.shape[:2] + k.shape[3:] != (B, T, hd):
@@ -76,15 +82,18 @@ class Attention(Function):
                              "and (B, T, nKV, hd) with nH a multiple of nKV")
         g = nH // nKV
         xp = backend.xp
-        if (launch := backend.kernels(q, k, v)) and hd in attention_kernels.FORWARD_ROWS:  # kernels/attention.cu
+        if starts is not None:
+            starts = xp.asarray(starts)  # (B, T) first visible key of each query
+        if (launch := backend.kernels(q, k, v)) and hd in attention_kernels.FORWARD_ROWS and starts is None:
             q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))
             o, lse = xp.empty_like(q), xp.empty((B, nH, T), dtype=xp.float32)
             attention_kernels.forward(launch, q, k, v, o, lse)
-            self.save(q, k, v, o, lse, None)  # no scale: marks the kernel path
+            self.save(q, k, v, o, lse, None, None)  # no scale: marks the kernel path
             return o
         if q.dtype == backend.BF16:
             raise ValueError(f"attention: bf16 runs only on the kernel, which has head_dim "
-                             f"{sorted(attention_kernels.FORWARD_ROWS)}; this model has {hd}")
+                             f"{sorted(attention_kernels.FORWARD_ROWS)} and no packed windows yet; this model has "
+                             f"{hd}" + ("" if starts is None else ", and the data is packed (use --dtype fp32)"))
         # heads first; the g query heads of kv head j are heads j*g .. j*g+g-1, stacked as rows
         qh = xp.ascontiguousarray(q.transpose(0, 2, 1, 3)).reshape(B, nKV, g * T, hd)
         kh = xp.ascontiguousarray(k.transpose(0, 2, 1, 3))  # (B, nKV, T, hd)
@@ -95,7 +104,7 @@ class Attention(Function):
 
         def softmax(_, block):
             b, j, rows, a, e = block
-            s = _causal(p[b, j, rows], a, e, scale)  # (e - a, e)
+            s = _causal(p[b, j, rows], a, e, scale, None if starts is None else starts[b, a:e])  # (e - a, e)
             m = s.max(axis=-1, keepdims=True)  # finite: the diagonal is never masked
             s -= m
             xp.exp(s, out=s)
@@ -106,17 +115,17 @@ class Attention(Function):
 
         parallel.run(_blocks(B, nKV, g, T), softmax)
         oh = p @ vh  # (B, nKV, g*T, hd)
-        self.save(qh, kh, vh, oh, lse, scale)
+        self.save(qh, kh, vh, oh, lse, scale, starts)
         return oh.reshape(B, nH, T, hd).transpose(0, 2, 1, 3).copy()  # (B, T, nH, hd) contiguous
 
     def backward(self, g_out):
-        qh, kh, vh, oh, lse, scale = self.saved
+        qh, kh, vh, oh, lse, scale, starts = self.saved
         if scale is None:  # the forward ran the kernel: q, k, v, o in (B, T, heads, hd)
             xp = backend.xp
             dq, dk, dv = xp.empty_like(qh), xp.empty_like(kh), xp.empty_like(vh)
             D = xp.empty(lse.shape, dtype=xp.float32)
             attention_kernels.backward(backend.launch, qh, kh, vh, oh, xp.ascontiguousarray(g_out), lse, dq, dk, dv, D)
-            return dq, dk, dv
+            return dq, dk, dv, None
         B, T, nH, hd = g_out.shape
         xp = backend.xp
         do = xp.ascontiguousarray(g_out.transpose(0, 2, 1, 3)).reshape(oh.shape)  # (B, nKV, g*T, hd)
@@ -126,7 +135,7 @@ class Attention(Function):
 
         def probabilities(_, block):  # P recomputed from the saved log-sum-exp
             b, j, rows, a, e = block
-            s = _causal(p[b, j, rows], a, e, scale)
+            s = _causal(p[b, j, rows], a, e, scale, None if starts is None else starts[b, a:e])
             s -= lse[b, j, rows]
             xp.exp(s, out=s)
             p[b, j, rows, s.shape[1]:] = 0.0
@@ -148,8 +157,8 @@ class Attention(Function):
         dk = ds.swapaxes(-1, -2) @ qh  # (B, nKV, T, hd)
         return (dq.reshape(B, nH, T, hd).transpose(0, 2, 1, 3),
                 dk.transpose(0, 2, 1, 3),
-                dv.transpose(0, 2, 1, 3))
+                dv.transpose(0, 2, 1, 3), None)
 
 
-def attention(q, k, v):
-    return Attention.apply(q, k, v)
+def attention(q, k, v, starts=None):
+    return Attention.apply(q, k, v, starts)
