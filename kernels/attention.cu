@@ -56,8 +56,9 @@ struct alignas(16) vec4 {
 };
 __device__ __forceinline__ vec4 ld4(const float* p) { return *reinterpret_cast<const vec4*>(p); }
 
-// Causal: key kj is visible from query qi.
-__device__ __forceinline__ bool causal(long kj, long qi) { return kj <= qi; }
+// Causal: key kj is visible from query qi, whose first visible key is `first` (0; or in a packed
+// window the start of qi's own conversation).
+__device__ __forceinline__ bool causal(long kj, long qi, long first) { return kj <= qi && kj >= first; }
 
 // rows [row0, row0 + ROWS) of one head of a (B, T, heads, HD) tensor -> tile[r * PITCH + d] in
 // fp32, times `mul`; rows past the end are zero. `src` points at (b, 0, head, 0) and consecutive
@@ -125,7 +126,8 @@ __device__ __forceinline__ void store_rows(E* dst, const float (&acc)[RPT][DPT],
 
 template <class E, int HD>
 __device__ void attention_forward(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
-                                  E* __restrict__ o, float* __restrict__ lse, long B, long T, long nH, long nKV) {
+                                  E* __restrict__ o, float* __restrict__ lse, long B, long T, long nH, long nKV,
+                                  const long* __restrict__ starts) {
     constexpr int BQ = HD == 64 ? 64 : 32, BK = 32;             // query rows, key rows of a tile
     constexpr int RPT = BQ / TY, CPT = BK / TX, DPT = HD / TX;  // a thread's rows, keys, dims
     constexpr int KP = HD + 4, PP = BK + 8;                     // padded pitches (bank conflicts)
@@ -141,9 +143,10 @@ __device__ void attention_forward(const E* __restrict__ q, const E* __restrict__
 
     load_tile<BQ, HD, HD>(qs, q + (b * T * nH + h) * HD, q0, T, qstride, LOG2E / sqrtf((float)HD));
     float m[RPT], l[RPT], acc[RPT][DPT] = {};  // running row max (log2 units), partial row sum, O
-    UNROLL for (int i = 0; i < RPT; i++) m[i] = MASKED, l[i] = 0.0f;
+    long first[RPT];  // each row's first visible key
+    UNROLL for (int i = 0; i < RPT; i++) m[i] = MASKED, l[i] = 0.0f, first[i] = first_key(starts, b, T, q0 + ty + TY * i);
     const long q_end = q0 + BQ < T ? q0 + BQ : T;  // one past this tile's last query row
-    for (long k0 = 0; k0 < q_end; k0 += BK) {  // key tiles at or below the diagonal
+    for (long k0 = first_key(starts, b, T, q0) / BK * BK; k0 < q_end; k0 += BK) {  // visible key tiles
         load_tile<BK, HD, KP>(kv, kb, k0, T, kstride, 1.0f);
         __syncthreads();  // the K tile is loaded (and the Q tile, the first time)
         float s[RPT][CPT] = {};
@@ -151,7 +154,7 @@ __device__ void attention_forward(const E* __restrict__ q, const E* __restrict__
         UNROLL for (int i = 0; i < RPT; i++) {
             float mx = MASKED;
             UNROLL for (int j = 0; j < CPT; j++) {
-                if (!causal(k0 + tx + TX * j, q0 + ty + TY * i)) s[i][j] = MASKED;
+                if (!causal(k0 + tx + TX * j, q0 + ty + TY * i, first[i])) s[i][j] = MASKED;
                 mx = fmaxf(mx, s[i][j]);
             }
             part[i * THREADS + threadIdx.x] = mx;
@@ -166,6 +169,8 @@ __device__ void attention_forward(const E* __restrict__ q, const E* __restrict__
             m[i] = mx;
             l[i] *= alpha[i];
             UNROLL for (int j = 0; j < CPT; j++) {
+                // a row whose conversation starts past this tile sums exp2(0) = 1 here; the first tile it
+                // sees makes alpha = exp2(MASKED - m) = 0, which clears it
                 float p = exp2f(s[i][j] - mx);
                 l[i] += p;
                 ps[(ty + TY * i) * PP + tx + TX * j] = p;
@@ -218,7 +223,7 @@ template <class E, int HD>
 __device__ void attention_backward_dq(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
                                       const E* __restrict__ dout, const float* __restrict__ lse,
                                       const float* __restrict__ D, E* __restrict__ dq, long B, long T, long nH,
-                                      long nKV) {
+                                      long nKV, const long* __restrict__ starts) {
     constexpr int BQ = HD == 64 ? 32 : 16, BK = BQ;             // query rows, key rows of a tile
     constexpr int RPT = BQ / TY, CPT = BK / TX, DPT = HD / TX;  // a thread's rows, keys, dims
     constexpr int KP = HD + 4, PP = BK + 8;
@@ -239,8 +244,10 @@ __device__ void attention_backward_dq(const E* __restrict__ q, const E* __restri
     load_tile<BQ, HD, HD>(dos, dout + (b * T * nH + h) * HD, q0, T, qstride, 1.0f);
     load_row_stats<BQ>(lse2, delta, lse + (b * nH + h) * T, D + (b * nH + h) * T, q0, T);
     float acc[RPT][DPT] = {};  // dQ / c
+    long first[RPT];  // each row's first visible key
+    UNROLL for (int i = 0; i < RPT; i++) first[i] = first_key(starts, b, T, q0 + ty + TY * i);
     const long q_end = q0 + BQ < T ? q0 + BQ : T;
-    for (long k0 = 0; k0 < q_end; k0 += BK) {
+    for (long k0 = first_key(starts, b, T, q0) / BK * BK; k0 < q_end; k0 += BK) {
         load_tile<BK, HD, KP>(ks, kb, k0, T, kstride, 1.0f);
         load_tile<BK, HD, KP>(vs, vb, k0, T, kstride, 1.0f);
         __syncthreads();  // K, V tiles loaded (and Q, dO, lse, D the first time)
@@ -250,7 +257,7 @@ __device__ void attention_backward_dq(const E* __restrict__ q, const E* __restri
         UNROLL for (int i = 0; i < RPT; i++)
             UNROLL for (int j = 0; j < CPT; j++) {
                 int r = ty + TY * i, col = tx + TX * j;
-                float p = q0 + r < T && causal(k0 + col, q0 + r) ? exp2f(s[i][j] - lse2[r]) : 0.0f;
+                float p = q0 + r < T && causal(k0 + col, q0 + r, first[i]) ? exp2f(s[i][j] - lse2[r]) : 0.0f;
                 dss[r * PP + col] = p * (dp[i][j] - delta[r]);
             }
         __syncthreads();  // dS visible
@@ -266,7 +273,7 @@ template <class E, int HD>
 __device__ void attention_backward_dkdv(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
                                         const E* __restrict__ dout, const float* __restrict__ lse,
                                         const float* __restrict__ D, E* __restrict__ dk, E* __restrict__ dv, long B,
-                                        long T, long nH, long nKV) {
+                                        long T, long nH, long nKV, const long* __restrict__ starts) {
     constexpr int BK = HD == 64 ? 32 : 16, BQ = BK;             // key rows, query rows of a tile
     constexpr int RPT = BK / TY, CPT = BQ / TX, DPT = HD / TX;  // a thread's keys, queries, dims
     constexpr int QP = HD + 4, PP = BQ + 8;
@@ -277,6 +284,7 @@ __device__ void attention_backward_dkdv(const E* __restrict__ q, const E* __rest
     alignas(16) __shared__ float pts[BK * PP];  // P^T of a query tile
     alignas(16) __shared__ float dsts[BK * PP];  // dS^T
     __shared__ float lse2[BQ], delta[BQ];
+    __shared__ long firsts[BQ];  // the query tile's first visible keys
     const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
     const long k0 = (long)blockIdx.x * BK, kvh = blockIdx.y, b = blockIdx.z;
     const long g = nH / nKV, qstride = nH * HD, kstride = nKV * HD;
@@ -287,6 +295,8 @@ __device__ void attention_backward_dkdv(const E* __restrict__ q, const E* __rest
     float dka[RPT][DPT] = {}, dva[RPT][DPT] = {};  // dK / c, dV
     for (long h = kvh * g; h < kvh * g + g; h++)  // the query heads that share this kv head
         for (long q0 = k0 / BQ * BQ; q0 < T; q0 += BQ) {  // query tiles at or below the diagonal
+            if (first_key(starts, b, T, q0) >= k0 + BK) break;  // (packed) this and later ones see none of these keys
+            for (int r = threadIdx.x; r < BQ; r += THREADS) firsts[r] = first_key(starts, b, T, q0 + r);
             load_tile<BQ, HD, QP>(qs, q + (b * T * nH + h) * HD, q0, T, qstride, 1.0f);
             load_tile<BQ, HD, QP>(dos, dout + (b * T * nH + h) * HD, q0, T, qstride, 1.0f);
             load_row_stats<BQ>(lse2, delta, lse + (b * nH + h) * T, D + (b * nH + h) * T, q0, T);
@@ -297,7 +307,7 @@ __device__ void attention_backward_dkdv(const E* __restrict__ q, const E* __rest
             UNROLL for (int i = 0; i < RPT; i++)
                 UNROLL for (int j = 0; j < CPT; j++) {
                     int r = ty + TY * i, col = tx + TX * j;
-                    float p = q0 + col < T && causal(k0 + r, q0 + col) ? exp2f(s[i][j] - lse2[col]) : 0.0f;
+                    float p = q0 + col < T && causal(k0 + r, q0 + col, firsts[col]) ? exp2f(s[i][j] - lse2[col]) : 0.0f;
                     pts[r * PP + col] = p;
                     dsts[r * PP + col] = p * (dp[i][j] - delta[col]);
                 }
@@ -316,32 +326,33 @@ __device__ void attention_backward_dkdv(const E* __restrict__ q, const E* __rest
 #define ATTENTION(E, suffix, HD)                                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                     \
         attention_forward_hd##HD##_##suffix(const E* q, const E* k, const E* v, E* o, float* lse, long B,     \
-                                            long T, long nH, long nKV) {                                      \
-        attention_forward<E, HD>(q, k, v, o, lse, B, T, nH, nKV);                                             \
+                                            long T, long nH, long nKV, const long* starts) {                  \
+        attention_forward<E, HD>(q, k, v, o, lse, B, T, nH, nKV, starts);                                     \
     }                                                                                                         \
     EMU_EXPORT(attention_forward_hd##HD##_##suffix,                                                           \
-               (const E* q, const E* k, const E* v, E* o, float* lse, long B, long T, long nH, long nKV),     \
-               (q, k, v, o, lse, B, T, nH, nKV))                                                              \
+               (const E* q, const E* k, const E* v, E* o, float* lse, long B, long T, long nH, long nKV,      \
+                const long* starts),                                                                          \
+               (q, k, v, o, lse, B, T, nH, nKV, starts))                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                     \
         attention_backward_dq_hd##HD##_##suffix(const E* q, const E* k, const E* v, const E* dout,            \
                                                 const float* lse, const float* D, E* dq, long B, long T,      \
-                                                long nH, long nKV) {                                          \
-        attention_backward_dq<E, HD>(q, k, v, dout, lse, D, dq, B, T, nH, nKV);                               \
+                                                long nH, long nKV, const long* starts) {                      \
+        attention_backward_dq<E, HD>(q, k, v, dout, lse, D, dq, B, T, nH, nKV, starts);                       \
     }                                                                                                         \
     EMU_EXPORT(attention_backward_dq_hd##HD##_##suffix,                                                       \
                (const E* q, const E* k, const E* v, const E* dout, const float* lse, const float* D, E* dq,   \
-                long B, long T, long nH, long nKV),                                                           \
-               (q, k, v, dout, lse, D, dq, B, T, nH, nKV))                                                    \
+                long B, long T, long nH, long nKV, const long* starts),                                       \
+               (q, k, v, dout, lse, D, dq, B, T, nH, nKV, starts))                                            \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                     \
         attention_backward_dkdv_hd##HD##_##suffix(const E* q, const E* k, const E* v, const E* dout,          \
                                                   const float* lse, const float* D, E* dk, E* dv, long B,     \
-                                                  long T, long nH, long nKV) {                                \
-        attention_backward_dkdv<E, HD>(q, k, v, dout, lse, D, dk, dv, B, T, nH, nKV);                         \
+                                                  long T, long nH, long nKV, const long* starts) {            \
+        attention_backward_dkdv<E, HD>(q, k, v, dout, lse, D, dk, dv, B, T, nH, nKV, starts);                 \
     }                                                                                                         \
     EMU_EXPORT(attention_backward_dkdv_hd##HD##_##suffix,                                                     \
                (const E* q, const E* k, const E* v, const E* dout, const float* lse, const float* D, E* dk,   \
-                E* dv, long B, long T, long nH, long nKV),                                                    \
-               (q, k, v, dout, lse, D, dk, dv, B, T, nH, nKV))
+                E* dv, long B, long T, long nH, long nKV, const long* starts),                                \
+               (q, k, v, dout, lse, D, dk, dv, B, T, nH, nKV, starts))
 
 #define ATTENTION_DELTA(E, suffix)                                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                     \

@@ -115,7 +115,8 @@ __device__ __forceinline__ void store_fragments(bf16* dst, const float (&acc)[HD
 
 template <int HD>
 __device__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
-                        bf16* __restrict__ o, float* __restrict__ lse, long T, long nH, long nKV) {
+                        bf16* __restrict__ o, float* __restrict__ lse, long T, long nH, long nKV,
+                        const long* __restrict__ starts) {
     constexpr int KS = HD / 16, NT = HD / 8, PITCH = HD + 8;
     alignas(16) __shared__ bf16 ks[BK * PITCH];
     alignas(16) __shared__ bf16 vs[BK * PITCH];
@@ -123,6 +124,7 @@ __device__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k, 
     const long q0 = (long)(gridDim.x - 1 - blockIdx.x) * BQ, h = blockIdx.y, b = blockIdx.z;
     const long kvh = h / (nH / nKV), qstride = nH * HD, kstride = nKV * HD;
     const long row[2] = {q0 + 16 * warp + g, q0 + 16 * warp + g + 8};  // this lane's two query rows
+    const long first[2] = {first_key(starts, b, T, row[0]), first_key(starts, b, T, row[1])};
     const bf16* qb = q + (b * T * nH + h) * HD;
     const bf16* kb = k + (b * T * nKV + kvh) * HD;
     const bf16* vb = v + (b * T * nKV + kvh) * HD;
@@ -132,7 +134,7 @@ __device__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k, 
     load_fragments<HD>(qa, qb, q0 + 16 * warp, T, qstride);
     float acc[NT][4] = {}, m[2] = {MASKED, MASKED}, l[2] = {0.0f, 0.0f};
     const long q_end = q0 + BQ < T ? q0 + BQ : T;  // one past this tile's last query row
-    for (long k0 = 0; k0 < q_end; k0 += BK) {  // key tiles at or below the diagonal
+    for (long k0 = first_key(starts, b, T, q0) / BK * BK; k0 < q_end; k0 += BK) {  // visible key tiles
         load_tile<HD>(ks, kb, k0, T, kstride);
         load_tile<HD>(vs, vb, k0, T, kstride);
         __syncthreads();  // the K and V tiles are loaded
@@ -142,7 +144,7 @@ __device__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k, 
         UNROLL for (int n = 0; n < 8; n++)
             UNROLL for (int r = 0; r < 4; r++) {
                 long j = k0 + 8 * n + 2 * t + r % 2;
-                s[n][r] = j <= row[r / 2] ? s[n][r] * scale : MASKED;
+                s[n][r] = j <= row[r / 2] && j >= first[r / 2] ? s[n][r] * scale : MASKED;
                 mx[r / 2] = fmaxf(mx[r / 2], s[n][r]);
             }
         float alpha[2];
@@ -157,7 +159,8 @@ __device__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k, 
             UNROLL for (int r = 0; r < 4; r++) acc[n][r] *= alpha[r / 2];  // O back to the new row max
         UNROLL for (int n = 0; n < 8; n++)
             UNROLL for (int r = 0; r < 4; r++) {
-                s[n][r] = exp2f(s[n][r] - m[r / 2]);  // P, in place of S
+                s[n][r] = exp2f(s[n][r] - m[r / 2]);  // P, in place of S (see attention.cu: a row not yet
+                                                      // started is cleared by the first tile it sees)
                 l[r / 2] += s[n][r];
             }
         unsigned pa[4][4];  // P as A-fragments: k-step kk covers n-tiles 2 kk and 2 kk + 1
@@ -185,7 +188,7 @@ __device__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k, 
 template <int HD>
 __device__ void backward_dq(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                             const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ D,
-                            bf16* __restrict__ dq, long T, long nH, long nKV) {
+                            bf16* __restrict__ dq, long T, long nH, long nKV, const long* __restrict__ starts) {
     constexpr int PITCH = HD + 8;
     alignas(16) __shared__ bf16 ks[BK * PITCH];
     alignas(16) __shared__ bf16 vs[BK * PITCH];
@@ -193,6 +196,7 @@ __device__ void backward_dq(const bf16* __restrict__ q, const bf16* __restrict__
     const long q0 = (long)(gridDim.x - 1 - blockIdx.x) * BQ, h = blockIdx.y, b = blockIdx.z;
     const long kvh = h / (nH / nKV), qstride = nH * HD, kstride = nKV * HD, w0 = q0 + 16 * warp;
     const long row[2] = {w0 + g, w0 + g + 8};
+    const long first[2] = {first_key(starts, b, T, row[0]), first_key(starts, b, T, row[1])};
     const float c = 1.0f / sqrtf((float)HD), scale = c * LOG2E;
     unsigned qa[HD / 16][4], da[HD / 16][4];
     load_fragments<HD>(qa, q + (b * T * nH + h) * HD, w0, T, qstride);
@@ -204,7 +208,7 @@ __device__ void backward_dq(const bf16* __restrict__ q, const bf16* __restrict__
     }
     float acc[HD / 8][4] = {};  // dQ / c
     const long q_end = q0 + BQ < T ? q0 + BQ : T;
-    for (long k0 = 0; k0 < q_end; k0 += BK) {
+    for (long k0 = first_key(starts, b, T, q0) / BK * BK; k0 < q_end; k0 += BK) {
         load_tile<HD>(ks, k + (b * T * nKV + kvh) * HD, k0, T, kstride);
         load_tile<HD>(vs, v + (b * T * nKV + kvh) * HD, k0, T, kstride);
         __syncthreads();  // K and V loaded: S, dP and dQ may read them
@@ -214,7 +218,7 @@ __device__ void backward_dq(const bf16* __restrict__ q, const bf16* __restrict__
         UNROLL for (int n = 0; n < 8; n++)
             UNROLL for (int r = 0; r < 4; r++) {
                 long j = k0 + 8 * n + 2 * t + r % 2, i = row[r / 2];
-                float p = i < T && j <= i ? exp2f(s[n][r] * scale - lse2[r / 2]) : 0.0f;
+                float p = i < T && j <= i && j >= first[r / 2] ? exp2f(s[n][r] * scale - lse2[r / 2]) : 0.0f;
                 s[n][r] = p * (dp[n][r] - delta[r / 2]);  // dS, in place of S
             }
         unsigned dsa[4][4];
@@ -234,11 +238,12 @@ template <int HD>
 __device__ void backward_dkdv(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                               const bf16* __restrict__ dout, const float* __restrict__ lse,
                               const float* __restrict__ D, bf16* __restrict__ dk, bf16* __restrict__ dv, long T,
-                              long nH, long nKV) {
+                              long nH, long nKV, const long* __restrict__ starts) {
     constexpr int PITCH = HD + 8;
     alignas(16) __shared__ bf16 qs[BQ * PITCH];
     alignas(16) __shared__ bf16 dos[BQ * PITCH];
     __shared__ float lse2[BQ], delta[BQ];
+    __shared__ long firsts[BQ];  // the query tile's first visible keys
     const int warp = threadIdx.x / 32, t = threadIdx.x % 4, g = threadIdx.x % 32 / 4;
     const long k0 = (long)blockIdx.x * BK, kvh = blockIdx.y, b = blockIdx.z, w0 = k0 + 16 * warp;
     const long group = nH / nKV, qstride = nH * HD, kstride = nKV * HD;
@@ -250,12 +255,14 @@ __device__ void backward_dkdv(const bf16* __restrict__ q, const bf16* __restrict
     float dka[HD / 8][4] = {}, dva[HD / 8][4] = {};  // dK / c, dV
     for (long h = kvh * group; h < (kvh + 1) * group; h++)  // the query heads that share this kv head
         for (long q0 = k0; q0 < T; q0 += BQ) {  // query tiles at or below the diagonal (BQ = BK)
+            if (first_key(starts, b, T, q0) >= k0 + BK) break;  // (packed) this and later ones see none of these keys
             load_tile<HD>(qs, q + (b * T * nH + h) * HD, q0, T, qstride);
             load_tile<HD>(dos, dout + (b * T * nH + h) * HD, q0, T, qstride);
             for (int r = threadIdx.x; r < BQ; r += THREADS) {
                 bool in = q0 + r < T;
                 lse2[r] = in ? lse[(b * nH + h) * T + q0 + r] * LOG2E : 0.0f;
                 delta[r] = in ? D[(b * nH + h) * T + q0 + r] : 0.0f;
+                firsts[r] = first_key(starts, b, T, q0 + r);
             }
             __syncthreads();  // the Q and dO tiles and their lse, D are loaded
             float st[8][4] = {}, dpt[8][4] = {};
@@ -265,7 +272,8 @@ __device__ void backward_dkdv(const bf16* __restrict__ q, const bf16* __restrict
                 UNROLL for (int r = 0; r < 4; r++) {
                     const int col = 8 * n + 2 * t + r % 2;
                     const long j = q0 + col;
-                    float p = j < T && key[r / 2] <= j ? exp2f(st[n][r] * scale - lse2[col]) : 0.0f;
+                    float p = j < T && key[r / 2] <= j && key[r / 2] >= firsts[col]
+                                  ? exp2f(st[n][r] * scale - lse2[col]) : 0.0f;
                     st[n][r] = p;                                // P^T
                     dpt[n][r] = p * (dpt[n][r] - delta[col]);  // dS^T, in place of dP^T
                 }
@@ -285,12 +293,13 @@ __device__ void backward_dkdv(const bf16* __restrict__ q, const bf16* __restrict
 #define MMA_ATTENTION_FORWARD(HD)                                                                             \
     extern "C" __global__ void __launch_bounds__(mma_attention::THREADS)                                      \
         attention_forward_mma_hd##HD##_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, \
-                                            long B, long T, long nH, long nKV) {                              \
-        mma_attention::forward<HD>(q, k, v, o, lse, T, nH, nKV);                                             \
+                                            long B, long T, long nH, long nKV, const long* starts) {          \
+        mma_attention::forward<HD>(q, k, v, o, lse, T, nH, nKV, starts);                                     \
     }                                                                                                         \
     EMU_EXPORT(attention_forward_mma_hd##HD##_bf16,                                                          \
-               (const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, long B, long T, long nH, long nKV), \
-               (q, k, v, o, lse, B, T, nH, nKV))
+               (const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, long B, long T, long nH, long nKV, \
+                const long* starts),                                                                          \
+               (q, k, v, o, lse, B, T, nH, nKV, starts))
 
 MMA_ATTENTION_FORWARD(64)
 MMA_ATTENTION_FORWARD(128)
@@ -303,23 +312,24 @@ MMA_ATTENTION_FORWARD(128)
     extern "C" __global__ void __launch_bounds__(mma_attention::THREADS)                                      \
         attention_backward_dq_mma_hd##HD##_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,  \
                                                 const float* lse, const float* D, bf16* dq, long B, long T,    \
-                                                long nH, long nKV) {                                          \
-        mma_attention::backward_dq<HD>(q, k, v, dout, lse, D, dq, T, nH, nKV);                               \
+                                                long nH, long nKV, const long* starts) {                      \
+        mma_attention::backward_dq<HD>(q, k, v, dout, lse, D, dq, T, nH, nKV, starts);                       \
     }                                                                                                         \
     EMU_EXPORT(attention_backward_dq_mma_hd##HD##_bf16,                                                      \
                (const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* D, \
-                bf16* dq, long B, long T, long nH, long nKV),                                                 \
-               (q, k, v, dout, lse, D, dq, B, T, nH, nKV))                                                    \
+                bf16* dq, long B, long T, long nH, long nKV, const long* starts),                             \
+               (q, k, v, dout, lse, D, dq, B, T, nH, nKV, starts))                                            \
     extern "C" __global__ void __launch_bounds__(mma_attention::THREADS)                                      \
         attention_backward_dkdv_mma_hd##HD##_bf16(const bf16* q, const bf16* k, const bf16* v,                 \
                                                   const bf16* dout, const float* lse, const float* D, bf16* dk, \
-                                                  bf16* dv, long B, long T, long nH, long nKV) {              \
-        mma_attention::backward_dkdv<HD>(q, k, v, dout, lse, D, dk, dv, T, nH, nKV);                         \
+                                                  bf16* dv, long B, long T, long nH, long nKV,                \
+                                                  const long* starts) {                                       \
+        mma_attention::backward_dkdv<HD>(q, k, v, dout, lse, D, dk, dv, T, nH, nKV, starts);                 \
     }                                                                                                         \
     EMU_EXPORT(attention_backward_dkdv_mma_hd##HD##_bf16,                                                    \
                (const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* D, \
-                bf16* dk, bf16* dv, long B, long T, long nH, long nKV),                                       \
-               (q, k, v, dout, lse, D, dk, dv, B, T, nH, nKV))
+                bf16* dk, bf16* dv, long B, long T, long nH, long nKV, const long* starts),                   \
+               (q, k, v, dout, lse, D, dk, dv, B, T, nH, nKV, starts))
 
 MMA_ATTENTION_BACKWARD(64)
 MMA_ATTENTION_BACKWARD(128)

@@ -30,6 +30,13 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 __device__ __forceinline__ void store(float* p, long i, float v) { p[i] = v; }
 __device__ __forceinline__ void store(bf16* p, long i, float v) { p[i] = bf16_bits(v); }
 
+// Packed windows (several conversations one after another in a window): the first key query qi
+// of batch row b sees, starts[b * T + qi], the start of qi's conversation; non-decreasing along a
+// row. starts is null (the launch passes 0) when nothing is packed: every query sees from key 0.
+__device__ __forceinline__ long first_key(const long* starts, long b, long T, long qi) {
+    return starts && qi < T ? starts[b * T + qi] : 0;
+}
+
 // Multi-tensor launches (adamw_multi, sum_squares_multi): a table with one row of `columns` longs
 // per tensor, the last column the first block of that tensor (rows in block order, the first at
 // 0). The row of block b: the last whose first block is <= b, by binary search.

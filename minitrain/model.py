@@ -103,7 +103,7 @@ class Model:
         if cache is not None:
             positions = cache.positions(T)  # (B, T) each row's own
         elif positions is not None:
-            starts = numpy.arange(T)[None, :] - positions
+            starts = backend.xp.asarray(first_keys(positions))  # uploaded once for every layer
         x = ops.embedding(P["model.embed_tokens.weight"], ids)  # (B, T, H)
         if backend.bf16:  # mixed precision: activations in bf16 from here on, parameters stay fp32
             x = ops.cast(x, "bf16")
@@ -148,6 +148,17 @@ class Model:
         adapter when one is attached."""
         W, b = self.params[module + ".weight"], self.params.get(module + ".bias")
         return ops.linear(x, W, b) if self.adapters is None else self.adapters.linear(x, module, W, b)
+
+
+def first_keys(positions):
+    """A packed batch's positions (B, T) (host integers: 0 where a conversation starts, then +1 per
+    token) -> each query's first visible key, i - positions[i] (non-decreasing along a row, as the
+    attention kernels need); ValueError for positions that are not such runs."""
+    p = numpy.asarray(positions, dtype=numpy.int64)
+    if p.ndim != 2 or p.size and ((p[:, 0] != 0).any() or ((p[:, 1:] != 0) & (p[:, 1:] != p[:, :-1] + 1)).any()):
+        raise ValueError("positions must be (B, T) runs 0, 1, 2, ... (a new run where a conversation starts), "
+                         "each row starting at 0")
+    return numpy.arange(p.shape[1])[None, :] - p
 
 
 def _pack(config, params):

@@ -232,9 +232,6 @@ class Run:
         self.tokenizer = checked_tokenizer(cfg.tokenizer, mc) if cfg.tokenizer else None
         self.teacher = self._teacher(cfg.teacher, mc) if cfg.teacher else None
         self._data(cfg, mc.vocab_size)
-        if backend.bf16 and self.windows.pos is not None:
-            raise InputError(f"--dtype bf16: {cfg.data} is packed (positions beside its shards), and the bf16 "
-                             f"attention kernels have no per-conversation mask yet; use --dtype fp32")
         self.trained = params = self.adapters.parameters() if self.adapters else self.model.parameters()
         self.shards = zero.Shards(self.group, params) if cfg.zero else None
         if cfg.optimizer == "sgd":

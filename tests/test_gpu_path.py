@@ -274,3 +274,25 @@ def test_cast_backward_is_the_cast_back():
     np.testing.assert_array_equal(x.grad, bf16_values(gy))
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         ops.cast(x, "fp8")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_packed_window_on_the_kernels_computes_each_conversation_as_if_alone(kernels, precision):
+    """The attention kernels with per-query first keys (attention.cu in fp32, the tensor cores in
+    bf16): a packed window's logits are each conversation's alone, within the precision's rounding
+    (float64 on the NumPy path: tests/test_chat.py)."""
+    cfg = ModelConfig(family="qwen2", hidden_size=128, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=64, intermediate_size=96, vocab_size=257,
+                      max_position_embeddings=256, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    rng = np.random.default_rng(3)
+    convs = [rng.integers(0, 257, n) for n in (70, 9, 51)]  # one past a 64-row tile, then two more
+    ids = np.concatenate(convs)[None]
+    positions = np.concatenate([np.arange(len(c)) for c in convs])[None]
+    launched = kernels()
+    with backend.precision(precision):
+        model = Model.from_scratch(cfg, seed=4)
+        packed = model.forward(ids, positions=positions).data[0]
+        alone = np.concatenate([model.forward(c[None]).data[0] for c in convs])
+    assert "attention_mma" in launched if precision == "bf16" else "attention" in launched
+    assert rel(packed, alone) < (1e-5 if precision == "fp32" else 2e-2)
+    assert rel(packed[70:], alone[70:]) < (1e-5 if precision == "fp32" else 2e-2)  # the later conversations too

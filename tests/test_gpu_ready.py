@@ -127,6 +127,8 @@ def test_a_training_step_on_the_gpu_path_reads_two_values_from_the_device(case, 
 
     monkeypatch.setattr(train, "_device", gpu)
     monkeypatch.setattr(gemm, "_gemm_ex", cupy_standin.gemm_ex)
+    monkeypatch.setattr(backend, "dtype", backend.dtype)  # Run sets the precision: restored after the test
+    monkeypatch.setattr(backend, "bf16", backend.bf16)
     run = Run(*configure(options))
     assert isinstance(next(iter(run.trained)).data, cupy_standin.DeviceArray)
     cupy_standin.TRANSFERS.clear()

@@ -38,23 +38,27 @@ def inputs(B, T, nH, nKV, hd, dtype, seed=0):
     return [from_bf16(to_bf16(a)) for a in arrays] if dtype == "bf16" else arrays
 
 
-def reference(q, k, v, do):
-    """o, lse, D, dq, dk, dv in float64: minitrain's attention op, and lse and D from its output."""
+def reference(q, k, v, do, starts=None):
+    """o, lse, D, dq, dk, dv in float64: minitrain's attention op, and lse and D from its output.
+    `starts` (B, T): a packed window's first visible key of each query."""
     q, k, v, do = (a.astype(np.float64) for a in (q, k, v, do))
     B, T, nH, hd = q.shape
     tensors = [Tensor(a, requires_grad=True) for a in (q, k, v)]
-    o = ops.attention(*tensors)
+    o = ops.attention(*tensors, starts=starts)
     o.backward(do)
     kh = np.repeat(k, nH // k.shape[2], axis=2)  # kv head of query head h: h // g
     s = np.einsum("bihd,bjhd->bhij", q, kh) / np.sqrt(hd)
-    s = np.where(np.tri(T, dtype=bool), s, -np.inf)  # causal: key j <= query i
+    visible = np.tri(T, dtype=bool)[None, None]  # causal: key j <= query i
+    if starts is not None:  # and j >= the start of i's conversation
+        visible = visible & (np.arange(T)[None, None, None, :] >= starts[:, None, :, None])
+    s = np.where(visible, s, -np.inf)
     mx = s.max(-1)
     lse = mx + np.log(np.exp(s - mx[..., None]).sum(-1))
     D = (do * o.data).sum(-1).transpose(0, 2, 1)
     return dict(o=o.data, lse=lse, D=D, dq=tensors[0].grad, dk=tensors[1].grad, dv=tensors[2].grad)
 
 
-def run_kernels(run, q, k, v, do, dtype, backward=True):
+def run_kernels(run, q, k, v, do, dtype, backward=True, starts=None):
     """The kernels' results as float32 (decoded from bf16 where stored as bf16), and whether any
     kernel wrote past the end of an output. Every output starts as NaN (so each element must be
     written) and is followed in memory by GUARD elements that must stay NaN."""
@@ -71,11 +75,11 @@ def run_kernels(run, q, k, v, do, dtype, backward=True):
         return buf[:n].reshape(shape)
 
     o, lse = output(q.shape), output((B, nH, T), np.float32)
-    attention.forward(run, q, k, v, o, lse)
+    attention.forward(run, q, k, v, o, lse, starts)
     got = dict(o=o, lse=lse)
     if backward:
         dq, dk, dv, D = output(q.shape), output(k.shape), output(v.shape), output((B, nH, T), np.float32)
-        attention.backward(run, q, k, v, o, do, lse, dq, dk, dv, D)
+        attention.backward(run, q, k, v, o, do, lse, dq, dk, dv, D, starts)
         got.update(D=D, dq=dq, dk=dk, dv=dv)
     overrun = any(buf[n:].tobytes() != guard.tobytes() for buf, n, guard in guards)
     return {name: a if a.dtype == np.float32 else dec(a) for name, a in got.items()}, overrun
@@ -97,6 +101,62 @@ def test_attention_kernels_match_reference(B, T, nH, nKV, hd, dtype, reverse):
         tol = 1e-5 if name == "lse" else TOL[dtype]  # lse is float32 whatever the inputs
         scale = max(np.abs(want[name]).max(), 1.0)
         np.testing.assert_allclose(value, want[name], rtol=tol, atol=tol * scale, err_msg=name)
+
+
+def packed_starts(lengths):
+    """(B, T) first visible key of each query for rows of conversations of these lengths."""
+    return np.array([np.concatenate([np.full(n, sum(row[:i])) for i, n in enumerate(row)]) for row in lengths],
+                    dtype=np.int64)
+
+
+PACKED = [  # B, T, nH, nKV, hd, dtype, conversation lengths per row
+    (2, 67, 4, 2, 64, "f32", [[20, 47], [3, 33, 31]]),
+    (1, 40, 2, 1, 128, "f32", [[7, 17, 16]]),
+    (2, 130, 2, 1, 64, "bf16", [[70, 60], [64, 1, 65]]),  # the tensor cores; a conversation starting past a tile
+    (1, 70, 2, 1, 128, "bf16", [[66, 4]]),
+]
+
+
+@pytest.mark.parametrize("B,T,nH,nKV,hd,dtype,lengths", PACKED)
+def test_packed_windows_match_reference(B, T, nH, nKV, hd, dtype, lengths):
+    """Several conversations in a window: each query sees its own conversation's keys only (its
+    first key from `starts`), forward and backward, against the float64 reference."""
+    starts = packed_starts(lengths)
+    q, k, v, do = inputs(B, T, nH, nKV, hd, dtype, seed=2)
+    want = reference(q, k, v, do, starts)
+    got, overrun = run_kernels(launcher(), q, k, v, do, dtype, starts=starts)
+    assert not overrun, "a kernel wrote past the end of an output"
+    for name, value in got.items():
+        tol = 1e-5 if name == "lse" else TOL[dtype]
+        scale = max(np.abs(want[name]).max(), 1.0)
+        np.testing.assert_allclose(value, want[name], rtol=tol, atol=tol * scale, err_msg=name)
+
+
+PACKED_PLANTS = {  # name: (source, old, new, case index, the result it must spoil)
+    "forward: a conversation sees the one before": (
+        "attention", "kj <= qi && kj >= first", "kj <= qi", 0, "o"),
+    "dkdv stops before the queries that see its keys": (
+        "attention", "if (first_key(starts, b, T, q0) >= k0 + BK) break;", "if (first_key(starts, b, T, q0) >= k0) break;",
+        0, "dk"),
+    "tensor cores: dq sees the conversation before": (
+        "attention_mma", "i < T && j <= i && j >= first[r / 2]", "i < T && j <= i", 2, "dq"),
+    "tensor cores: the forward's key tiles start at the wrong conversation": (
+        "attention_mma", "s[n][r] = j <= row[r / 2] && j >= first[r / 2] ?", "s[n][r] = j <= row[r / 2] ?", 2, "o"),
+    "tensor cores: dkdv's keys seen by the next conversation": (
+        "attention_mma", "key[r / 2] <= j && key[r / 2] >= firsts[col]", "key[r / 2] <= j", 2, "dv"),
+}
+
+
+@pytest.mark.parametrize("name", PACKED_PLANTS)
+def test_planted_bug_in_packed_attention_is_caught(name):
+    source, old, new, case, spoiled = PACKED_PLANTS[name]
+    B, T, nH, nKV, hd, dtype, lengths = PACKED[case]
+    starts = packed_starts(lengths)
+    q, k, v, do = inputs(B, T, nH, nKV, hd, dtype, seed=2)
+    want = reference(q, k, v, do, starts)[spoiled]
+    with np.errstate(invalid="ignore"):
+        got, overrun = run_kernels(launcher(plant=(old, new), planted_in=source), q, k, v, do, dtype, starts=starts)
+    assert overrun or not error(got[spoiled], want) <= TOL[dtype], f"planted bug not caught: {name}"
 
 
 def test_launch_rejects_unsupported_shapes():

@@ -34,21 +34,35 @@ def _tensor_cores(*arrays):
     return suffix(arrays[0]) == "bf16" and all(address(a) % 16 == 0 for a in arrays)
 
 
-def forward(launch, q, k, v, o, lse):
+def _starts(starts, B, T):
+    """The kernels' last argument: a packed window's (B, T) int64 first visible key of each query,
+    or 0 (a null pointer: every query sees from key 0)."""
+    if starts is None:
+        return 0
+    if starts.shape != (B, T) or starts.dtype.name != "int64" or not starts.flags.c_contiguous:
+        raise ValueError(f"attention kernels: starts must be C-contiguous int64 {(B, T)}; found "
+                         f"{starts.dtype.name} {tuple(starts.shape)}")
+    return starts
+
+
+def forward(launch, q, k, v, o, lse, starts=None):
     """o = softmax(q k^T / sqrt(hd), causal) v per head; lse = the rows' log-sum-exp. bf16 runs on
-    the tensor cores (kernels/attention_mma.cu), fp32 on kernels/attention.cu."""
+    the tensor cores (kernels/attention_mma.cu), fp32 on kernels/attention.cu. `starts` (B, T):
+    each query's first visible key, in a packed window (non-decreasing along each row)."""
     B, T, nH, nKV, hd = _shape(q, k)
+    starts = _starts(starts, B, T)
     if _tensor_cores(q, k, v):
         launch("attention_mma", f"attention_forward_mma_hd{hd}_bf16", (_tiles(T, MMA_ROWS), nH, B), (THREADS,),
-               (q, k, v, o, lse, B, T, nH, nKV))
+               (q, k, v, o, lse, B, T, nH, nKV, starts))
         return
     launch("attention", f"attention_forward_hd{hd}_{suffix(q)}", (_tiles(T, FORWARD_ROWS[hd]), nH, B), (THREADS,),
-           (q, k, v, o, lse, B, T, nH, nKV))
+           (q, k, v, o, lse, B, T, nH, nKV, starts))
 
 
-def backward(launch, q, k, v, o, do, lse, dq, dk, dv, D):
+def backward(launch, q, k, v, o, do, lse, dq, dk, dv, D, starts=None):
     """dq, dk, dv from do; D (B, nH, T) float32 is scratch (it receives rowsum(do * o))."""
     B, T, nH, nKV, hd = _shape(q, k)
+    starts = _starts(starts, B, T)
     launch("attention", f"attention_backward_delta_{suffix(o)}", (min(DELTA_BLOCKS, _tiles(B * T * nH, DELTA_ROWS)),),
            (THREADS,), (o, do, D, B, T, nH, hd))
     if hd in MMA_BACKWARD_HD and _tensor_cores(q, k, v, do):
@@ -56,6 +70,6 @@ def backward(launch, q, k, v, o, do, lse, dq, dk, dv, D):
     else:
         source, name, rows = "attention", f"hd{hd}_{suffix(q)}", BACKWARD_ROWS[hd]
     launch(source, f"attention_backward_dq_{name}", (_tiles(T, rows), nH, B), (THREADS,),
-           (q, k, v, do, lse, D, dq, B, T, nH, nKV))
+           (q, k, v, do, lse, D, dq, B, T, nH, nKV, starts))
     launch(source, f"attention_backward_dkdv_{name}", (_tiles(T, rows), nKV, B), (THREADS,),
-           (q, k, v, do, lse, D, dk, dv, B, T, nH, nKV))
+           (q, k, v, do, lse, D, dk, dv, B, T, nH, nKV, starts))

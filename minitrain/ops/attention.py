@@ -83,17 +83,16 @@ class Attention(Function):
         g = nH // nKV
         xp = backend.xp
         if starts is not None:
-            starts = xp.asarray(starts)  # (B, T) first visible key of each query
-        if (launch := backend.kernels(q, k, v)) and hd in attention_kernels.FORWARD_ROWS and starts is None:
+            starts = xp.ascontiguousarray(xp.asarray(starts, dtype=numpy.int64))  # (B, T) first visible key of each query
+        if (launch := backend.kernels(q, k, v)) and hd in attention_kernels.FORWARD_ROWS:
             q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))
             o, lse = xp.empty_like(q), xp.empty((B, nH, T), dtype=xp.float32)
-            attention_kernels.forward(launch, q, k, v, o, lse)
-            self.save(q, k, v, o, lse, None, None)  # no scale: marks the kernel path
+            attention_kernels.forward(launch, q, k, v, o, lse, starts)
+            self.save(q, k, v, o, lse, None, starts)  # no scale: marks the kernel path
             return o
         if q.dtype == backend.BF16:
             raise ValueError(f"attention: bf16 runs only on the kernel, which has head_dim "
-                             f"{sorted(attention_kernels.FORWARD_ROWS)} and no packed windows yet; this model has "
-                             f"{hd}" + ("" if starts is None else ", and the data is packed (use --dtype fp32)"))
+                             f"{sorted(attention_kernels.FORWARD_ROWS)}; this model has {hd}")
         # heads first; the g query heads of kv head j are heads j*g .. j*g+g-1, stacked as rows
         qh = xp.ascontiguousarray(q.transpose(0, 2, 1, 3)).reshape(B, nKV, g * T, hd)
         kh = xp.ascontiguousarray(k.transpose(0, 2, 1, 3))  # (B, nKV, T, hd)
@@ -124,7 +123,8 @@ class Attention(Function):
             xp = backend.xp
             dq, dk, dv = xp.empty_like(qh), xp.empty_like(kh), xp.empty_like(vh)
             D = xp.empty(lse.shape, dtype=xp.float32)
-            attention_kernels.backward(backend.launch, qh, kh, vh, oh, xp.ascontiguousarray(g_out), lse, dq, dk, dv, D)
+            attention_kernels.backward(backend.launch, qh, kh, vh, oh, xp.ascontiguousarray(g_out), lse, dq, dk, dv, D,
+                                       starts)
             return dq, dk, dv, None
         B, T, nH, hd = g_out.shape
         xp = backend.xp
