@@ -188,14 +188,15 @@ def model_of_tokenizer(tokenizer_path):
     return p.parent if p.suffix == ".json" else p
 
 
-def chat_setup(tokenizer_path, tokenizer, override=None):
-    """(Template, special tokens) to render conversations for the model of `tokenizer_path`: the
-    template given (`--chat-template`) or the model's; bos_token and eos_token as the model names
-    them (an HF tokenizer_config.json, a GGUF's token ids), else the tokenizer's EOS and no BOS."""
+def chat_setup(tokenizer_path, tokenizer, override=None, model=None):
+    """(Template, special tokens) to render conversations for `model` (default: the model of
+    `tokenizer_path`): the template given (`--chat-template`) or the model's; bos_token and
+    eos_token as the model names them (an HF tokenizer_config.json, a GGUF's token ids), else the
+    tokenizer's EOS and no BOS. eos_token is the end of a turn for the chat templates here."""
     from minitrain.formats.sources import source_kind
     from minitrain.tokenize import find_eos
 
-    model = model_of_tokenizer(tokenizer_path)
+    model = Path(model) if model is not None else model_of_tokenizer(tokenizer_path)
     template = read_template_file(override) if override else model_template(model)
     if template is None:
         raise InputError(f"{model}: the model has no chat template; give one with --chat-template FILE.jinja")

@@ -232,27 +232,50 @@ def model_and_tokenizer(init_path, arch, rope_layout, tokenizer_path):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--stop", "stops", multiple=True, metavar="TEXT",
               help="End a continuation at this text, which is not printed (repeatable).")
+@click.option("--chat", is_flag=True,
+              help="Each --prompt is a user turn, rendered with the model's chat template (and the generation "
+                   "prompt); generation also stops at the template's end-of-turn token; prints the replies.")
+@click.option("--system", metavar="TEXT", help="With --chat: a system turn before each prompt.")
+@click.option("--chat-template", metavar="FILE.jinja", help="With --chat: this template instead of the model's.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
 def generate(init_path, arch, rope_layout, tokenizer_path, prompts, max_new_tokens, temperature, top_k, top_p, seed,
-             stops, as_json):
+             stops, chat, system, chat_template, as_json):
     """Continue prompts with a model (KV cache; greedy at --temperature 0); prints each prompt with
-    its continuation. JSON: text, ids, finish (eos|stop|length) of the first prompt, completions
-    (every prompt's), prefill_tokens_per_sec, decode_tokens_per_sec."""
+    its continuation (with --chat, each reply). JSON: text, ids, finish (eos|stop|length) of the
+    first prompt, completions (every prompt's), prefill_tokens_per_sec, decode_tokens_per_sec; with
+    --chat also reply (the first prompt's)."""
     from minitrain.generate import Sampling
     from minitrain.generate import generate as sample
+    from minitrain.tokenize import model_tokenizer
 
+    if (system or chat_template) and not chat:
+        raise InputError(f"{'--system' if system else '--chat-template'} is for chat prompts: give --chat too")
     model, tokenizer, eos = model_and_tokenizer(init_path, arch, rope_layout, tokenizer_path)
-    ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    stop_ids, texts = (eos,), list(prompts)
+    if chat:
+        from minitrain import chat as chats
+
+        template, tokens = chats.chat_setup(tokenizer_path or model_tokenizer(init_path), tokenizer, chat_template,
+                                            model=init_path)
+        texts = [chats.render(template, [*([{"role": "system", "content": system}] if system else []),
+                                         {"role": "user", "content": p}], add_generation_prompt=True, **tokens)
+                 for p in prompts]
+        end_of_turn = tokenizer.token_to_id(tokens["eos_token"])
+        stop_ids += (end_of_turn,) if end_of_turn is not None else ()
+    ids = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
     if not all(ids):
         raise InputError("--prompt is empty")
-    completions, timing = sample(model, ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed), eos,
+    completions, timing = sample(model, ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed), stop_ids,
                                  stops, tokenizer.decode)
     rates = timing.rates()
     click.echo(f"prefill {rates['prefill_tokens_per_sec']:.1f} tokens/s, decode "
                f"{rates['decode_tokens_per_sec']:.1f} tokens/s", err=True)
     if as_json:
         every = [{"prompt": p, "text": c.text, "ids": c.ids, "finish": c.finish} for p, c in zip(prompts, completions)]
-        click.echo(json.dumps({**{k: every[0][k] for k in ("text", "ids", "finish")}, "completions": every, **rates}))
+        click.echo(json.dumps({**{k: every[0][k] for k in ("text", "ids", "finish")}, "completions": every,
+                               **({"reply": every[0]["text"]} if chat else {}), **rates}))
+    elif chat:
+        click.echo("\n\n".join(c.text for c in completions))
     else:
         click.echo("\n\n".join(p + c.text for p, c in zip(prompts, completions)))
 

@@ -87,8 +87,9 @@ def last_logits(model, h):
     return backend.to_numpy(logits.data[:, 0]).astype(numpy.float64)
 
 
-def generate(model, prompts, max_new_tokens, sampling=Sampling(), stop_id=None, stop_strings=(), decode=None):
+def generate(model, prompts, max_new_tokens, sampling=Sampling(), stop_ids=(), stop_strings=(), decode=None):
     """Continue each prompt (a list of token ids). -> ([Completion per prompt], Timing).
+    A row ends at any of `stop_ids` (end of text; a chat template's end of turn) or stop string.
     `decode` (ids -> str) is needed for stop strings and fills Completion.text."""
     if stop_strings and decode is None:
         raise ValueError("stop strings need a decoder")
@@ -116,7 +117,7 @@ def generate(model, prompts, max_new_tokens, sampling=Sampling(), stop_id=None, 
             picked = [next_token(z, sampling, rng) for z in logits]
             for row, token in zip(active, picked):
                 out[row].append(token)
-                done[row] = _ended(out[row], stop_id, stop_strings, decode, max_new_tokens)
+                done[row] = _ended(out[row], stop_ids, stop_strings, decode, max_new_tokens)
             still = [k for k, row in enumerate(active) if done[row] is None]
             if not still:
                 break
@@ -130,13 +131,13 @@ def generate(model, prompts, max_new_tokens, sampling=Sampling(), stop_id=None, 
     return done, timing
 
 
-def _ended(new, stop_id, stop_strings, decode, max_new_tokens):
+def _ended(new, stop_ids, stop_strings, decode, max_new_tokens):
     """The Completion of a row whose new ids are `new`, if they end it; else None."""
     text = decode(new) if decode else ""
     cuts = [text.find(s) for s in stop_strings if s in text]
     if cuts:
         return Completion(list(new), text[:min(cuts)], "stop")
-    if new[-1] == stop_id:
+    if new[-1] in stop_ids:
         return Completion(list(new), decode(new[:-1]) if decode else "", "eos")
     if len(new) == max_new_tokens:
         return Completion(list(new), text, "length")

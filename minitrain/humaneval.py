@@ -83,7 +83,7 @@ def evaluate(model, tokenizer, eos, problems, samples, sampling, max_new_tokens,
         batch = rows[b:b + BATCH_ROWS]
         prompts = [tokenizer.encode(prompt(p), add_special_tokens=False).ids for p, _ in batch]
         batch_sampling = dataclasses.replace(sampling, seed=sampling.seed + b)  # each batch its own draws
-        completions, timing = generate(model, prompts, max_new_tokens, batch_sampling, eos, STOP, tokenizer.decode)
+        completions, timing = generate(model, prompts, max_new_tokens, batch_sampling, (eos,), STOP, tokenizer.decode)
         generating += timing.prefill_s + timing.decode_s
         new_tokens += sum(len(c.ids) for c in completions)
         for (problem, sample), c in zip(batch, completions):

@@ -274,3 +274,35 @@ def test_packed_data_trains_and_must_match_the_seq_len(tmp_path, smollm2):
     assert run.returncode == 0, run.stderr
     wrong = subprocess.run([*common, "--seq-len", "31", "--out", str(tmp_path / "wrong")], capture_output=True, text=True)
     assert wrong.returncode == 2 and "was packed for another --seq-len than 31" in wrong.stderr, wrong.stderr
+
+
+def test_generate_chat_prompts_and_greedy_replies_are_transformers(tmp_path, smollm2, tokenizer):
+    """`generate --chat`: the prompt is transformers' apply_chat_template(add_generation_prompt=True)
+    token for token, and the greedy reply transformers' greedy reply on the real SmolLM2 (float64
+    truth, hf_oracle); the reply ends at the template's end of turn."""
+    torch = pytest.importorskip("torch")
+    from hf_oracle import float64_model
+
+    from minitrain.formats.sources import load_model
+    from minitrain.generate import Sampling, generate
+
+    template = chat.model_template(smollm2)
+    messages = [{"role": "system", "content": "You write Python."},
+                {"role": "user", "content": "Write a function that reverses a string."}]
+    want = hf_tokenizer(tokenizer, template.text).apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                                      add_generation_prompt=True)["input_ids"]
+    template_, tokens = chat.chat_setup(smollm2, tokenizer)
+    text = chat.render(template_, messages, add_generation_prompt=True, **tokens)
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    assert ids == want
+    ours = generate(load_model(smollm2), [ids], 10, Sampling(temperature=0), stop_ids=(0, 2))[0][0].ids
+    with torch.no_grad():
+        theirs = float64_model(smollm2.parent, gguf_file=smollm2.name).generate(
+            torch.tensor([ids]), max_new_tokens=10, do_sample=False, top_k=None, top_p=None)[0].tolist()[len(ids):]
+    assert ours == theirs[:len(ours)]
+    out = subprocess.run([sys.executable, "-m", "minitrain", "generate", "--init", smollm2, "--chat", "--system",
+                          "You write Python.", "--prompt", "Write a function that reverses a string.",
+                          "--max-new-tokens", "10", "--temperature", "0", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ids"] == ours and result["reply"] == tokenizer.decode(ours)

@@ -149,7 +149,7 @@ def test_rows_end_at_eos_at_a_stop_string_or_at_the_length_and_leave_the_batch()
         others = [free[1][:s], free[2]]
         assert not any(eos in f for f in others), "the test needs an eos id only row 0 produces"
         assert not any(stop in text_of(f) for f in [free[0][:e + 1]] + others), "and a stop text only row 1 does"
-        completions, timing = generate(model, rows, 10, Sampling(temperature=0), stop_id=eos, stop_strings=[stop],
+        completions, timing = generate(model, rows, 10, Sampling(temperature=0), stop_ids=(eos,), stop_strings=[stop],
                                        decode=text_of)
     assert completions[0].ids == free[0][:e + 1] and completions[0].finish == "eos"
     assert completions[0].text == text_of(free[0][:e])
