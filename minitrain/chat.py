@@ -190,17 +190,32 @@ def model_of_tokenizer(tokenizer_path):
 
 def chat_setup(tokenizer_path, tokenizer, override=None, model=None):
     """(Template, special tokens) to render conversations for `model` (default: the model of
-    `tokenizer_path`): the template given (`--chat-template`) or the model's; bos_token and
-    eos_token as the model names them (an HF tokenizer_config.json, a GGUF's token ids), else the
-    tokenizer's EOS and no BOS. eos_token is the end of a turn for the chat templates here."""
+    `tokenizer_path`): the template given (`--chat-template`) or the model's, an error without
+    one; the special tokens as model_chat gives them."""
+    model = Path(model) if model is not None else model_of_tokenizer(tokenizer_path)
+    template, tokens = model_chat(model, tokenizer, override)
+    if template is None:
+        raise InputError(f"{model}: the model has no chat template; give one with --chat-template FILE.jinja")
+    return template, tokens
+
+
+def model_chat(model, tokenizer, override=None):
+    """(Template or None, special tokens) of a model (an HF directory, a GGUF or APR file): the
+    template given (`--chat-template`) or the model's own; bos_token and eos_token as the model
+    names them (an HF tokenizer_config.json; a GGUF's token ids, its end-of-turn id first; an APR's
+    chat_bos_token and chat_eos_token, minitrain's keys), else the tokenizer's EOS and no BOS (no
+    tokenizer: none). eos_token is the end of a turn for the chat templates here."""
     from minitrain.formats.sources import source_kind
     from minitrain.tokenize import find_eos
 
-    model = Path(model) if model is not None else model_of_tokenizer(tokenizer_path)
+    model = Path(model)
     template = read_template_file(override) if override else model_template(model)
-    if template is None:
-        raise InputError(f"{model}: the model has no chat template; give one with --chat-template FILE.jinja")
-    tokens = {"bos_token": "", "eos_token": tokenizer.id_to_token(find_eos(tokenizer, str(tokenizer_path)))}
+    tokens = {"bos_token": "", "eos_token": ""}
+    if tokenizer is not None:
+        try:
+            tokens["eos_token"] = tokenizer.id_to_token(find_eos(tokenizer, str(model)))
+        except InputError:  # a tokenizer without an end-of-text token: the template must name its own
+            pass
     kind = source_kind(model)
     if kind == "hf":
         config = _tokenizer_config(model)
@@ -213,10 +228,48 @@ def chat_setup(tokenizer_path, tokenizer, override=None, model=None):
         from minitrain.formats.gguf import fields, open_gguf
 
         values = fields(open_gguf(model))
-        for key, field in (("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id")):
-            if isinstance(values.get(field), int) and tokenizer.id_to_token(values[field]) is not None:
-                tokens[key] = tokenizer.id_to_token(values[field])
+        for key, names in (("bos_token", ["tokenizer.ggml.bos_token_id"]),
+                           ("eos_token", ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eos_token_id"])):
+            ids = [values[f] for f in names if isinstance(values.get(f), int)]
+            if tokenizer is not None and ids and tokenizer.id_to_token(ids[0]) is not None:
+                tokens[key] = tokenizer.id_to_token(ids[0])
+    else:
+        from minitrain.formats.apr import read_apr
+
+        meta = read_apr(model).metadata
+        tokens.update({key: meta[f"chat_{key}"] for key in tokens if isinstance(meta.get(f"chat_{key}"), str)})
     return template, tokens
+
+
+def apr_chat_metadata(template, tokens):
+    """What an APR file keeps of a chat: chat_template, and chat_bos_token, chat_eos_token (the end of
+    a turn) where the model names them."""
+    if template is None:
+        return {}
+    return {"chat_template": template.text, **{f"chat_{k}": v for k, v in tokens.items() if v}}
+
+
+def write_hf_template(directory, template, tokens):
+    """An HF directory's chat template as transformers reads it: chat_template.jinja (what it
+    writes today) and, in tokenizer_config.json, the template and the special tokens it uses
+    (kept beside whatever the file already holds)."""
+    directory = Path(directory)
+    (directory / "chat_template.jinja").write_text(template.text, encoding="utf-8")
+    config = _tokenizer_config(directory)
+    config.update({"chat_template": template.text, "tokenizer_class": config.get("tokenizer_class",
+                                                                                  "PreTrainedTokenizerFast"),
+                   **{k: v for k, v in tokens.items() if v}})
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def describe(template):
+    """One line about a template: its size, digest and origin (or that there is none)."""
+    if template is None:
+        return "none"
+    import hashlib
+
+    return (f"{len(template.text):,} characters, sha256 {hashlib.sha256(template.text.encode()).hexdigest()[:16]}, "
+            f"from {template.origin}")
 
 
 def target_mask(offsets, spans):

@@ -171,6 +171,8 @@ def evaluate(init_path, arch, rope_layout, data_path, seq_len, batch_size, batch
 @click.option("--distill-weight", type=click.FloatRange(0, 1), metavar="W", help="W with --teacher (default 0.5).")
 @click.option("--distill-temperature", type=click.FloatRange(min=0, min_open=True), metavar="T",
               help="T with --teacher (default 2).")
+@click.option("--chat-template", metavar="FILE.jinja",
+              help="The chat template final.apr carries (default: --init's own, if it has one).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
 @click.pass_context
 def pretrain(ctx, as_json, **options):
@@ -420,12 +422,15 @@ def inspect_command(path, arch, rope_layout, as_json):
 @click.option("--tokenizer", "tokenizer_path", metavar="PATH",
               help="tokenizer.json or a .gguf to write with the model (default: SRC's own, if it has one; "
                    "a .gguf needs one).")
-def convert(src, dst, arch, rope_layout, dtype, tokenizer_path):
+@click.option("--chat-template", metavar="FILE.jinja",
+              help="The chat template to write with the model (default: SRC's own, if it has one).")
+def convert(src, dst, arch, rope_layout, dtype, tokenizer_path, chat_template):
     """Any model source (.apr, .gguf, Hugging Face directory) to any of them: DST's extension picks
-    the format (.apr, .gguf; no extension = a Hugging Face directory)."""
+    the format (.apr, .gguf; no extension = a Hugging Face directory). The tokenizer and the chat
+    template go with it."""
     from minitrain.convert import convert as run
 
-    click.echo(run(src, dst, dtype, tokenizer_path, arch, rope_layout))
+    click.echo(run(src, dst, dtype, tokenizer_path, arch, rope_layout, chat_template))
 
 
 # MPI's Abort kills every rank at once; mpiexec may not yet have read the lost-rank line from this

@@ -10,7 +10,10 @@ other extension is an error rather than a guess.
 - an HF directory: config.json + model.safetensors in F32, and tokenizer.json when there is one,
   loadable by transformers.
 
-The tokenizer is --tokenizer, else SRC's own (an HF directory's tokenizer.json, a GGUF's).
+The tokenizer is --tokenizer, else SRC's own (an HF directory's tokenizer.json, a GGUF's). The
+chat template travels too: --chat-template, else SRC's own (minitrain/chat.py), written where each
+format keeps it: APR metadata `chat_template`, GGUF `tokenizer.chat_template`, an HF directory's
+chat_template.jinja and tokenizer_config.json (with the special tokens it uses).
 F32 is lossless every way; a quantized GGUF is dequantized once, exactly, and stays so.
 """
 
@@ -51,8 +54,9 @@ def checked_tokenizer(path, config):
     return tokenizer
 
 
-def convert(src, dst, dtype="f32", tokenizer_path=None, arch=None, rope_layout=None):
+def convert(src, dst, dtype="f32", tokenizer_path=None, arch=None, rope_layout=None, chat_template=None):
     """Convert and return a one-line description of what was written."""
+    from minitrain.chat import apr_chat_metadata, model_chat
     from minitrain.formats.sources import load_source, source_kind
     from minitrain.tokenize import NoTokenizer, model_tokenizer
 
@@ -75,17 +79,26 @@ def convert(src, dst, dtype="f32", tokenizer_path=None, arch=None, rope_layout=N
             if dst.suffix == ".gguf":
                 raise InputError(f"{dst}: a GGUF file needs the tokenizer, and {e}") from None
             tokenizer_path = tokenizer = None
-    with_tokenizer = f", tokenizer from {tokenizer_path}" if tokenizer else ""
+    template, tokens = model_chat(src, tokenizer, chat_template)
+    with_tokenizer = (f", tokenizer from {tokenizer_path}" if tokenizer else "") + \
+                     (f", chat template from {template.origin}" if template else "")
     if dst.suffix == ".apr":
         tensors = list(apr_tensors(cfg, arrays, dtype))
-        write_apr(dst, tensors, model_metadata(cfg, parameter_count(cfg), tokenizer))
+        meta = model_metadata(cfg, parameter_count(cfg), tokenizer)
+        write_apr(dst, tensors, {**meta, **apr_chat_metadata(template, tokens)})
         return f"{src} -> {dst}: APR v2, {dtype.upper()}, {len(tensors)} tensors{with_tokenizer}"
     if dst.suffix == ".gguf":
-        fallback = gguf.write_gguf(dst, cfg, arrays, tokenizer, dtype)
+        end_of_turn = tokenizer.token_to_id(tokens["eos_token"]) if template and tokens["eos_token"] else None
+        fallback = gguf.write_gguf(dst, cfg, arrays, tokenizer, dtype, chat_template=template and template.text,
+                                   end_of_turn=end_of_turn)
         note = f" ({len(fallback)} matrices in F16: rows not a multiple of 32)" if fallback else ""
         return f"{src} -> {dst}: GGUF {cfg.family}, {dtype.upper()}{note}{with_tokenizer}"
     hf.save_dir(dst, cfg, arrays)
     if tokenizer:
         tokenizer.save(str(dst / "tokenizer.json"))
+    if template:
+        from minitrain.chat import write_hf_template
+
+        write_hf_template(dst, template, tokens)
     return f"{src} -> {dst}: Hugging Face directory (config.json + model.safetensors, F32), {len(arrays)} " \
            f"tensors{with_tokenizer}"

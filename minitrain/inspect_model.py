@@ -23,6 +23,27 @@ def inspect(path, arch=None, rope_layout=None):
     p = Path(path)
     kind = source_kind(p)
     architecture = _architecture(lambda: load_source(p, arch, rope_layout)[0])
+    return {**_inspect_format(p, kind, architecture), "chat_template": _chat_template(p)}
+
+
+def _chat_template(p):
+    """Whether the model keeps a chat template: {present, chars, sha256, origin} (or the reason it
+    cannot be read)."""
+    import hashlib
+
+    from minitrain.chat import model_template
+
+    try:
+        template = model_template(p)
+    except InputError as e:
+        return {"present": False, "error": str(e)}
+    if template is None:
+        return {"present": False}
+    return {"present": True, "chars": len(template.text), "sha256": hashlib.sha256(template.text.encode()).hexdigest(),
+            "origin": template.origin}
+
+
+def _inspect_format(p, kind, architecture):
     if kind == "hf":
         return _inspect_hf(p, architecture)
     if kind == "gguf":
@@ -84,8 +105,12 @@ def render(info):
         lines.append(f"architecture  {arch['family']}: {fields}")
     else:
         lines.append(f"architecture  not loadable: {arch['error']}")
+    chat = info["chat_template"]
+    lines.append("chat template " + (f"{chat['chars']:,} characters, sha256 {chat['sha256'][:16]}, from {chat['origin']}"
+                                     if chat["present"] else chat.get("error", "none")))
     lines.append("metadata")
-    lines += [f"  {key}: {_short(value)}" for key, value in info["metadata"].items()]
+    lines += [f"  {key}: {_short(value) if key != 'tokenizer.chat_template' else '(above)'}"
+              for key, value in info["metadata"].items() if key != "chat_template"]
     total = sum(t["nbytes"] for t in info["tensors"])
     params = sum(math.prod(t["shape"]) for t in info["tensors"])
     lines.append(f"tensors       {len(info['tensors'])} ({params:,} values, {total:,} bytes)")

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from minitrain import backend, checkpoint, dist, lora, ops, zero
+from minitrain import backend, chat, checkpoint, dist, lora, ops, zero
 from minitrain.autograd import no_grad
 from minitrain.config import PRESETS, ModelConfig, preset
 from minitrain.convert import apr_tensors, checked_tokenizer
@@ -85,6 +85,7 @@ class TrainConfig:
     teacher: str = None  # a model of the same vocabulary to distill from (forward only, never trained)
     distill_weight: float = None  # w of (1 - w) CE + w T^2 KL (ops/distill.py); 0.5 with --teacher
     distill_temperature: float = None  # T; 2.0 with --teacher
+    chat_template: str = None  # a .jinja file for final.apr; default: --init's own template
 
     @property
     def lora(self):
@@ -230,6 +231,7 @@ class Run:
             raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                              f"{mc.max_position_embeddings}")
         self.tokenizer = checked_tokenizer(cfg.tokenizer, mc) if cfg.tokenizer else None
+        self.chat = self._chat(cfg)  # what final.apr carries of a chat template
         self.teacher = self._teacher(cfg.teacher, mc) if cfg.teacher else None
         self._data(cfg, mc.vocab_size)
         self.trained = params = self.adapters.parameters() if self.adapters else self.model.parameters()
@@ -311,6 +313,21 @@ class Run:
                   f"loss (1 - {self.cfg.distill_weight:g}) CE + {self.cfg.distill_weight:g} T^2 KL at "
                   f"T = {self.cfg.distill_temperature:g}")
         return teacher
+
+    def _chat(self, cfg):
+        """The chat template final.apr carries (--chat-template, else --init's own) and its special
+        tokens (from --tokenizer, else --init's own tokenizer): APR metadata, or {}."""
+        from minitrain.tokenize import NoTokenizer, load_tokenizer, model_tokenizer
+
+        if cfg.init is None:
+            return {} if cfg.chat_template is None else {"chat_template": chat.read_template_file(cfg.chat_template).text}
+        if cfg.chat_template is None and chat.model_template(cfg.init) is None:
+            return {}  # nothing to carry: no tokenizer to read
+        try:
+            tokenizer = self.tokenizer or load_tokenizer(model_tokenizer(cfg.init))
+        except NoTokenizer:
+            tokenizer = None
+        return chat.apr_chat_metadata(*chat.model_chat(cfg.init, tokenizer, cfg.chat_template))
 
     def _trained_count(self):
         return sum(p.data.size for p in self.trained)
@@ -545,8 +562,8 @@ class Run:
         if self.lead:
             arrays = (self.adapters.merged(model.params) if self.adapters else
                       {n: backend.to_numpy(t.data) for n, t in model.params.items()})
-            write_apr(self.out / "final.apr", apr_tensors(mc, arrays),
-                      model_metadata(mc, model.num_parameters(), self.tokenizer))
+            meta = model_metadata(mc, model.num_parameters(), self.tokenizer)
+            write_apr(self.out / "final.apr", apr_tensors(mc, arrays), {**meta, **self.chat})
             if self.adapters:
                 peft.write_adapter(self.out / "adapter", self.adapters.spec, self.adapters.arrays(), self.cfg.init)
             self.metrics.close()

@@ -221,6 +221,7 @@ def test_fine_tuning_on_conversations_counts_only_the_assistants_tokens(tmp_path
                          "--seq-len", "32", "--batch-size", "2", "--batches", "1", "--json"], capture_output=True, text=True)
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout.strip().splitlines()[-1])["tokens"] == target_count(windows.batch([0, 1])[1])
+    assert chat.model_template(tmp_path / "run" / "final.apr").text == chat.model_template(smollm2).text
 
 
 def test_packing_is_best_fit_decreasing_and_counts_what_it_cuts():
@@ -306,3 +307,33 @@ def test_generate_chat_prompts_and_greedy_replies_are_transformers(tmp_path, smo
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["ids"] == ours and result["reply"] == tokenizer.decode(ours)
+
+
+def test_the_chat_template_travels_through_every_format(tmp_path, smollm2, tokenizer):
+    """GGUF -> APR -> GGUF -> HF directory -> APR keeps the template byte for byte; transformers
+    renders it from the HF directory as we do; --chat-template at convert replaces it; inspect
+    shows it; pretrain's final.apr carries --init's."""
+    transformers = pytest.importorskip("transformers")
+
+    def run(*args):
+        out = subprocess.run([sys.executable, "-m", "minitrain", *map(str, args)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    original = chat.model_template(smollm2).text
+    run("convert", smollm2, tmp_path / "a.apr")
+    run("convert", tmp_path / "a.apr", tmp_path / "b.gguf")
+    run("convert", tmp_path / "b.gguf", tmp_path / "c")
+    run("convert", tmp_path / "c", tmp_path / "d.apr")
+    for path in ("a.apr", "b.gguf", "c", "d.apr"):
+        assert chat.model_template(tmp_path / path).text == original, path
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "c")
+    assert hf.eos_token == "<|im_end|>"
+    assert hf.apply_chat_template(CONVERSATIONS[0], tokenize=False) == chat.render(chat.model_template(tmp_path / "c"),
+                                                                                   CONVERSATIONS[0])
+    (tmp_path / "t.jinja").write_text(CHATML)
+    run("convert", smollm2, tmp_path / "e.gguf", "--chat-template", tmp_path / "t.jinja")
+    assert chat.model_template(tmp_path / "e.gguf").text == CHATML
+    info = json.loads(run("inspect", tmp_path / "d.apr", "--json").strip().splitlines()[-1])
+    assert info["chat_template"]["present"] and info["chat_template"]["chars"] == len(original)
+    assert f"chat template {len(CHATML):,} characters" in run("inspect", tmp_path / "e.gguf")

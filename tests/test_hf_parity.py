@@ -207,7 +207,7 @@ def _untied_copy_of_embedding(self):
 PLANTED = {
     "rope adjacent pairs": (importlib.import_module("minitrain.ops.rope"), "_rotate", _adjacent_pairs_rotate),
     "no causal mask": (importlib.import_module("minitrain.ops.attention"), "_causal",
-                       lambda s, a, e, c: s.__imul__(c)),  # every key column seen, none masked
+                       lambda s, a, e, c, starts=None: s.__imul__(c)),  # every key column seen, none masked
     "q/k/v bias dropped": (ops, "linear", _linear_without_bias),
     "head not tied": (Model, "head", property(_untied_copy_of_embedding)),
 }

@@ -173,9 +173,10 @@ PLANTS = {  # name: (old, new, B, T, nH, nKV, hd, the result it must spoil)
         "__syncthreads();  // the K tile is loaded", "// no barrier", 1, 40, 1, 1, 64, "o"),
     "next Q tile loaded over the one in use": (
         "__syncthreads();  // Q, dO, P^T, dS^T consumed", "// no barrier", 1, 20, 2, 1, 128, "dk"),
-    "diagonal masked": ("return kj <= qi;", "return kj < qi;", 1, 20, 1, 1, 64, "o"),
+    "diagonal masked": ("return kj <= qi && kj >= first;", "return kj < qi && kj >= first;", 1, 20, 1, 1, 64, "o"),
     "last key tile skipped": (  # T = 33: the last query row is the first key of a tile
-        "k0 < q_end; k0 += BK) {  // key tiles", "k0 < q_end - 1; k0 += BK) {  // key tiles", 1, 33, 1, 1, 128, "o"),
+        "k0 < q_end; k0 += BK) {  // visible key tiles", "k0 < q_end - 1; k0 += BK) {  // visible key tiles", 1, 33, 1, 1,
+        128, "o"),
     "output not rescaled to the new row max": (
         "acc[i][c] *= alpha[i];", "", 1, 40, 1, 1, 64, "o"),
     "row T stored": ("if (t < T)", "if (t <= T)", 1, 20, 1, 1, 64, "o"),  # one row: within GUARD

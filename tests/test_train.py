@@ -74,10 +74,10 @@ def test_mask_shards_must_match_their_token_shards(tokens, tmp_path):
     for name in ("shard-00000", "shard-00001"):
         (directory / f"{name}.bin").write_bytes(tokens.read_bytes())
     (directory / "shard-00000.mask").write_bytes(bytes(tokens.stat().st_size // 4))
-    with pytest.raises(InputError, match="shard-00001.mask: missing; 1 of the 2 token shards have a mask"):
+    with pytest.raises(InputError, match="shard-00001.mask: missing; 1 of the 2 token shards have a .mask shard"):
         TokenWindows(directory, 16, VOCAB)
     (directory / "shard-00001.mask").write_bytes(bytes(7))
-    with pytest.raises(InputError, match="shard-00001.mask: 7 mask bytes for the 1042 tokens of shard-00001.bin"):
+    with pytest.raises(InputError, match="shard-00001.mask: 7 bytes for the 1042 tokens of shard-00001.bin"):
         TokenWindows(directory, 16, VOCAB)
 
 

@@ -172,9 +172,11 @@ def read_tokenizer(path):
     return gguf_vocab.tokenizer_from_fields(fields(open_gguf(path)), str(path))
 
 
-def write_gguf(path, cfg, arrays, tokenizer, dtype="f32", name=None):
+def write_gguf(path, cfg, arrays, tokenizer, dtype="f32", name=None, chat_template=None, end_of_turn=None):
     """Write a GGUF file llama.cpp loads; return the names of matrices stored as F16 because q8_0
-    needs rows of whole 32-value blocks (llama.cpp's converter falls back the same way)."""
+    needs rows of whole 32-value blocks (llama.cpp's converter falls back the same way). A chat
+    template (text) goes under tokenizer.chat_template, where llama.cpp and ollama read it, and the
+    id of the token that ends a turn under tokenizer.ggml.eot_token_id."""
     if dtype not in WRITABLE:
         raise InputError(f"--dtype {dtype!r}: a GGUF file is written as {', '.join(WRITABLE)}")
     gguf = _gguf()
@@ -196,6 +198,10 @@ def write_gguf(path, cfg, arrays, tokenizer, dtype="f32", name=None):
     writer.add_uint32(f"{cfg.family}.vocab_size", cfg.vocab_size)
     for key, value in tokenizer_keys:
         writer.add_key_value(key, value, *_value_type(value))
+    if chat_template:
+        writer.add_chat_template(chat_template)
+    if end_of_turn is not None:
+        writer.add_eot_token_id(end_of_turn)
     if cfg.family == "llama":
         arrays = permute_qk(arrays, cfg, hf_to_interleaved)
     names = {hf: g for g, hf in TENSORS.items()}
