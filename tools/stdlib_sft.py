@@ -9,7 +9,8 @@ Each module-level function of the modules below that has a docstring becomes one
                <its source, docstring left out>
                ```
 
-Functions whose source is longer than --max-chars are skipped. A function goes to val.jsonl when
+Functions whose source is longer than --max-chars are skipped, and those whose signature shows an
+object's address (it differs from run to run). A function goes to val.jsonl when
 a hash of its qualified name falls in the held-out share (--val-share): the split is the same on
 every machine and run, and no function is in both. Prints the counts.
 """
@@ -71,8 +72,8 @@ def conversations(max_chars):
                 source, signature = without_docstring(inspect.getsource(fn)), str(inspect.signature(fn))
             except (OSError, TypeError, ValueError, SyntaxError):
                 continue
-            if source is None or len(source) > max_chars:
-                continue
+            if source is None or len(source) > max_chars or " at 0x" in signature:
+                continue  # too long; or a default whose repr is an address (not the same from run to run)
             seen.add(qualified)
             first = doc.strip().splitlines()[0].strip().rstrip(".")
             prompt = f"Write a Python function `{attr}{signature}` that {first[0].lower() + first[1:]}."
