@@ -236,3 +236,56 @@ def test_a_subtle_bug_shows_in_float64(pair, monkeypatch):
     rmsnorm = ops.rmsnorm
     monkeypatch.setattr(ops, "rmsnorm", lambda x, w, eps: rmsnorm(x, w, eps * 1.1))
     assert max(compare_forward_backward(truth, ours(directory, "fp64"), "fp64").values()) > 1
+
+
+def test_packed_masked_batches_match_each_conversation_alone_in_torch(pair):
+    """Packed batches (several conversations per row, positions restarting at each, some targets
+    masked to -100, a conversation's first token never a target): our loss and three AdamW steps
+    in float64 against the float64 truth computing every conversation by itself (its own forward,
+    positions from 0) with torch's ignore_index=-100, the loss the sum over every counted target
+    divided by their number. Agreement to float64 rounding (a tight check, no bound needed)."""
+    _, directory, _ = pair
+    truth = hf_oracle.float64_model(directory)
+    model = ours(directory, "fp64")
+    V, rng = model.config.vocab_size, np.random.default_rng(5)
+    lengths = [[5, 4, 4], [7, 6]]  # conversations of each row's window of T + 1 = 13 tokens
+    positions = np.array([np.concatenate([np.arange(n) for n in row]) for row in lengths])  # (B, T + 1)
+    data = []
+    for _ in range(3):
+        w = rng.integers(0, V, (B, T + 1))
+        targets = np.where((rng.random((B, T)) < 0.3) | (positions[:, 1:] == 0), -100, w[:, 1:])
+        data.append((w[:, :-1], targets))
+    settings = dict(OPTIMIZERS["adamw"])
+    wd = settings.pop("weight_decay")
+    named = dict(truth.named_parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in named.values() if p.ndim >= 2], "weight_decay": wd},
+                             {"params": [p for p in named.values() if p.ndim < 2], "weight_decay": 0.0}], **settings)
+    theirs = []
+    for inputs, targets in data:
+        opt.zero_grad()
+        total = 0.0
+        for b, row in enumerate(lengths):
+            starts = np.cumsum([0, *row])[:-1]
+            for s, n in zip(starts, row):
+                e = min(s + n, T)  # the inputs' part of this conversation
+                logits = truth(torch.tensor(inputs[b:b + 1, s:e])).logits[0]
+                total = total + torch.nn.functional.cross_entropy(logits, torch.tensor(targets[b, s:e]),
+                                                                  ignore_index=-100, reduction="sum")
+        loss = total / int((targets != -100).sum())
+        loss.backward()
+        opt.step()
+        theirs.append(loss.item())
+    with backend.precision("fp64"):
+        ours_opt = AdamW(model.parameters(), **OPTIMIZERS["adamw"])
+        mine = []
+        for inputs, targets in data:
+            for p in model.parameters():
+                p.zero_grad()
+            loss = model.loss(inputs, targets, positions[:, :-1])
+            loss.backward()
+            ours_opt.step()
+            mine.append(float(loss.data))
+    np.testing.assert_allclose(mine, theirs, rtol=1e-12)
+    for name, t in model.params.items():
+        want = named[name].detach().numpy()
+        np.testing.assert_allclose(t.data, want, rtol=1e-9, atol=1e-12, err_msg=name)
