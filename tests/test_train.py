@@ -177,6 +177,12 @@ def test_accumulation_gives_the_big_batch_update(tokens, tmp_path, optimizer, ma
     acc, _ = train(small(tokens, tmp_path / "acc", batch_size=2, grad_accum=2, **common))
     np.testing.assert_allclose(step_losses(tmp_path / "big"), step_losses(tmp_path / "acc"), rtol=1e-13)
     for name, t in big.model.params.items():
+        if optimizer == "adamw" and name.endswith("k_proj.bias"):
+            # its gradient is 0 without RoPE (adding b_k to every key adds q.b_k to a whole row of
+            # scores, which the softmax cancels), and next to 0 in the dimensions RoPE barely turns
+            # (theta 1e6): there the two runs compute rounding noise, which AdamW scales up to
+            # steps of up to lr in whatever direction the noise points
+            continue
         np.testing.assert_allclose(acc.model.params[name].data, t.data, rtol=1e-10, atol=1e-14, err_msg=name)
 
 
