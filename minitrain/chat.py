@@ -162,9 +162,8 @@ def assistant_spans(template, messages, where, **tokens):
 
 def messages_of(record, where):
     """The conversation of one JSONL record: its `messages` (system/user/assistant turns, each with
-    string content), or `prompt` and `completion` as a user and an assistant turn."""
-    if not isinstance(record, dict):
-        raise InputError(f"{where}: expected a JSON object with `messages` or `prompt` and `completion`")
+    string content), or `prompt` and `completion` as a user and an assistant turn. `record` is a
+    JSON object (tokenize.jsonl_records checks it)."""
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
@@ -188,28 +187,32 @@ def model_of_tokenizer(tokenizer_path):
     return p.parent if p.suffix == ".json" else p
 
 
-def chat_setup(tokenizer_path, tokenizer, override=None, model=None):
-    """(Template, special tokens) to render conversations for `model` (default: the model of
-    `tokenizer_path`): the template given (`--chat-template`) or the model's, an error without
-    one; the special tokens as model_chat gives them."""
-    model = Path(model) if model is not None else model_of_tokenizer(tokenizer_path)
-    template, tokens = model_chat(model, tokenizer, override)
+def chat_setup(model, tokenizer, override=None):
+    """(Template, special tokens) to render conversations for `model`: template_for's, an error
+    without one; the special tokens as special_tokens gives them."""
+    template = template_for(model, override)
     if template is None:
         raise InputError(f"{model}: the model has no chat template; give one with --chat-template FILE.jinja")
-    return template, tokens
+    return template, special_tokens(model, tokenizer)
 
 
-def model_chat(model, tokenizer, override=None):
-    """(Template or None, special tokens) of a model (an HF directory, a GGUF or APR file): the
-    template given (`--chat-template`) or the model's own; bos_token and eos_token as the model
-    names them (an HF tokenizer_config.json; a GGUF's token ids, its end-of-turn id first; an APR's
+def template_for(model, override=None):
+    """The template given (`--chat-template FILE.jinja`), else the one `model` keeps (None: no
+    model, or it keeps none)."""
+    if override:
+        return read_template_file(override)
+    return None if model is None else model_template(model)
+
+
+def special_tokens(model, tokenizer):
+    """bos_token and eos_token of a model (an HF directory, a GGUF or APR file) as it names them
+    (an HF tokenizer_config.json; a GGUF's token ids, its end-of-turn id first; an APR's
     chat_bos_token and chat_eos_token, minitrain's keys), else the tokenizer's EOS and no BOS (no
     tokenizer: none). eos_token is the end of a turn for the chat templates here."""
     from minitrain.formats.sources import source_kind
     from minitrain.tokenize import find_eos
 
     model = Path(model)
-    template = read_template_file(override) if override else model_template(model)
     tokens = {"bos_token": "", "eos_token": ""}
     if tokenizer is not None:
         try:
@@ -238,7 +241,7 @@ def model_chat(model, tokenizer, override=None):
 
         meta = read_apr(model).metadata
         tokens.update({key: meta[f"chat_{key}"] for key in tokens if isinstance(meta.get(f"chat_{key}"), str)})
-    return template, tokens
+    return tokens
 
 
 def apr_chat_metadata(template, tokens):
@@ -260,16 +263,6 @@ def write_hf_template(directory, template, tokens):
                                                                                   "PreTrainedTokenizerFast"),
                    **{k: v for k, v in tokens.items() if v}})
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-
-
-def describe(template):
-    """One line about a template: its size, digest and origin (or that there is none)."""
-    if template is None:
-        return "none"
-    import hashlib
-
-    return (f"{len(template.text):,} characters, sha256 {hashlib.sha256(template.text.encode()).hexdigest()[:16]}, "
-            f"from {template.origin}")
 
 
 def target_mask(offsets, spans):

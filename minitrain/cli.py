@@ -248,7 +248,6 @@ def generate(init_path, arch, rope_layout, tokenizer_path, prompts, max_new_toke
     --chat also reply (the first prompt's)."""
     from minitrain.generate import Sampling
     from minitrain.generate import generate as sample
-    from minitrain.tokenize import model_tokenizer
 
     if (system or chat_template) and not chat:
         raise InputError(f"{'--system' if system else '--chat-template'} is for chat prompts: give --chat too")
@@ -257,8 +256,7 @@ def generate(init_path, arch, rope_layout, tokenizer_path, prompts, max_new_toke
     if chat:
         from minitrain import chat as chats
 
-        template, tokens = chats.chat_setup(tokenizer_path or model_tokenizer(init_path), tokenizer, chat_template,
-                                            model=init_path)
+        template, tokens = chats.chat_setup(init_path, tokenizer, chat_template)
         texts = [chats.render(template, [*([{"role": "system", "content": system}] if system else []),
                                          {"role": "user", "content": p}], add_generation_prompt=True, **tokens)
                  for p in prompts]

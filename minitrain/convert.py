@@ -56,7 +56,7 @@ def checked_tokenizer(path, config):
 
 def convert(src, dst, dtype="f32", tokenizer_path=None, arch=None, rope_layout=None, chat_template=None):
     """Convert and return a one-line description of what was written."""
-    from minitrain.chat import apr_chat_metadata, model_chat
+    from minitrain.chat import apr_chat_metadata, special_tokens, template_for
     from minitrain.formats.sources import load_source, source_kind
     from minitrain.tokenize import NoTokenizer, model_tokenizer
 
@@ -79,7 +79,8 @@ def convert(src, dst, dtype="f32", tokenizer_path=None, arch=None, rope_layout=N
             if dst.suffix == ".gguf":
                 raise InputError(f"{dst}: a GGUF file needs the tokenizer, and {e}") from None
             tokenizer_path = tokenizer = None
-    template, tokens = model_chat(src, tokenizer, chat_template)
+    template = template_for(src, chat_template)
+    tokens = special_tokens(src, tokenizer) if template else {}
     with_tokenizer = (f", tokenizer from {tokenizer_path}" if tokenizer else "") + \
                      (f", chat template from {template.origin}" if template else "")
     if dst.suffix == ".apr":
@@ -88,7 +89,7 @@ def convert(src, dst, dtype="f32", tokenizer_path=None, arch=None, rope_layout=N
         write_apr(dst, tensors, {**meta, **apr_chat_metadata(template, tokens)})
         return f"{src} -> {dst}: APR v2, {dtype.upper()}, {len(tensors)} tensors{with_tokenizer}"
     if dst.suffix == ".gguf":
-        end_of_turn = tokenizer.token_to_id(tokens["eos_token"]) if template and tokens["eos_token"] else None
+        end_of_turn = tokenizer.token_to_id(tokens["eos_token"]) if tokens.get("eos_token") else None
         fallback = gguf.write_gguf(dst, cfg, arrays, tokenizer, dtype, chat_template=template and template.text,
                                    end_of_turn=end_of_turn)
         note = f" ({len(fallback)} matrices in F16: rows not a multiple of 32)" if fallback else ""

@@ -88,7 +88,7 @@ def tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template=None,
     tokenizer = load_tokenizer(tokenizer_path)
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    template, tokens = chat.chat_setup(tokenizer_path, tokenizer, chat_template)
+    template, tokens = chat.chat_setup(chat.model_of_tokenizer(tokenizer_path), tokenizer, chat_template)
     eos, vocab_size = find_eos(tokenizer, tokenizer_path), tokenizer.get_vocab_size(with_added_tokens=True)
     files, out = input_files(inputs), output_dir(out_dir)
     window = None if pack_seq_len is None else pack_seq_len + 1

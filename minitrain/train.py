@@ -316,18 +316,17 @@ class Run:
 
     def _chat(self, cfg):
         """The chat template final.apr carries (--chat-template, else --init's own) and its special
-        tokens (from --tokenizer, else --init's own tokenizer): APR metadata, or {}."""
+        tokens (--init's, its tokenizer from --tokenizer, else its own): APR metadata, or {}."""
         from minitrain.tokenize import NoTokenizer, load_tokenizer, model_tokenizer
 
-        if cfg.init is None:
-            return {} if cfg.chat_template is None else {"chat_template": chat.read_template_file(cfg.chat_template).text}
-        if cfg.chat_template is None and chat.model_template(cfg.init) is None:
-            return {}  # nothing to carry: no tokenizer to read
+        template = chat.template_for(cfg.init, cfg.chat_template)
+        if template is None or cfg.init is None:  # nothing, or no model to name the special tokens
+            return chat.apr_chat_metadata(template, {})
         try:
             tokenizer = self.tokenizer or load_tokenizer(model_tokenizer(cfg.init))
         except NoTokenizer:
             tokenizer = None
-        return chat.apr_chat_metadata(*chat.model_chat(cfg.init, tokenizer, cfg.chat_template))
+        return chat.apr_chat_metadata(template, chat.special_tokens(cfg.init, tokenizer))
 
     def _trained_count(self):
         return sum(p.data.size for p in self.trained)

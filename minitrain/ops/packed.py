@@ -117,4 +117,3 @@ def linear_split(x, W, b, sizes):
         blocks.append(Columns.apply(y, shared, start, start + n))
         start += n
     return blocks
-
