@@ -81,6 +81,10 @@ def convert(src, dst, dtype="f32", tokenizer_path=None, arch=None, rope_layout=N
             tokenizer_path = tokenizer = None
     template = template_for(src, chat_template)
     tokens = special_tokens(src, tokenizer) if template else {}
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{dst}: cannot create its directory {dst.parent} ({e.strerror})") from None
     with_tokenizer = (f", tokenizer from {tokenizer_path}" if tokenizer else "") + \
                      (f", chat template from {template.origin}" if template else "")
     if dst.suffix == ".apr":

@@ -267,8 +267,10 @@ def test_a_gguf_needs_a_tokenizer(small_gguf, tmp_path):
 
 
 def test_an_apr_converted_from_a_gguf_carries_its_tokenizer_back(small_gguf, tmp_path):
+    """... into a directory convert makes (a file where it would go is refused in one line)."""
     assert run("convert", str(small_gguf), str(tmp_path / "m.apr")).returncode == 0
-    assert run("convert", str(tmp_path / "m.apr"), str(tmp_path / "m.gguf")).returncode == 0
+    assert run("convert", str(tmp_path / "m.apr"), str(tmp_path / "new" / "m.gguf")).returncode == 0
     text = "def f(x):\n    return x + 1  # café"
-    ids = [load_tokenizer(p).encode(text).ids for p in (small_gguf, tmp_path / "m.apr", tmp_path / "m.gguf")]
+    ids = [load_tokenizer(p).encode(text).ids for p in (small_gguf, tmp_path / "m.apr", tmp_path / "new" / "m.gguf")]
     assert ids[0] == ids[1] == ids[2] and len(ids[0]) > 3
+    refused(run("convert", str(tmp_path / "m.apr"), str(tmp_path / "m.apr" / "m.gguf")), "cannot create its directory")
