@@ -29,6 +29,7 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
+from minitrain.corpus import BadRecord
 from minitrain.errors import InputError
 
 ROLES = ("system", "user", "assistant")
@@ -144,15 +145,21 @@ def assistant_spans(template, messages, where, **tokens):
     """(text, spans): the whole conversation rendered, and the [start, end) character spans of the
     assistant turns' targets (see the module's docstring). `where` names the conversation in errors
     ("data.jsonl line 7"); `tokens`: bos_token, eos_token."""
-    text = render(template, messages, **tokens)
+
+    def rendered(part, add_generation_prompt=False):
+        try:
+            return render(template, part, add_generation_prompt, **tokens)
+        except InputError as e:  # a conversation the template refuses
+            raise BadRecord(f"{where}: {e}") from None
+
+    text = rendered(messages)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(template, messages[:i], add_generation_prompt=True, **tokens)
-        after = render(template, messages[:i + 1], **tokens)
+        before, after = rendered(messages[:i], add_generation_prompt=True), rendered(messages[:i + 1])
         if not (after.startswith(before) and text.startswith(after)):
-            raise InputError(f"{where}: turn {i + 1} (assistant): the template of {template.origin} renders the "
+            raise BadRecord(f"{where}: turn {i + 1} (assistant): the template of {template.origin} renders the "
                              f"conversation up to this turn differently from the start of the whole conversation, "
                              f"so the turn's tokens cannot be told apart; use a template whose turns only append")
         if len(after) > len(before):
@@ -161,22 +168,22 @@ def assistant_spans(template, messages, where, **tokens):
 
 
 def messages_of(record, where):
-    """The conversation of one JSONL record: its `messages` (system/user/assistant turns, each with
+    """The conversation of one record: its `messages` (system/user/assistant turns, each with
     string content), or `prompt` and `completion` as a user and an assistant turn. `record` is a
-    JSON object (tokenize.jsonl_records checks it)."""
+    JSON object (a JSON Lines line or a Parquet row)."""
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
-            raise InputError(f"{where}: `messages` must be a non-empty list of {{\"role\", \"content\"}} objects")
+            raise BadRecord(f"{where}: `messages` must be a non-empty list of {{\"role\", \"content\"}} objects")
         for n, m in enumerate(messages, 1):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                raise InputError(f"{where}: message {n} must be an object with a string `content`")
+                raise BadRecord(f"{where}: message {n} must be an object with a string `content`")
             if m.get("role") not in ROLES:
-                raise InputError(f"{where}: message {n} has role {m.get('role')!r}; expected one of {', '.join(ROLES)}")
+                raise BadRecord(f"{where}: message {n} has role {m.get('role')!r}; expected one of {', '.join(ROLES)}")
         return [{"role": m["role"], "content": m["content"]} for m in messages]
     if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
         return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-    raise InputError(f"{where}: no `messages` and no string `prompt` and `completion` (found keys: "
+    raise BadRecord(f"{where}: no `messages` and no string `prompt` and `completion` (found keys: "
                      f"{', '.join(record) or 'none'})")
 
 

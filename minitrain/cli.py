@@ -397,12 +397,23 @@ def plot(run_dir, output):
 @click.option("--tokenizer", "tokenizer_path", required=True, metavar="PATH",
               help="tokenizer.json, or a .gguf file (its embedded tokenizer)")
 @click.option("--out", "out_dir", required=True, metavar="DIR", help="Where shard-NNNNN.bin and manifest.json go.")
-@click.option("--content-field", default="content", show_default=True, help="The text field of JSONL records.")
+@click.option("--content-field", default="content", show_default=True,
+              help="The text field of JSON Lines and Parquet records (CodeSearchNet: whole_func_string or "
+                   "func_code_string; a missing field is an error that lists the fields there are).")
 @click.option("--shard-tokens", type=click.IntRange(min=1), default=10_000_000, show_default=True)
+@click.option("--skip-invalid", is_flag=True,
+              help="Skip what cannot be read -- a bad record (not JSON, no such field, not UTF-8), or a damaged "
+                   "file from the damage on (a corrupt gzip or Zstandard stream, an unreadable Parquet file, a text "
+                   "file that is not UTF-8) -- and list each with its reason in manifest.json. Default: stop at "
+                   "the first, naming it.")
+@click.option("--dedup", is_flag=True,
+              help="Drop a document (with --chat: a conversation) whose exact text was seen before, and count it "
+                   "in manifest.json (about 100 bytes of memory per distinct document).")
 @click.option("--chat", is_flag=True,
-              help="JSONL conversations (`messages`: system/user/assistant turns, or `prompt` and `completion`), "
-                   "rendered with the model's chat template; beside each shard NAME.bin a mask shard NAME.mask, one "
-                   "byte per token, 1 = a training target (the assistant turns' content and end-of-turn text).")
+              help="Conversations, one per record (`messages`: system/user/assistant turns, or `prompt` and "
+                   "`completion`), rendered with the model's chat template; beside each shard NAME.bin a mask shard "
+                   "NAME.mask, one byte per token, 1 = a training target (the assistant turns' content and "
+                   "end-of-turn text).")
 @click.option("--chat-template", metavar="FILE.jinja",
               help="With --chat: this template instead of the model's (an HF directory's chat_template.jinja or "
                    "tokenizer_config.json, a GGUF's tokenizer.chat_template, an APR's chat_template).")
@@ -413,13 +424,18 @@ def plot(run_dir, output):
 @click.option("--seq-len", type=click.IntRange(min=1), help="With --pack: the --seq-len the data will train at.")
 @click.option("--no-truncate", is_flag=True,
               help="With --pack: refuse a conversation longer than a window instead of cutting it (and counting it).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object as the last stdout line: files, bytes, skipped, documents (or "
+                   "conversations), duplicates, tokens, shards, seconds, tokens_per_sec.")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUTS...")
-def tokenize(tokenizer_path, out_dir, content_field, shard_tokens, chat, chat_template, pack, seq_len, no_truncate,
-             inputs):
-    """Text, .py and JSONL files (or directories of them) -> u32 token shards + manifest.json,
-    EOS between documents; with --chat, conversations with their loss masks (and --pack, packed)."""
-    from minitrain.tokenize import tokenize_to_shards
-
+def tokenize(tokenizer_path, out_dir, content_field, shard_tokens, skip_invalid, dedup, chat, chat_template, pack,
+             seq_len, no_truncate, as_json, inputs):
+    """Corpus files (or directories of them) -> u32 token shards + manifest.json, EOS between
+    documents; with --chat, conversations with their loss masks (and --pack, packed). Reads JSON
+    Lines (.jsonl, .json), Parquet (.parquet; a directory of shards as Hugging Face datasets writes
+    them), gzip or Zstandard around JSON Lines or text (c.jsonl.gz, c.json.zst, m.py.gz), and text
+    files (.py, .txt, .md; any other file given by name), all streamed. Progress on stderr every
+    few seconds: files, bytes, tokens, tokens/s, and the time left by bytes."""
     if (chat_template or pack) and not chat:
         raise InputError(f"{'--chat-template' if chat_template else '--pack'} is for conversations: give --chat too")
     if pack != bool(seq_len) or (no_truncate and not pack):
@@ -428,17 +444,38 @@ def tokenize(tokenizer_path, out_dir, content_field, shard_tokens, chat, chat_te
         from minitrain.tokenize_chat import tokenize_chat_to_shards
 
         m = tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template, shard_tokens=shard_tokens,
-                                    pack_seq_len=seq_len, truncate=not no_truncate)
+                                    pack_seq_len=seq_len, truncate=not no_truncate, skip_invalid=skip_invalid,
+                                    dedup=dedup)
         c, packing = m["chat"], m.get("packing")
         click.echo(f"{c['conversations']:,} conversations -> {m['total_tokens']:,} tokens ({c['target_tokens']:,} "
                    f"targets) in {m['shard_count']} shard(s) under {out_dir}, masks beside them"
                    + (f"; packed into {packing['windows']:,} windows of {seq_len + 1} ({packing['padding_tokens']:,} "
                       f"padding, {c['truncated']} truncated), positions beside them" if packing else "")
-                   + f" (template: {c['template_origin']})")
-        return
-    m = tokenize_to_shards(tokenizer_path, out_dir, inputs, content_field=content_field, shard_tokens=shard_tokens)
-    click.echo(f"{m['total_documents']:,} documents -> {m['total_tokens']:,} tokens in {m['shard_count']} shard(s) "
-               f"under {out_dir} (vocab {m['vocab_size']:,}, EOS {m['eos_token_id']} between documents)")
+                   + f" (template: {c['template_origin']}){_tokenize_notes(m)}")
+        counts = {"conversations": c["conversations"]}
+    else:
+        from minitrain.tokenize import tokenize_to_shards
+
+        m = tokenize_to_shards(tokenizer_path, out_dir, inputs, content_field=content_field, shard_tokens=shard_tokens,
+                               skip_invalid=skip_invalid, dedup=dedup)
+        click.echo(f"{m['total_documents']:,} documents -> {m['total_tokens']:,} tokens in {m['shard_count']} shard(s) "
+                   f"under {out_dir} (vocab {m['vocab_size']:,}, EOS {m['eos_token_id']} between documents)"
+                   f"{_tokenize_notes(m)}")
+        counts = {"documents": m["total_documents"]}
+    if as_json:
+        seconds = m["elapsed_seconds"]
+        click.echo(json.dumps({"files": len(m["input_files"]), "bytes": m["input_bytes"], "skipped": m["skipped_count"],
+                               **counts, "duplicates": m.get("dedup", {}).get("duplicates_dropped", 0),
+                               "tokens": m["total_tokens"], "shards": m["shard_count"], "seconds": seconds,
+                               "tokens_per_sec": m["total_tokens"] / seconds if seconds > 0 else 0.0}))
+
+
+def _tokenize_notes(m):
+    """What the summary line adds: skipped and duplicate counts, where there are any."""
+    notes = [f"{m['skipped_count']:,} unreadable skipped (listed in manifest.json)"] if m["skipped_count"] else []
+    if m.get("dedup"):
+        notes.append(f"{m['dedup']['duplicates_dropped']:,} duplicates dropped")
+    return f"; {', '.join(notes)}" if notes else ""
 
 
 @cli.command(name="inspect")

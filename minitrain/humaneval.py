@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 from minitrain.errors import InputError
+from minitrain.progress import duration
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's stop sequences
 INSTRUCTION = "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
@@ -224,7 +225,7 @@ def evaluate(model, tokenizer, stop_ids, mode, problems, samples, sampling, max_
         elapsed, done = time.perf_counter() - start, len(records)
         eta = elapsed / done * (len(rows) - done)
         log(f"humaneval: {done // samples}/{len(problems)} problems, {done} completions | passed "
-            f"{sum(r['passed'] for r in records)} | {new_tokens / generating:.1f} tok/s | ETA {_clock(eta)}")
+            f"{sum(r['passed'] for r in records)} | {new_tokens / generating:.1f} tok/s | ETA {duration(eta)}")
     return summary(records, problems, samples, new_tokens / generating, time.perf_counter() - start), records
 
 
@@ -258,8 +259,3 @@ def write_records(f, records):
     with f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-
-
-def _clock(seconds):
-    m, s = divmod(int(seconds), 60)
-    return f"{m}m{s:02d}s"

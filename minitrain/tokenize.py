@@ -7,25 +7,23 @@ document, none after the last). A shard holds at most `shard_tokens` ids; a boun
 inside a document (training reads fixed windows, so documents are not aligned to shards anyway).
 `manifest.json` beside the shards records how they were made (aprender's `pretokenize-bin-v1`).
 
-Documents: a `.jsonl` file holds one per non-empty line (the string under `content_field`); any
-other file is one document. Files are UTF-8, strictly: a file that is not is an error, never
-silently patched with U+FFFD.
+Documents come from corpus.py: the strings under `content_field` of JSON Lines and Parquet
+records (compressed or not), or whole text files; UTF-8, strictly: text that is not is an error
+(or skipped and listed, with skip_invalid), never silently patched with U+FFFD. With dedup, a
+document whose text was seen before is dropped and counted (corpus.Dedup).
 """
 
 import itertools
 import json
-import time
 from pathlib import Path
 
 import numpy
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from minitrain.corpus import Corpus, Dedup, Progress
 from minitrain.errors import InputError
 
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")
-TEXT_SUFFIXES = (".py", ".txt", ".md", ".jsonl")
-_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
-               bool: "boolean", type(None): "null"}
 
 
 def find_eos(tokenizer, source="tokenizer"):
@@ -85,70 +83,6 @@ def model_tokenizer(model_path):
     raise NoTokenizer(f"{p}: no tokenizer.json; give --tokenizer tokenizer.json (or the .gguf it came from)")
 
 
-def input_files(paths):
-    """Each path as given if it is a file; for a directory, every TEXT_SUFFIXES file below it,
-    recursively, sorted by relative path (component by component)."""
-    files = []
-    for arg in paths:
-        p = Path(arg)
-        if p.is_dir():
-            found = [f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES and f.is_file()]
-            files += sorted(found, key=lambda f: f.relative_to(p).parts)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise InputError(f"{p}: no such file or directory")
-    return files
-
-
-def jsonl_records(path):
-    """Yield (label, object) for every non-empty line of a JSONL file; label "path:line N"."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}:line {n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{where}: not UTF-8 ({e.reason} at byte {e.start} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{where}: expected a JSON object, found {_JSON_TYPES[type(record)]}")
-            yield where, record
-
-
-def _jsonl_documents(path, content_field):
-    for where, record in jsonl_records(path):
-        if content_field not in record:
-            raise InputError(f'{where}: no field "{content_field}" (fields: '
-                             f'{", ".join(record) or "none"}); choose one with --content-field')
-        text = record[content_field]
-        if not isinstance(text, str):
-            raise InputError(f'{where}: field "{content_field}" is {_JSON_TYPES[type(text)]}, '
-                             f"expected a string")
-        if text:
-            yield where, text
-
-
-def read_documents(paths, content_field="content"):
-    """Yield (source_label, text) for every non-empty document, one file at a time (streamed).
-    Labels are "path" for a whole file, "path:line N" (1-based) for a JSONL record."""
-    for path in input_files(paths):
-        if path.suffix == ".jsonl":
-            yield from _jsonl_documents(path, content_field)
-            continue
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        if text:
-            yield str(path), text
-
-
 class ShardWriter:
     """Appends u32 ids to shard-NNNNN.bin files of exactly `shard_tokens` ids (the last: fewer),
     holding at most one shard's worth in memory; with `suffixes`, parallel per-token streams too
@@ -184,6 +118,15 @@ class ShardWriter:
     def shards(self):
         return sum(p.suffix == ".bin" for p in self.paths)
 
+    def tokens(self):
+        """Ids taken so far, written or pending."""
+        return self.total + self.pending_count
+
+    def remove(self):
+        """Delete every shard written: nothing half-made is left behind."""
+        for p in self.paths:
+            p.unlink(missing_ok=True)
+
 
 def output_dir(out_dir):
     """out_dir, made if needed; an error if it already holds shards or a manifest."""
@@ -196,14 +139,14 @@ def output_dir(out_dir):
     return out
 
 
-def tokenize_to_shards(tokenizer_path, out_dir, inputs, content_field="content",
-                       shard_tokens=10_000_000, batch_docs=256):
+def tokenize_to_shards(tokenizer_path, out_dir, inputs, content_field="content", shard_tokens=10_000_000,
+                       batch_docs=256, skip_invalid=False, dedup=False, log=None):
     """Tokenize `inputs` (files or directories) into `out_dir` as u32 shards + manifest.json;
     return the manifest. Documents are encoded `batch_docs` at a time without the tokenizer's
     template tokens (add_special_tokens=False); a literal "<|endoftext|>" inside a document is
     encoded as plain text, so EOS ids in the stream mark document boundaries and nothing else.
-    On any error the shards written so far are removed: no partial corpus is left behind."""
-    start = time.perf_counter()
+    Progress lines go to `log` (default stderr). On any error the shards written so far are
+    removed: no partial corpus is left behind."""
     if shard_tokens < 1 or batch_docs < 1:
         raise InputError(f"shard_tokens and batch_docs must be >= 1, got {shard_tokens} and {batch_docs}")
     tokenizer = load_tokenizer(tokenizer_path)
@@ -211,10 +154,12 @@ def tokenize_to_shards(tokenizer_path, out_dir, inputs, content_field="content",
     tokenizer.no_padding()
     tokenizer.encode_special_tokens = True
     eos, vocab_size = find_eos(tokenizer, tokenizer_path), tokenizer.get_vocab_size(with_added_tokens=True)
-    files, out = input_files(inputs), output_dir(out_dir)
+    corpus, out = Corpus(inputs, skip_invalid), output_dir(out_dir)
+    progress, unique = Progress(corpus, log), Dedup() if dedup else None
     writer, documents = ShardWriter(out, shard_tokens), 0
     try:
-        docs = read_documents(files, content_field)
+        docs = corpus.documents(content_field)
+        docs = unique.filter(docs, lambda text: text) if unique else docs
         while batch := list(itertools.islice(docs, batch_docs)):
             flat, encodings = [], tokenizer.encode_batch([t for _, t in batch], add_special_tokens=False)
             for (label, _), ids in zip(batch, (e.ids for e in encodings)):  # .ids copies: read it once
@@ -224,19 +169,20 @@ def tokenize_to_shards(tokenizer_path, out_dir, inputs, content_field="content",
                 flat += ([eos] if documents else []) + ids
                 documents += 1
             writer.add(numpy.array(flat, dtype="<u4"))
+            progress.update(writer.tokens())
         writer.flush()
         if documents == 0:
-            raise InputError(f"no documents in {', '.join(map(str, inputs)) or 'the inputs'} "
-                             f"(files read: {len(files)}; empty documents are skipped)")
+            raise InputError(f"no documents in {', '.join(map(str, inputs)) or 'the inputs'} (files read: "
+                             f"{len(corpus.files)}; empty documents are skipped{corpus.skipped_note()})")
+        progress.update(writer.tokens(), final=True)
     except BaseException:
-        for p in writer.paths:
-            p.unlink(missing_ok=True)
+        writer.remove()
         raise
     manifest = {"schema": "pretokenize-bin-v1", "tokenizer": str(tokenizer_path), "vocab_size": vocab_size,
                 "eos_policy": "between", "eos_token_id": eos, "eos_token_count": documents - 1,
                 "shard_count": writer.shards(), "total_tokens": writer.total, "total_documents": documents,
-                "content_field": content_field, "input_files": [str(f) for f in files],
-                "elapsed_seconds": round(time.perf_counter() - start, 3)}
+                "content_field": content_field, **corpus.manifest(), **(unique.manifest() if unique else {}),
+                "elapsed_seconds": round(progress.seconds(), 3)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -256,7 +202,7 @@ def train_bpe(files, vocab_size, out_path, eos="<|endoftext|>"):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator((text for _, text in read_documents(files)), trainer=trainer)
+    tokenizer.train_from_iterator((text for _, text in Corpus(files).documents("content")), trainer=trainer)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_path))
     return tokenizer

@@ -1,7 +1,7 @@
 """Conversations -> token shards with loss masks (`minitrain tokenize --chat`).
 
-Each JSONL line holds one conversation: `messages` (system, user and assistant turns) or a
-`prompt` and a `completion`. It is rendered with the model's chat template (minitrain/chat.py)
+Each record (a JSON Lines line or a Parquet row, compressed or not: corpus.py) holds one
+conversation: `messages` (system, user and assistant turns) or a `prompt` and a `completion`. It is rendered with the model's chat template (minitrain/chat.py)
 and tokenized as transformers' apply_chat_template(tokenize=True) tokenizes it (the rendered
 text, no tokens added: the template writes its own). Beside each token shard `shard-NNNNN.bin` a
 mask shard `shard-NNNNN.mask` holds one byte per token, 1 where the token is a training target:
@@ -23,25 +23,26 @@ memory while packing (5 bytes a token).
 import bisect
 import hashlib
 import json
-import time
 
 import numpy
 
 from minitrain import chat
+from minitrain.corpus import BadRecord, Corpus, Dedup, Progress
 from minitrain.errors import InputError
-from minitrain.tokenize import ShardWriter, find_eos, input_files, jsonl_records, load_tokenizer, output_dir
+from minitrain.tokenize import ShardWriter, find_eos, load_tokenizer, output_dir
 
 MASK = (".mask", "u1")
 POS = (".pos", "<u4")
 
 
-def conversations(files):
-    """Yield (label, messages) for every conversation of the JSONL files."""
-    for path in files:
-        if path.suffix != ".jsonl":
-            raise InputError(f"{path}: --chat reads JSONL files (one conversation per line), not {path.suffix or 'this'}")
-        for where, record in jsonl_records(path):
+def conversations(corpus):
+    """Yield (label, messages) for every conversation of the corpus's records (a record that holds
+    none: corpus.reject)."""
+    for where, record in corpus.records():
+        try:
             yield where, chat.messages_of(record, where)
+        except BadRecord as e:
+            corpus.reject(e)
 
 
 def encode_conversation(tokenizer, template, tokens, messages, where):
@@ -80,38 +81,48 @@ def pack(encoded, window, truncate=True):
 
 
 def tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template=None, shard_tokens=10_000_000,
-                            pack_seq_len=None, truncate=True):
+                            pack_seq_len=None, truncate=True, skip_invalid=False, dedup=False, log=None):
     """Tokenize the conversations of `inputs` into `out_dir` as u32 token shards, u8 mask shards and
     manifest.json (packed into windows of pack_seq_len + 1 tokens with u32 positions shards, when
-    given); return the manifest. On any error the shards written so far are removed."""
-    start = time.perf_counter()
+    given); return the manifest. Progress lines go to `log` (default stderr). On any error the
+    shards written so far are removed."""
     tokenizer = load_tokenizer(tokenizer_path)
     tokenizer.no_truncation()
     tokenizer.no_padding()
     template, tokens = chat.chat_setup(chat.model_of_tokenizer(tokenizer_path), tokenizer, chat_template)
     eos, vocab_size = find_eos(tokenizer, tokenizer_path), tokenizer.get_vocab_size(with_added_tokens=True)
-    files, out = input_files(inputs), output_dir(out_dir)
+    corpus, out = Corpus(inputs, skip_invalid), output_dir(out_dir)
+    progress, unique = Progress(corpus, log), Dedup() if dedup else None
     window = None if pack_seq_len is None else pack_seq_len + 1
     if window is not None:
         shard_tokens = max(1, shard_tokens // window) * window  # shards of whole windows
     writer = ShardWriter(out, shard_tokens, (MASK,) if window is None else (MASK, POS))
-    count, targets, encoded, extra = 0, 0, [], {}
+    count, held, targets, encoded, extra = 0, 0, 0, [], {}
     try:
-        for where, messages in conversations(files):
-            ids, mask = encode_conversation(tokenizer, template, tokens, messages, where)
+        every = conversations(corpus)
+        every = unique.filter(every, lambda m: json.dumps(m, ensure_ascii=False, sort_keys=True)) if unique else every
+        for where, messages in every:
+            try:
+                ids, mask = encode_conversation(tokenizer, template, tokens, messages, where)
+            except BadRecord as e:
+                corpus.reject(e)
+                continue
             if len(ids) and int(ids.max()) >= vocab_size:
                 raise InputError(f"{tokenizer_path}: produced token id {int(ids.max())} >= its vocab_size "
                                  f"{vocab_size} on {where}")
             if window is not None:
                 encoded.append((where, ids, mask))
+                held += len(ids)
             else:
                 if count:
                     writer.add(numpy.array([eos], dtype="<u4"), numpy.zeros(1, dtype=numpy.uint8))
                 writer.add(ids, mask)
                 targets += int(mask.sum())
             count += 1
+            progress.update(writer.tokens() + held)
         if count == 0:
-            raise InputError(f"no conversations in {', '.join(map(str, inputs)) or 'the inputs'} (files read: {len(files)})")
+            raise InputError(f"no conversations in {', '.join(map(str, inputs)) or 'the inputs'} (files read: "
+                             f"{len(corpus.files)}{corpus.skipped_note()})")
         if window is not None:
             windows, extra["truncated"] = pack(encoded, window, truncate)
             padding = 0
@@ -125,9 +136,9 @@ def tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template=None,
             extra["packing"] = {"seq_len": pack_seq_len, "windows": len(windows), "padding_tokens": padding,
                                 "method": "best-fit decreasing"}
         writer.flush()
+        progress.update(writer.tokens(), final=True)
     except BaseException:
-        for p in writer.paths:
-            p.unlink(missing_ok=True)
+        writer.remove()
         raise
     manifest = {"schema": "pretokenize-bin-v1", "tokenizer": str(tokenizer_path), "vocab_size": vocab_size,
                 "eos_policy": "between" if window is None else "padding", "eos_token_id": eos,
@@ -138,6 +149,7 @@ def tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template=None,
                          "template_origin": template.origin, "conversations": count, "target_tokens": targets,
                          "truncated": extra.get("truncated", 0)},
                 **({"packing": extra["packing"]} if window is not None else {}),
-                "input_files": [str(f) for f in files], "elapsed_seconds": round(time.perf_counter() - start, 3)}
+                **corpus.manifest(), **(unique.manifest() if unique else {}),
+                "elapsed_seconds": round(progress.seconds(), 3)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -33,6 +33,7 @@ from minitrain.formats.apr_meta import model_metadata
 from minitrain.gpu import attention as attention_kernels
 from minitrain.model import Model
 from minitrain.optim import SGD, AdamW, clip_grads, global_grad_norm
+from minitrain.progress import duration
 from minitrain.schedule import learning_rate
 
 MODE_DEFAULTS = {"finetune": {"lr": 5e-5, "warmup_steps": 100}, "from-scratch": {"lr": 3e-4, "warmup_steps": 1000}}
@@ -529,7 +530,7 @@ class Run:
                 eta = (cfg.steps - done) * train_time / (done - first_step)
                 self._say(f"step {done}/{cfg.steps} | loss {loss:.4f}"
                           + (f" (ce {ce:.4f}, kd {kd:.4f})" if self.teacher else "") + f" | lr {lr:.2e} | grad_norm {norm:.3f} | "
-                          f"{rate:,.0f} tok/s | ETA {_duration(eta)}" + (f" | val_loss {val:.4f}" if val is not None else ""))
+                          f"{rate:,.0f} tok/s | ETA {duration(eta)}" + (f" | val_loss {val:.4f}" if val is not None else ""))
             if cfg.save_every and done % cfg.save_every == 0:
                 self.save_checkpoint()
         return self.finish(train_time, last_loss, cfg.steps - first_step, last_parts)
@@ -595,7 +596,3 @@ def _fmt(x):
     return "-" if x is None else f"{x:.4f}"
 
 
-def _duration(seconds):
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -7,8 +7,9 @@ import numpy
 import pytest
 from tokenizers import Tokenizer
 
+from minitrain.corpus import Corpus, input_files
 from minitrain.errors import InputError
-from minitrain.tokenize import find_eos, input_files, read_documents, tokenize_to_shards, train_bpe
+from minitrain.tokenize import find_eos, tokenize_to_shards, train_bpe
 
 CORPUS = ("def add(x, y):\n    return x + y\n\n"
           "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n\n"
@@ -43,6 +44,10 @@ def write_inputs(d):
     return [d / "a.py", d / "b.txt", d / "c.jsonl"], docs
 
 
+def read_documents(paths, content_field="content"):
+    return Corpus(paths).documents(content_field)
+
+
 def read_shards(out):
     return numpy.concatenate([numpy.fromfile(p, dtype="<u4") for p in sorted(out.glob("shard-*.bin"))])
 
@@ -63,7 +68,8 @@ def test_round_trip_stream_bytes_and_manifest(tmp_path, tok_path, tok):
         "schema": "pretokenize-bin-v1", "tokenizer": str(tok_path),
         "vocab_size": tok.get_vocab_size(with_added_tokens=True), "eos_policy": "between",
         "eos_token_id": eos, "eos_token_count": 3, "shard_count": 1, "total_tokens": len(expected),
-        "total_documents": 4, "content_field": "text", "input_files": [str(f) for f in files]}
+        "total_documents": 4, "content_field": "text", "input_files": [str(f) for f in files],
+        "input_bytes": sum(f.stat().st_size for f in files), "skipped_count": 0, "skipped": []}
     assert manifest["elapsed_seconds"] >= 0
 
 
