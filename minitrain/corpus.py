@@ -11,7 +11,8 @@ A file's name tells its container:
     anything else             one text document (a .py, .txt or .md file), UTF-8, strictly
 
 A directory stands for every file below it with one of SUFFIXES, recursively, sorted by relative
-path (component by component). A record is a JSON object (a Parquet row); documents are the
+path (component by component) -- a plain .json file only when given by name: in a directory of
+code it is most often a configuration file, not JSON Lines (compressed, .json.gz, it is a dump). A record is a JSON object (a Parquet row); documents are the
 strings under one field of the records (`--content-field`), or whole text files.
 
 Everything streams: memory holds one line, one Parquet batch or one text file at a time, whatever
@@ -62,12 +63,13 @@ def inner_suffix(path):
 
 def input_files(paths):
     """Each path as given if it is a file; for a directory, every file below it whose
-    inner_suffix is one of SUFFIXES, recursively, sorted by relative path (component by component)."""
+    inner_suffix is one of SUFFIXES (but plain .json), recursively, sorted by relative path
+    (component by component)."""
     files = []
     for arg in paths:
         p = Path(arg)
         if p.is_dir():
-            found = [f for f in p.rglob("*") if inner_suffix(f) in SUFFIXES and f.is_file()]
+            found = [f for f in p.rglob("*") if inner_suffix(f) in SUFFIXES and f.suffix != ".json" and f.is_file()]
             files += sorted(found, key=lambda f: f.relative_to(p).parts)
         elif p.is_file():
             files.append(p)

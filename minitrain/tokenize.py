@@ -85,45 +85,44 @@ def model_tokenizer(model_path):
 
 class ShardWriter:
     """Appends u32 ids to shard-NNNNN.bin files of exactly `shard_tokens` ids (the last: fewer),
-    holding at most one shard's worth in memory; with `suffixes`, parallel per-token streams too
-    (a mask, one u8 per token: shard-NNNNN.mask beside shard-NNNNN.bin, cut at the same tokens)."""
+    written through as they come (nothing is held in memory); with `suffixes`, parallel per-token
+    streams too (a mask, one u8 per token: shard-NNNNN.mask beside shard-NNNNN.bin, cut at the
+    same tokens)."""
 
     def __init__(self, out_dir, shard_tokens, suffixes=()):
         self.out_dir, self.shard_tokens, self.suffixes = out_dir, shard_tokens, suffixes
-        self.pending, self.pending_count, self.paths, self.total = [], 0, [], 0
+        self.files, self.in_shard, self.paths, self.total = [], 0, [], 0
 
     def add(self, ids, *streams):  # ids: (n,) <u4; each stream: (n,), one per suffix
         arrays = (ids, *streams)
-        while self.pending_count + len(ids) >= self.shard_tokens:
-            take = self.shard_tokens - self.pending_count
-            self.pending.append([a[:take] for a in arrays])
-            self.pending_count, arrays = self.shard_tokens, [a[take:] for a in arrays]
-            ids = arrays[0]
-            self.flush()
-        if len(ids):
-            self.pending.append(list(arrays))
-            self.pending_count += len(ids)
+        while len(arrays[0]):
+            if not self.files:
+                self._open()
+            take = min(self.shard_tokens - self.in_shard, len(arrays[0]))
+            for f, a, dtype in zip(self.files, arrays, ["<u4"] + [d for _, d in self.suffixes]):
+                f.write(numpy.ascontiguousarray(a[:take], dtype=dtype).tobytes())
+            self.in_shard, self.total, arrays = self.in_shard + take, self.total + take, [a[take:] for a in arrays]
+            if self.in_shard == self.shard_tokens:
+                self.flush()
+
+    def _open(self):
+        name = f"shard-{self.shards():05d}"
+        for suffix in [".bin"] + [s for s, _ in self.suffixes]:
+            self.paths.append(self.out_dir / f"{name}{suffix}")
+            self.files.append(open(self.paths[-1], "wb"))
 
     def flush(self):
-        if self.pending_count:
-            name = f"shard-{len(self.paths):05d}"
-            self.paths.append(self.out_dir / f"{name}.bin")
-            numpy.concatenate([p[0] for p in self.pending]).astype("<u4").tofile(self.paths[-1])
-            for k, (suffix, dtype) in enumerate(self.suffixes, 1):
-                self.paths.append(self.out_dir / f"{name}{suffix}")
-                numpy.concatenate([p[k] for p in self.pending]).astype(dtype).tofile(self.paths[-1])
-            self.total += self.pending_count
-            self.pending, self.pending_count = [], 0
+        """Close the shard being written (the next add starts a new one)."""
+        for f in self.files:
+            f.close()
+        self.files, self.in_shard = [], 0
 
     def shards(self):
         return sum(p.suffix == ".bin" for p in self.paths)
 
-    def tokens(self):
-        """Ids taken so far, written or pending."""
-        return self.total + self.pending_count
-
     def remove(self):
         """Delete every shard written: nothing half-made is left behind."""
+        self.flush()
         for p in self.paths:
             p.unlink(missing_ok=True)
 
@@ -169,12 +168,12 @@ def tokenize_to_shards(tokenizer_path, out_dir, inputs, content_field="content",
                 flat += ([eos] if documents else []) + ids
                 documents += 1
             writer.add(numpy.array(flat, dtype="<u4"))
-            progress.update(writer.tokens())
+            progress.update(writer.total)
         writer.flush()
         if documents == 0:
             raise InputError(f"no documents in {', '.join(map(str, inputs)) or 'the inputs'} (files read: "
                              f"{len(corpus.files)}; empty documents are skipped{corpus.skipped_note()})")
-        progress.update(writer.tokens(), final=True)
+        progress.update(writer.total, final=True)
     except BaseException:
         writer.remove()
         raise

@@ -119,7 +119,7 @@ def tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template=None,
                 writer.add(ids, mask)
                 targets += int(mask.sum())
             count += 1
-            progress.update(writer.tokens() + held)
+            progress.update(writer.total + held)
         if count == 0:
             raise InputError(f"no conversations in {', '.join(map(str, inputs)) or 'the inputs'} (files read: "
                              f"{len(corpus.files)}{corpus.skipped_note()})")
@@ -136,7 +136,7 @@ def tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template=None,
             extra["packing"] = {"seq_len": pack_seq_len, "windows": len(windows), "padding_tokens": padding,
                                 "method": "best-fit decreasing"}
         writer.flush()
-        progress.update(writer.tokens(), final=True)
+        progress.update(writer.total, final=True)
     except BaseException:
         writer.remove()
         raise

@@ -91,7 +91,8 @@ def test_shards_concatenate_to_the_single_shard_stream(tmp_path, tok_path, shard
 def test_directories_recurse_sorted_and_skip_other_suffixes(tmp_path, tok_path, tok):
     d = tmp_path / "in"
     for name, text in [("z.md", "zed\n"), ("sub/deep/c.jsonl", '{"content": "cee"}\n'), ("a.txt", "ay\n"),
-                       ("sub/b.py", "bee = 1\n"), ("sub/skip.rst", "no\n"), ("skip.bin", "no\n")]:
+                       ("sub/b.py", "bee = 1\n"), ("sub/skip.rst", "no\n"), ("skip.bin", "no\n"),
+                       ("config.json", '{\n  "a": 1\n}\n')]:
         (d / name).parent.mkdir(parents=True, exist_ok=True)
         (d / name).write_text(text)
     order = [d / "a.txt", d / "sub/b.py", d / "sub/deep/c.jsonl", d / "z.md"]

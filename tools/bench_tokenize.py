@@ -5,10 +5,10 @@ peak memory on a corpus 10x larger (it streams: the peak should not grow with th
     pip install 'minitrain[bench]'      # datasets
     python tools/bench_tokenize.py [--base-mb 8] [--scale 10] [--rounds 2]
 
-The corpus is real code: the Python standard library's .py files (of the interpreter running
-this), as records {"path", "content"}, up to --base-mb MB of text; the large one is the same
-records --scale times over. Each is written as gzip-compressed JSON Lines (.jsonl.gz) and as a
-Parquet file (row groups of 1 000 records, pyarrow's default compression). The tokenizer is
+The corpus is real code: the Python standard library's .py files (tools/stdlib_corpus.py), up
+to --base-mb MB of text; the large one is the same records --scale times over. Each is written as
+one gzip-compressed JSON Lines file (.jsonl.gz) and one Parquet file (row groups of 1 000
+records, pyarrow's default compression). The tokenizer is
 SmolLM2-135M's (tools/fetch_smollm2.py), saved as a tokenizer.json.
 
 Each run is a fresh process, timed from outside (wall clock, from start to exit) with its peak
@@ -24,16 +24,16 @@ documents), or the benchmark stops.
 """
 
 import argparse
-import gzip
 import json
 import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+from stdlib_corpus import records, write
 
 DATASETS_CHILD = """
 import json, sys
@@ -49,48 +49,30 @@ print(json.dumps({"documents": len(ids), "tokens": sum(len(x) for x in ids["inpu
 """
 
 
-def records(base_mb):
-    """The standard library's .py files as {"path", "content"}, in path order, up to base_mb MB."""
-    root, out, size = Path(sysconfig.get_paths()["stdlib"]), [], 0
-    for f in sorted(root.rglob("*.py")):
-        if "site-packages" in f.parts:
-            continue
-        try:
-            text = f.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if text:
-            out.append({"path": str(f.relative_to(root)), "content": text})
-            size += len(text.encode())
-            if size >= base_mb * 1e6:
-                break
-    return out
+def name(path):
+    """small.jsonl.gz, large.parquet: which corpus, which container."""
+    return f"{path.parent.parent.name}.{path.name.split('.', 1)[1]}"
 
 
-def write_corpus(directory, name, rows):
-    """name.jsonl.gz and name.parquet holding rows."""
-    import pyarrow
-    import pyarrow.parquet as pq
-
-    with gzip.open(directory / f"{name}.jsonl.gz", "wt", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    pq.write_table(pyarrow.Table.from_pylist(rows), directory / f"{name}.parquet", row_group_size=1000)
-    return [directory / f"{name}.jsonl.gz", directory / f"{name}.parquet"]
+# Runs argv[1:] and prints its peak RSS (KB). A process's peak RSS includes the memory image it
+# started from (Linux keeps the high-water mark across exec), so the command is started from
+# this small launcher, not from the benchmark's own large process.
+LAUNCHER = "import os, sys; pid = os.fork() or os.execvp(sys.argv[1], sys.argv[1:]); _, status, usage = " \
+           "os.wait4(pid, 0); print(usage.ru_maxrss, file=sys.stderr); sys.exit(os.waitstatus_to_exitcode(status))"
 
 
 def measured(command):
     """(seconds, peak RSS in MB, last stdout line) of a command in a fresh process."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)
+        code = subprocess.run([sys.executable, "-c", LAUNCHER, *command], stdout=out, stderr=err).returncode
         seconds = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
-        if os.waitstatus_to_exitcode(status):
-            raise SystemExit(f"{command[:4]} failed:\n{err.read()}")
-        return seconds, usage.ru_maxrss / 1024, out.read().strip().splitlines()[-1]
+        errors = err.read()
+        if code:
+            raise SystemExit(f"{command[:4]} failed:\n{errors}")
+        return seconds, int(errors.strip().splitlines()[-1]) / 1024, out.read().strip().splitlines()[-1]
 
 
 def run(route, path, tokenizer, scratch):
@@ -117,7 +99,6 @@ def main():
     parser.add_argument("--scale", type=int, default=10, help="the large corpus is the small one this many times")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).parent))
     from fetch_smollm2 import fetch
 
     from minitrain.tokenize import load_tokenizer
@@ -127,8 +108,8 @@ def main():
         rows = records(args.base_mb)
         tokenizer = scratch / "tokenizer.json"
         load_tokenizer(fetch()).save(str(tokenizer))
-        small = write_corpus(scratch, "small", rows)
-        large = write_corpus(scratch, "large", rows * args.scale)
+        small = [write(scratch / "small", rows, fmt)[0] for fmt in ("jsonl.gz", "parquet")]
+        large = [write(scratch / "large", rows * args.scale, fmt)[0] for fmt in ("jsonl.gz", "parquet")]
         text_mb = sum(len(r["content"].encode()) for r in rows) / 1e6
         print(f"corpus: {len(rows):,} standard-library files, {text_mb:.1f} MB of code (x{args.scale}: "
               f"{text_mb * args.scale:.0f} MB); tokenizer: SmolLM2-135M's; {os.cpu_count()} cores; Python "
@@ -138,24 +119,24 @@ def main():
             for _ in range(args.rounds):
                 for route in ("minitrain", "datasets"):
                     r = run(route, path, tokenizer, scratch)
-                    best = results.get((path.name, route))
+                    best = results.get((name(path), route))
                     if best is None or r["seconds"] < best["seconds"]:
-                        results[(path.name, route)] = r
-            ours, theirs = results[(path.name, "minitrain")], results[(path.name, "datasets")]
+                        results[(name(path), route)] = r
+            ours, theirs = results[(name(path), "minitrain")], results[(name(path), "datasets")]
             if (ours["documents"], ours["tokens"]) != (theirs["documents"], theirs["tokens"]):
-                raise SystemExit(f"{path.name}: the routes disagree: minitrain {ours}, datasets {theirs}")
-        print(f"\n| file | MB stored | documents | tokens | minitrain s | datasets s | minitrain tokens/s | "
-              f"datasets tokens/s | speed ratio | minitrain peak RSS MB | datasets peak RSS MB |")
+                raise SystemExit(f"{name(path)}: the routes disagree: minitrain {ours}, datasets {theirs}")
+        print("\n| file | MB stored | documents | tokens | minitrain s | datasets s | minitrain tokens/s | "
+              "datasets tokens/s | speed ratio | minitrain peak RSS MB | datasets peak RSS MB |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for path in small + large:
-            ours, theirs = results[(path.name, "minitrain")], results[(path.name, "datasets")]
-            print(f"| {path.name} | {path.stat().st_size / 1e6:.1f} | {ours['documents']:,} | {ours['tokens']:,} | "
+            ours, theirs = results[(name(path), "minitrain")], results[(name(path), "datasets")]
+            print(f"| {name(path)} | {path.stat().st_size / 1e6:.1f} | {ours['documents']:,} | {ours['tokens']:,} | "
                   f"{ours['seconds']:.2f} | {theirs['seconds']:.2f} | {ours['tokens'] / ours['seconds']:,.0f} | "
                   f"{theirs['tokens'] / theirs['seconds']:,.0f} | {theirs['seconds'] / ours['seconds']:.2f}x | "
                   f"{ours['rss_mb']:,.0f} | {theirs['rss_mb']:,.0f} |")
         for fmt in (0, 1):
-            a, b = results[(small[fmt].name, "minitrain")], results[(large[fmt].name, "minitrain")]
-            print(f"\nminitrain's peak RSS, {large[fmt].name} vs {small[fmt].name} ({args.scale}x the data): "
+            a, b = results[(name(small[fmt]), "minitrain")], results[(name(large[fmt]), "minitrain")]
+            print(f"\nminitrain's peak RSS, {name(large[fmt])} vs {name(small[fmt])} ({args.scale}x the data): "
                   f"{b['rss_mb']:,.0f} vs {a['rss_mb']:,.0f} MB, {100 * (b['rss_mb'] / a['rss_mb'] - 1):+.1f}%")
     finally:
         shutil.rmtree(scratch)
