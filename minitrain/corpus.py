@@ -163,12 +163,12 @@ class Corpus:
     def _stream(self, path):
         """The file's bytes, decompressed; its stored position is what _position reads."""
         try:
-            raw = open(path, "rb")
+            raw = gzip.GzipFile(path) if path.suffix == ".gz" else open(path, "rb")  # GzipFile closes its file
         except OSError as e:
             raise Damaged(f"{path}: cannot read it ({e.strerror})") from None
-        self._position = raw.tell
+        self._position = raw.fileobj.tell if path.suffix == ".gz" else raw.tell
         if path.suffix == ".gz":
-            return gzip.GzipFile(fileobj=raw)
+            return raw
         if path.suffix == ".zst":
             return io.BufferedReader(_Chunks(_zstd_frames(raw), raw))
         return raw
