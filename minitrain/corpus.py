@@ -23,7 +23,8 @@ row) and what is wrong:
     Damaged     the rest of the file cannot be read (a text file that is not UTF-8, a corrupt or
                 truncated gzip or Zstandard stream, a file Parquet cannot read)
 By default the first of either stops the run; with skip_invalid each is skipped and listed
-(`skipped`, for the manifest): a bad record alone, a damaged file from the damage on.
+(`skipped`, for the manifest): a bad record alone, a damaged file from the damage on (what was
+read before it is kept, and counted).
 """
 
 import gzip
@@ -112,12 +113,14 @@ class Corpus:
     def skipped_note(self):
         return f"; {len(self.skipped)} skipped as unreadable" if self.skipped else ""
 
-    def reject(self, error):
-        """Skip `error` (listed in `skipped`) with skip_invalid, else stop with it and the way on."""
+    def reject(self, error, read_before=0):
+        """Skip `error` (listed in `skipped`) with skip_invalid, else stop with it and the way on.
+        read_before: of a damaged file, the items read from it before the damage (they are kept)."""
         if not self.skip_invalid:
             raise InputError(f"{error}; --skip-invalid skips what cannot be read, listing each in manifest.json") \
                 from None
-        self.skipped.append({"what": "file" if isinstance(error, Damaged) else "record", "error": str(error)})
+        self.skipped.append({"what": "record", "error": str(error)} if isinstance(error, BadRecord) else
+                            {"what": "file", "error": str(error), "read_before_the_damage": read_before})
 
     def records(self, columns=None):
         """Yield (label, record dict) of every record of every file ("path:line N", "path:row N");
@@ -155,10 +158,13 @@ class Corpus:
 
     def _guarded(self, path, items):
         """`items` of one file, until it is Damaged (then reject, and the file ends there)."""
+        read = 0
         try:
-            yield from items
+            for item in items:
+                yield item
+                read += 1
         except Damaged as e:
-            self.reject(e)
+            self.reject(e, read)
 
     def _stream(self, path):
         """The file's bytes, decompressed; its stored position is what _position reads."""
@@ -318,12 +324,13 @@ class Progress:
     def __init__(self, corpus, log=None):
         self.corpus, self.log = corpus, log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.start = self.last = time.perf_counter()
+        self.shown = None  # (files done, tokens) of the last line
 
     def update(self, tokens, final=False):
-        now = time.perf_counter()
-        if not final and now - self.last < PROGRESS_EVERY_S:
+        now, c = time.perf_counter(), self.corpus
+        if (now - self.last < PROGRESS_EVERY_S and not final) or self.shown == (c.files_done, tokens):
             return
-        self.last, c = now, self.corpus
+        self.last, self.shown = now, (c.files_done, tokens)
         done, elapsed = c.bytes_done(), max(now - self.start, 1e-9)
         left = elapsed * (c.total_bytes - done) / done if done else 0.0
         self.log(f"tokenize: {c.files_done:,}/{len(c.files):,} files | {done / 1e6:,.1f}/{c.total_bytes / 1e6:,.1f} MB"

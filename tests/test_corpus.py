@@ -133,6 +133,7 @@ def test_skip_invalid_skips_and_lists_each_with_its_reason(tmp_path, tok_path):
     m = tokenize_to_shards(tok_path, tmp_path / "out", [tmp_path / "in"], skip_invalid=True)
     errors = [s["error"] for s in m["skipped"]]
     assert [s["what"] for s in m["skipped"]] == ["file"] * 5 + ["record", "file"]
+    assert [s.get("read_before_the_damage") for s in m["skipped"]][3:] == [0, 0, None, 0]  # d.py, e.parquet, -, g.py.gz
     for (name, (_, reason, _)), error in zip(files.items(), errors):
         assert error.startswith(str(tmp_path / "in" / name)) and reason in error, (name, error)
     assert m["skipped_count"] == 7
