@@ -434,8 +434,9 @@ def tokenize(tokenizer_path, out_dir, content_field, shard_tokens, skip_invalid,
     documents; with --chat, conversations with their loss masks (and --pack, packed). Reads JSON
     Lines (.jsonl, .json), Parquet (.parquet; a directory of shards as Hugging Face datasets writes
     them), gzip or Zstandard around JSON Lines or text (c.jsonl.gz, c.json.zst, m.py.gz), and text
-    files (.py, .txt, .md; any other file given by name), all streamed. Progress on stderr every
-    few seconds: files, bytes, tokens, tokens/s, and the time left by bytes."""
+    files (.py, .txt, .md; any other file given by name), all streamed; a directory stands for
+    every such file below it, but plain .json (in a code tree: configuration). Progress on stderr
+    every few seconds: files, bytes, tokens, tokens/s, and the time left by bytes."""
     if (chat_template or pack) and not chat:
         raise InputError(f"{'--chat-template' if chat_template else '--pack'} is for conversations: give --chat too")
     if pack != bool(seq_len) or (no_truncate and not pack):
