@@ -4,7 +4,7 @@ A file's name tells its container:
 
     NAME.jsonl, NAME.json     JSON Lines: one JSON object per non-empty line (HF datasets' to_json
                               writes these, .json included)
-    NAME.parquet              Apache Parquet, through pyarrow, one batch of rows at a time; a
+    NAME.parquet              Apache Parquet, through pyarrow, one row group at a time; a
                               directory of shards (HF datasets' layout) is read in name order
     NAME.gz, NAME.zst         gzip or Zstandard around JSON Lines or a text file: the name without
                               the suffix tells which (c.jsonl.gz, c.json.zst, mod.py.gz)
@@ -15,8 +15,8 @@ path (component by component) -- a plain .json file only when given by name: in 
 code it is most often a configuration file, not JSON Lines (compressed, .json.gz, it is a dump). A record is a JSON object (a Parquet row); documents are the
 strings under one field of the records (`--content-field`), or whole text files.
 
-Everything streams: memory holds one line, one Parquet batch or one text file at a time, whatever
-the corpus's size. What cannot be read is one of two errors, each naming the file (and line or
+Everything streams: memory holds one line, one Parquet row group or one text file at a time,
+whatever the corpus's size. What cannot be read is one of two errors, each naming the file (and line or
 row) and what is wrong:
     BadRecord   one record cannot be used (not UTF-8, not JSON, not an object, no such field, not
                 a string); the rest of the file can be read
@@ -42,7 +42,7 @@ RECORDS = (".jsonl", ".json")
 TEXT = (".py", ".txt", ".md")
 COMPRESSED = (".gz", ".zst")
 SUFFIXES = RECORDS + TEXT + (".parquet",)  # directories are walked for these, plain or compressed
-PARQUET_ROWS = 1024  # rows per batch read
+PARQUET_ROWS = 1024  # rows per batch turned into records
 PROGRESS_EVERY_S = 5.0
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
                bool: "boolean", type(None): "null"}
@@ -231,11 +231,15 @@ class Corpus:
             yield str(path), text
 
     def _parquet(self, path, columns):
+        """Rows one row group at a time (a row group's column chunks are Parquet's unit of
+        compression: the largest one bounds the memory), through the system allocator (pyarrow's
+        mimalloc keeps freed pages, and its footprint grew with the row groups read)."""
         import pyarrow
         import pyarrow.parquet as pq
 
+        pyarrow.set_memory_pool(pyarrow.system_memory_pool())
         try:
-            f = pq.ParquetFile(path)
+            f = pq.ParquetFile(path, pre_buffer=False)
             names = f.schema_arrow.names
             missing = [c for c in columns or () if c not in names]
             if missing:
@@ -243,14 +247,16 @@ class Corpus:
                                 f"choose one with --content-field")
             rows, size, done = max(f.metadata.num_rows, 1), path.stat().st_size, 0
             self._position = lambda: size * done // rows
-            for batch in f.iter_batches(batch_size=PARQUET_ROWS, columns=columns):
-                for record in batch.to_pylist():
-                    done += 1
-                    yield f"{path}:row {done}", record
+            for group in range(f.num_row_groups):
+                for batch in f.read_row_group(group, columns=columns).to_batches(max_chunksize=PARQUET_ROWS):
+                    for record in batch.to_pylist():
+                        done += 1
+                        yield f"{path}:row {done}", record
         except BadRecord as e:  # a column missing: nothing of the file can be used
             raise Damaged(str(e)) from None
         except (pyarrow.ArrowException, OSError) as e:
             raise Damaged(f"{path}: Parquet cannot read it ({e})") from None
+
 
 
 def _zstd_frames(raw, chunk=1 << 20):

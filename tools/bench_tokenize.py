@@ -7,7 +7,7 @@ peak memory on a corpus 10x larger (it streams: the peak should not grow with th
 
 The corpus is real code: the Python standard library's .py files (tools/stdlib_corpus.py), up
 to --base-mb MB of text; the large one is the same records --scale times over. Each is written as
-one gzip-compressed JSON Lines file (.jsonl.gz) and one Parquet file (row groups of 1 000
+one gzip-compressed JSON Lines file (.jsonl.gz) and one Parquet file (row groups of 100
 records, pyarrow's default compression). The tokenizer is
 SmolLM2-135M's (tools/fetch_smollm2.py), saved as a tokenizer.json.
 

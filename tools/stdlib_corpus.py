@@ -6,7 +6,7 @@
 Each file of the running interpreter's standard library (site-packages left out; files that are
 not UTF-8 left out) becomes one record {"path", "content"}, in path order. Written as --shards
 files named as Hugging Face datasets names them (data/train-00000-of-00004.parquet), each a
---format container: Parquet (row groups of 1 000 records, pyarrow's default compression), JSON
+--format container: Parquet (row groups of 100 records, pyarrow's default compression), JSON
 Lines gzip- or Zstandard-compressed, or plain. Prints what it wrote.
 """
 
@@ -48,7 +48,7 @@ def write(directory, rows, fmt, shards=1, split="train"):
             import pyarrow
             import pyarrow.parquet as pq
 
-            pq.write_table(pyarrow.Table.from_pylist(part), path, row_group_size=1000)
+            pq.write_table(pyarrow.Table.from_pylist(part), path, row_group_size=100)
         else:
             data = "".join(json.dumps(r) + "\n" for r in part).encode()
             if fmt == "jsonl.gz":
