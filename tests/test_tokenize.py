@@ -194,7 +194,7 @@ def test_token_id_beyond_vocab_is_an_error(tmp_path, tok_path, tok, monkeypatch)
         def __getattr__(self, name):
             return getattr(tok, name)
 
-        def encode_batch(self, texts, add_special_tokens):
+        def encode_batch_fast(self, texts, add_special_tokens):
             return [type("E", (), {"ids": [1, tok.get_vocab_size(with_added_tokens=True)]}) for _ in texts]
 
     monkeypatch.setattr("minitrain.tokenize.load_tokenizer", lambda path: Overflowing())
