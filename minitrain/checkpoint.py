@@ -11,7 +11,13 @@
 A save is atomic: everything is written into a hidden temporary directory next to the target,
 flushed to disk, then renamed to `step-N` in one step. A run killed mid-save leaves only the
 temporary directory, which `load` never accepts (it needs state.json, written last).
+
+A run directory's complete checkpoints (`completed`) are what `--resume auto` picks the newest of
+and what `--keep-last N` prunes: after a save, the oldest complete ones beyond N are deleted, never
+the one just written and never one that is not complete.
 """
+
+import re
 
 import json
 import os
@@ -55,6 +61,35 @@ def save(directory, params, optimizer_state, state, adapters=None):
         shutil.rmtree(directory)
     os.rename(tmp, directory)
     _fsync(directory.parent)
+
+
+def completed(out):
+    """[(step, path)] of the complete checkpoints OUT/step-N (state.json of this format), by step."""
+    found = []
+    for path in Path(out).glob("step-*"):
+        match = re.fullmatch(r"step-(\d+)", path.name)
+        try:
+            complete = match and json.loads((path / "state.json").read_text()).get("format") == FORMAT
+        except (OSError, ValueError):
+            complete = False
+        if complete:
+            found.append((int(match[1]), path))
+    return sorted(found)
+
+
+def newest(out):
+    """The newest complete checkpoint in OUT, or None."""
+    found = completed(out)
+    return found[-1][1] if found else None
+
+
+def prune(out, keep, current):
+    """Delete the oldest complete checkpoints of OUT beyond the newest `keep`, never `current`;
+    -> the paths deleted."""
+    old = [path for _, path in completed(out)[:-keep] if path != Path(current)]
+    for path in old:
+        shutil.rmtree(path)
+    return old
 
 
 def load(directory):

@@ -150,7 +150,12 @@ def evaluate(init_path, arch, rope_layout, data_path, seq_len, batch_size, batch
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default cpu.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp64", "bf16"]), help="Default fp32.")
 @click.option("--out", help="Run directory: final.apr, metrics.jsonl, run.json, step-N/ (default runs/<date-time>).")
-@click.option("--resume", help="Continue exactly from a checkpoint OUT/step-N.")
+@click.option("--keep-last", type=click.IntRange(min=1), metavar="N",
+              help="After each checkpoint, delete the oldest complete ones beyond the newest N (never the one "
+                   "just written, never an incomplete one). Default: keep all.")
+@click.option("--resume", help="Continue exactly from a checkpoint OUT/step-N; `auto`: from the newest complete "
+                               "checkpoint in --out, or start fresh if there is none (a job script can be restarted "
+                               "as it is).")
 @click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Under mpiexec: how long a rank waits for another (dead or hung?) before all stop "
                    "(default 300).")

@@ -39,7 +39,7 @@ from minitrain.schedule import learning_rate
 MODE_DEFAULTS = {"finetune": {"lr": 5e-5, "warmup_steps": 100}, "from-scratch": {"lr": 3e-4, "warmup_steps": 1000}}
 DISTILL_WEIGHT, DISTILL_TEMPERATURE = 0.5, 2.0  # the defaults with --teacher
 LORA_LR = 2e-4  # the default lr with LoRA: B starts at zero, and peft's examples train adapters at 1e-4 to 3e-4
-RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "resume", "dist_timeout", "zero"}  # may differ from the checkpoint's run
+RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "keep_last", "resume", "dist_timeout", "zero"}  # may differ from the checkpoint's run
 
 
 @dataclass
@@ -72,6 +72,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_windows: int = None  # every validation window
     save_every: int = 0
+    keep_last: int = 0  # after each save, delete the oldest complete checkpoints beyond this many (0: keep all)
     seed: int = 0
     device: str = "cpu"
     dtype: str = "fp32"
@@ -171,13 +172,19 @@ def build_model(cfg):
 def configure(options):
     """(TrainConfig, resumed) from the options given on the command line (name -> value).
 
+    `resume` "auto": the newest complete checkpoint in `out`, or none (a fresh start).
     With `resume`, the configuration is the checkpoint's; only steps, out, the eval/save cadence,
-    --dist-timeout and --zero may be given anew (out defaults to the checkpoint's parent
+    --keep-last, --dist-timeout and --zero may be given anew (out defaults to the checkpoint's parent
     directory), and any other option given with a different value is an error: the run would not
     continue exactly. The number of ranks may change if the micro-batches per step do not: N ranks
     x grad-accum A must equal the checkpoint's (A follows from N when not given).
     `resumed` is checkpoint.load's (state, model, optimizer and adapter arrays), else None.
     """
+    if options.get("resume") == "auto":  # the newest complete checkpoint in --out, or a fresh start
+        if not options.get("out"):
+            raise InputError("--resume auto continues from the newest checkpoint in --out DIR: give --out")
+        found = checkpoint.newest(options["out"])
+        options = {**options, "resume": str(found) if found else None}
     if not options.get("resume"):
         if not options.get("data"):
             raise InputError("pretrain needs --data (or no options at all, for the embedded demo)")
@@ -547,6 +554,9 @@ class Run:
                                         "rng": "numpy.random.default_rng([seed, epoch]).permutation per epoch"},
                          "config": asdict(self.cfg), "model_config": self.model.config.as_dict()},
                         self.adapters and self.adapters.params)
+        if self.cfg.keep_last:
+            for path in checkpoint.prune(self.out, self.cfg.keep_last, self.out / f"step-{step}"):
+                self._say(f"removed {path} (--keep-last {self.cfg.keep_last})")
 
     def _memory(self):
         """Measured on every rank: the optimizer state it holds and its peak RSS (bytes)."""

@@ -4,6 +4,7 @@ determinism, and the abort / bad-input exits."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -237,6 +238,28 @@ def test_a_cpu_hungry_neighbour_changes_no_bit(tokens, tmp_path):
     assert quiet.returncode == loaded.returncode == 0, quiet.stderr + loaded.stderr
     assert records(tmp_path / "loaded") == records(tmp_path / "quiet")
     assert (tmp_path / "loaded" / "final.apr").read_bytes() == (tmp_path / "quiet" / "final.apr").read_bytes()
+
+
+@pytest.mark.numerics
+def test_resume_auto_starts_or_continues_and_keep_last_prunes(tokens, tmp_path):
+    """A job run twice with the same options and --resume auto: the first starts fresh (no
+    checkpoint in --out yet) and, with --keep-last 2, leaves the newest two complete checkpoints
+    (an incomplete one is left alone); after a crash past step 5 (step-6 and final.apr lost) the
+    second continues from step-5, and the result is the straight run's, bit for bit."""
+    straight = small(tokens, tmp_path / "straight", steps=6)
+    train(straight)
+    job = small(tokens, tmp_path / "job", steps=6, save_every=1, keep_last=2, resume="auto")
+    (tmp_path / "job" / "step-9").mkdir(parents=True)  # incomplete (no state.json): neither resumed nor pruned
+    train(job)
+    assert sorted(p.name for p in (tmp_path / "job").glob("step-*")) == ["step-5", "step-6", "step-9"]
+    shutil.rmtree(tmp_path / "job" / "step-6")
+    (tmp_path / "job" / "final.apr").unlink()
+    assert configure(job)[0].resume == str(tmp_path / "job" / "step-5")
+    train(job)
+    assert records(tmp_path / "job") == records(tmp_path / "straight")
+    assert (tmp_path / "job" / "final.apr").read_bytes() == (tmp_path / "straight" / "final.apr").read_bytes()
+    with pytest.raises(InputError, match="--resume auto continues from the newest checkpoint in --out DIR"):
+        configure({k: v for k, v in job.items() if k != "out"})
 
 
 def test_resume_refuses_a_changed_option(tokens, tmp_path):
