@@ -150,9 +150,9 @@ def evaluate(init_path, arch, rope_layout, data_path, seq_len, batch_size, batch
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default cpu.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp64", "bf16"]), help="Default fp32.")
 @click.option("--out", help="Run directory: final.apr, metrics.jsonl, run.json, step-N/ (default runs/<date-time>).")
-@click.option("--keep-last", type=click.IntRange(min=1), metavar="N",
+@click.option("--keep-last", type=click.IntRange(min=0), metavar="N",
               help="After each checkpoint, delete the oldest complete ones beyond the newest N (never the one "
-                   "just written, never an incomplete one). Default: keep all.")
+                   "just written, never an incomplete one). Default 0: keep all.")
 @click.option("--resume", help="Continue exactly from a checkpoint OUT/step-N; `auto`: from the newest complete "
                                "checkpoint in --out, or start fresh if there is none (a job script can be restarted "
                                "as it is).")
@@ -179,9 +179,12 @@ def evaluate(init_path, arch, rope_layout, data_path, seq_len, batch_size, batch
               help="T with --teacher (default 2).")
 @click.option("--chat-template", metavar="FILE.jinja",
               help="The chat template final.apr carries (default: --init's own, if it has one).")
+@click.option("--config", "config_path", metavar="FILE",
+              help="Options from a YAML or JSON file (names as here, with - or _; an earlier run's run.json "
+                   "too, to repeat it); options on the command line win.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
 @click.pass_context
-def pretrain(ctx, as_json, **options):
+def pretrain(ctx, as_json, config_path, **options):
     """Train a model: from scratch (--arch) or from a checkpoint (--init). With no options at all,
     the embedded demo: a small Llama trained on the Python standard library's own source."""
     from click.core import ParameterSource
@@ -189,6 +192,8 @@ def pretrain(ctx, as_json, **options):
     from minitrain.train import Run, configure
 
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    if config_path:
+        given = {**config_options(ctx, config_path), **given}
     if given:
         report = Run(*configure(given)).run()
     else:
@@ -202,6 +207,38 @@ def pretrain(ctx, as_json, **options):
     else:
         for key, value in report.items():
             click.echo(f"{key}: {value}")
+
+
+def config_options(ctx, path):
+    """pretrain's options from a YAML or JSON file, each checked as the command line checks it; a
+    run.json gives its "config". Keys may use - or _; a null value is an option not given."""
+    import yaml
+
+    try:
+        text = open(path, encoding="utf-8").read()
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"--config {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise InputError(f"--config {path}: not valid {'JSON' if str(path).endswith('.json') else 'YAML'} "
+                         f"({' '.join(str(e).split())})") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "model_config" in data:
+        data = data["config"]  # an earlier run's run.json
+    if not isinstance(data, dict):
+        raise InputError(f"--config {path}: expected a mapping of option names to values")
+    params = {p.name: p for p in ctx.command.params if p.name not in ("config_path", "as_json")}
+    options = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in params:
+            raise InputError(f"--config {path}: unknown key {key!r} (pretrain's options: "
+                             f"{', '.join(sorted(n.replace('_', '-') for n in params))})")
+        if value is not None:
+            try:
+                options[name] = params[name].type_cast_value(ctx, value)
+            except click.BadParameter as e:
+                raise InputError(f"--config {path}: {key}: {e.message}") from None
+    return options
 
 
 def tokenizer_option(command):

@@ -262,6 +262,30 @@ def test_resume_auto_starts_or_continues_and_keep_last_prunes(tokens, tmp_path):
         configure({k: v for k, v in job.items() if k != "out"})
 
 
+def test_a_config_file_gives_the_options_and_run_json_repeats_the_run(tokens, tmp_path):
+    """YAML with - or _ in its keys, the command line winning over it, and an earlier run's
+    run.json as the config: each gives the command line's run, final.apr byte for byte. An
+    unknown key and a bad value are exit 2, one line naming the file and the key."""
+    args = ["--data", str(tokens), "--arch", "tiny-llama", "--seq-len", "16", "--batch-size", "2", "--steps", "3",
+            "--val-windows", "4", "--eval-every", "3", "--warmup-steps", "1", "--lr", "0.001"]
+    assert minitrain("pretrain", *args, "--out", str(tmp_path / "a")).returncode == 0
+    (tmp_path / "c.yaml").write_text(f"data: {tokens}\narch: tiny-llama\nseq-len: 16\nbatch_size: 2\nsteps: 3\n"
+                                     f"val-windows: 4\neval_every: 3\nwarmup-steps: 1\nlr: 0.5\n")
+    b = minitrain("pretrain", "--config", str(tmp_path / "c.yaml"), "--lr", "0.001", "--out", str(tmp_path / "b"))
+    c = minitrain("pretrain", "--config", str(tmp_path / "a" / "run.json"), "--out", str(tmp_path / "c"))
+    assert b.returncode == c.returncode == 0, b.stderr + c.stderr
+    for run in ("b", "c"):
+        assert (tmp_path / run / "final.apr").read_bytes() == (tmp_path / "a" / "final.apr").read_bytes(), run
+        assert records(tmp_path / run) == records(tmp_path / "a"), run
+    for text, message in [("sequence_len: 16\n", "unknown key 'sequence_len' (pretrain's options: "),
+                          ("steps: many\n", "steps: 'many' is not a valid integer"),
+                          ("- steps\n", "expected a mapping of option names to values")]:
+        (tmp_path / "bad.yaml").write_text(text)
+        bad = minitrain("pretrain", "--config", str(tmp_path / "bad.yaml"), *args)
+        assert bad.returncode == 2 and bad.stderr.startswith(f"minitrain: error: --config {tmp_path / 'bad.yaml'}: "
+                                                             f"{message}") and bad.stderr.count("\n") == 1, bad.stderr
+
+
 def test_resume_refuses_a_changed_option(tokens, tmp_path):
     train(small(tokens, tmp_path / "run", steps=2, save_every=2))
     with pytest.raises(InputError, match=r"--lr 0.01 \(checkpoint: 0.001\)"):
