@@ -1,7 +1,8 @@
 """The `minitrain` command line (contract: ../shared/docs/interface.md).
 
 Exit codes: 0 success, 1 anything unexpected (or a failed check), 2 bad usage or bad input,
-3 training aborted (also when, under mpiexec, a rank is lost). Errors are one line on stderr,
+3 training aborted (also when, under mpiexec, a rank is lost), 128 + N stopped by signal N
+after a checkpoint (143: SIGTERM, 130: SIGINT). Errors are one line on stderr,
 never a traceback.
 """
 
@@ -16,6 +17,7 @@ from minitrain import __version__
 from minitrain import humaneval as he
 from minitrain.dist import RankLost, launch_rank
 from minitrain.errors import InputError, TrainingAborted
+from minitrain.preempt import Preempted
 
 
 def model_options(command):
@@ -574,6 +576,10 @@ def main():
         if launch_rank() == 0:  # the ranks' values are identical, and so is the abort
             click.echo(f"minitrain: training aborted: {e}", err=True)
         code = 3
+    except Preempted as e:  # every rank stopped after the same step
+        if launch_rank() == 0:
+            click.echo(f"minitrain: {e}", err=True)
+        code = e.code
     except RankLost as e:  # the others may be waiting on the lost one too: take the whole job down
         click.echo(f"minitrain: error: {e}; stopping every rank", err=True)
         from mpi4py import MPI

@@ -16,6 +16,7 @@ the previous one, raises TrainingAborted (exit 3) before the bad value is logged
 import json
 import math
 import resource
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +34,7 @@ from minitrain.formats.apr_meta import model_metadata
 from minitrain.gpu import attention as attention_kernels
 from minitrain.model import Model
 from minitrain.optim import SGD, AdamW, clip_grads, global_grad_norm
+from minitrain.preempt import Preempted, StopRequests
 from minitrain.progress import duration
 from minitrain.schedule import learning_rate
 
@@ -516,31 +518,54 @@ class Run:
             self._say(f"init_loss {init:.4f} (step 0, before any update; ln V = {math.log(self.model.config.vocab_size):.4f})")
         train_time, last_loss, last_print, last_parts = 0.0, None, 0.0, {}
         first_step = self.state["step"]
-        for step in range(first_step, cfg.steps):
-            t0 = time.perf_counter()
-            loss, norm, lr, (ce, kd) = self.train_step(step)
-            dt = time.perf_counter() - t0
-            train_time += dt
-            last_loss = loss
-            self.state["step"] = done = step + 1
-            distilled = {"ce_loss": ce, "kd_loss": kd} if self.teacher else {}
-            last_parts = distilled
-            targets = {} if self.step_targets is None else {"target_tokens": self.step_targets}
-            self._write({"type": "step", "step": done, "loss": loss, **distilled, **targets, "grad_norm": norm,
-                         "lr": lr, "tokens_per_sec": self.tokens_per_step / dt,
-                         "wall_s": time.perf_counter() - self.start_time})
-            val = self._eval_and_gate(done) if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps else None
-            now = time.perf_counter()
-            if now - last_print > 10.0 or val is not None or done == cfg.steps or done == first_step + 1:
-                last_print = now
-                rate = self.tokens_per_step * (done - first_step) / train_time
-                eta = (cfg.steps - done) * train_time / (done - first_step)
-                self._say(f"step {done}/{cfg.steps} | loss {loss:.4f}"
-                          + (f" (ce {ce:.4f}, kd {kd:.4f})" if self.teacher else "") + f" | lr {lr:.2e} | grad_norm {norm:.3f} | "
-                          f"{rate:,.0f} tok/s | ETA {duration(eta)}" + (f" | val_loss {val:.4f}" if val is not None else ""))
-            if cfg.save_every and done % cfg.save_every == 0:
-                self.save_checkpoint()
+        with StopRequests(self._say) as stops:
+            for step in range(first_step, cfg.steps):
+                train_time, last_loss, last_print, last_parts = self._step(step, first_step, train_time, last_print)
+                if (signum := self._stop_agreed(stops)) is not None:
+                    self._stop(signum)
         return self.finish(train_time, last_loss, cfg.steps - first_step, last_parts)
+
+    def _step(self, step, first_step, train_time, last_print):
+        """One step of run(), its metrics, evaluation, progress line and checkpoint.
+        -> (train_time, loss, last_print, the loss's parts)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        loss, norm, lr, (ce, kd) = self.train_step(step)
+        dt = time.perf_counter() - t0
+        train_time += dt
+        self.state["step"] = done = step + 1
+        distilled = {"ce_loss": ce, "kd_loss": kd} if self.teacher else {}
+        targets = {} if self.step_targets is None else {"target_tokens": self.step_targets}
+        self._write({"type": "step", "step": done, "loss": loss, **distilled, **targets, "grad_norm": norm,
+                     "lr": lr, "tokens_per_sec": self.tokens_per_step / dt,
+                     "wall_s": time.perf_counter() - self.start_time})
+        val = self._eval_and_gate(done) if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps else None
+        now = time.perf_counter()
+        if now - last_print > 10.0 or val is not None or done == cfg.steps or done == first_step + 1:
+            last_print = now
+            rate = self.tokens_per_step * (done - first_step) / train_time
+            eta = (cfg.steps - done) * train_time / (done - first_step)
+            self._say(f"step {done}/{cfg.steps} | loss {loss:.4f}"
+                      + (f" (ce {ce:.4f}, kd {kd:.4f})" if self.teacher else "") + f" | lr {lr:.2e} | grad_norm {norm:.3f} | "
+                      f"{rate:,.0f} tok/s | ETA {duration(eta)}" + (f" | val_loss {val:.4f}" if val is not None else ""))
+        if cfg.save_every and done % cfg.save_every == 0:
+            self.save_checkpoint()
+        return train_time, loss, last_print, distilled
+
+    def _stop_agreed(self, stops):
+        """The signal that stops the run after this step: any rank's (preempt.py), else None."""
+        rows = self.group.gather([(float(stops.signum),)] if stops.signum is not None else [], 1, 1)
+        return int(max(r[0] for r in rows)) if rows else None
+
+    def _stop(self, signum):
+        """Checkpoint the step just done (unless --save-every just did) and raise Preempted."""
+        done = self.state["step"]
+        if not (self.cfg.save_every and done % self.cfg.save_every == 0):
+            self.save_checkpoint()
+        path = self.out / f"step-{done}"
+        raise Preempted(f"stopped by {signal.Signals(signum).name} after step {done} of {self.cfg.steps}: checkpoint "
+                        f"{path}; continue with `minitrain pretrain --resume {path}` (or the same command with "
+                        f"--resume auto)", signum)
 
     def save_checkpoint(self):
         optimizer_state = self.optimizer.state(self.shards and self.shards.assemble)  # ZeRO-1: from every rank

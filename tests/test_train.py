@@ -4,9 +4,11 @@ determinism, and the abort / bad-input exits."""
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -284,6 +286,53 @@ def test_a_config_file_gives_the_options_and_run_json_repeats_the_run(tokens, tm
         bad = minitrain("pretrain", "--config", str(tmp_path / "bad.yaml"), *args)
         assert bad.returncode == 2 and bad.stderr.startswith(f"minitrain: error: --config {tmp_path / 'bad.yaml'}: "
                                                              f"{message}") and bad.stderr.count("\n") == 1, bad.stderr
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_finishes_the_run(tokens, tmp_path, name, code):
+    """SIGTERM (schedulers, spot instances) or SIGINT mid-run: the step finishes, a checkpoint is
+    written, the line says where and how to go on, exit 128 + N; resuming from it ends in the
+    straight run's final.apr and metrics, bit for bit."""
+    import signal
+
+    args = ["pretrain", "--data", str(tokens), "--arch", "tiny-llama", "--seq-len", "16", "--batch-size", "2",
+            "--steps", "60", "--val-windows", "4", "--eval-every", "20", "--warmup-steps", "2", "--save-every", "25"]
+    assert minitrain(*args, "--out", str(tmp_path / "straight")).returncode == 0
+    run = subprocess.Popen([sys.executable, "-m", "minitrain", *args, "--out", str(tmp_path / "run")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count('"type": "step"') >= 3) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    run.send_signal(getattr(signal, name))
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == code, err
+    stopped = re.search(rf"minitrain: stopped by {name} after step (\d+) of 60: checkpoint (\S+); continue with "
+                        rf"`minitrain pretrain --resume (\S+)`", err)
+    assert stopped and stopped[2] == stopped[3] == str(tmp_path / "run" / f"step-{stopped[1]}"), err
+    assert 3 <= int(stopped[1]) < 60 and (tmp_path / "run" / f"step-{stopped[1]}" / "state.json").exists()
+    assert f"minitrain: {name}: stopping after this step with a checkpoint" in err
+    assert not (tmp_path / "run" / "final.apr").exists()
+    resumed = minitrain("pretrain", "--resume", stopped[2])
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "run" / "final.apr").read_bytes() == (tmp_path / "straight" / "final.apr").read_bytes()
+    assert records(tmp_path / "run") == records(tmp_path / "straight")
+
+
+def test_a_second_signal_stops_at_once(monkeypatch):
+    import signal
+
+    from minitrain import preempt
+
+    killed, said = [], []
+    monkeypatch.setattr(preempt.os, "kill", lambda pid, signum: killed.append(signum))
+    before = signal.getsignal(signal.SIGTERM)
+    with preempt.StopRequests(said.append) as stops:
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert stops.signum == signal.SIGTERM and killed == [] and len(said) == 1
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert killed == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_resume_refuses_a_changed_option(tokens, tmp_path):
