@@ -108,6 +108,46 @@ def test_resume_continues_exactly_with_the_same_ranks(data, tmp_path):
     assert_same_run(tmp_path / "whole", tmp_path / "cut")
 
 
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(data, tmp_path):
+    """SIGTERM to rank 1 alone (a preemption reaches the ranks at their own moments): every rank
+    stops after the same step, rank 0 writes the checkpoint and says so, each exits 143; resumed
+    on 2 ranks, the run ends as the straight one did, bit for bit."""
+    import os
+    import re
+    import signal
+    import time
+
+    args = ["--data", str(data), "--steps", "16", "--schedule", "constant", "--eval-every", "8"]
+    straight = pretrain(2, tmp_path / "straight", *args)
+    assert straight.returncode == 0, straight.stderr
+    run = subprocess.Popen([*launch(2), sys.executable, "-m", "minitrain", *COMMON, "--out", str(tmp_path / "run"),
+                            *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_file, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics_file.exists() and metrics_file.read_text().count('"type": "step"') >= 2):
+        assert time.monotonic() < deadline and run.poll() is None
+        time.sleep(0.005)
+    ranks = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if b"minitrain" in cmdline and str(tmp_path / "run").encode() in cmdline:
+            rank = next((e.split(b"=")[1] for e in environ if e.startswith(b"PMI_RANK=")), None)
+            if rank is not None:
+                ranks[int(rank)] = int(proc.name)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGTERM)  # rank 1 only
+    out, err = run.communicate(timeout=300)
+    stopped = re.search(r"minitrain: stopped by SIGTERM after step (\d+) of 16: checkpoint (\S+);", err)
+    assert stopped and run.returncode != 0 and err.count("minitrain: stopped by SIGTERM") == 1, err
+    assert "EXIT CODE: 143" in out + err or run.returncode == 143, (run.returncode, err)
+    resumed = resume(2, Path(stopped[2]), "--steps", "16")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(tmp_path / "straight", tmp_path / "run")
+
+
 # --- ZeRO-1 -----------------------------------------------------------------------------------
 # 4 micro-batches per step, 4 steps at a constant lr, a checkpoint at step 2: one process with
 # grad-accum 4 is the run that every sharded, split and resumed run below must reproduce.
