@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 
 from minitrain import backend
-from minitrain.errors import InputError
+from minitrain.errors import InputError, write_failed
 from minitrain.formats import safetensors_io
 
 FORMAT = "minitrain-checkpoint-v1"
@@ -45,22 +45,27 @@ def save(directory, params, optimizer_state, state, adapters=None):
     arrays) of the whole optimizer (Optimizer.state())."""
     directory = Path(directory)
     tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    safetensors_io.save(tmp / "model.safetensors", {n: backend.to_numpy(t.data) for n, t in params.items()})
-    if adapters:
-        safetensors_io.save(tmp / ADAPTER, {n: backend.to_numpy(t.data) for n, t in adapters.items()})
     scalars, arrays = optimizer_state
-    if arrays:
-        safetensors_io.save(tmp / "optimizer.safetensors", {n: backend.to_numpy(a) for n, a in arrays.items()})
-    (tmp / "state.json").write_text(json.dumps({"format": FORMAT, **state, "optimizer": scalars}, indent=1) + "\n")
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
-    if directory.exists():  # the same step saved again (a resumed run writing into its old directory)
-        shutil.rmtree(directory)
-    os.rename(tmp, directory)
-    _fsync(directory.parent)
+    files = {"model.safetensors": {n: backend.to_numpy(t.data) for n, t in params.items()},
+             ADAPTER: adapters and {n: backend.to_numpy(t.data) for n, t in adapters.items()},
+             "optimizer.safetensors": arrays and {n: backend.to_numpy(a) for n, a in arrays.items()}}
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, tensors in files.items():
+            if tensors:
+                safetensors_io.save(tmp / name, tensors)
+        (tmp / "state.json").write_text(json.dumps({"format": FORMAT, **state, "optimizer": scalars}, indent=1) + "\n")
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        if directory.exists():  # the same step saved again (a resumed run writing into its old directory)
+            shutil.rmtree(directory)
+        os.rename(tmp, directory)
+        _fsync(directory.parent)
+    except OSError as e:  # a full disk, most often: nothing half-written stays, earlier checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(directory, e, sum(a.nbytes for t in files.values() if t for a in t.values())) from None
 
 
 def completed(out):

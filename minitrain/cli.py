@@ -1,7 +1,8 @@
 """The `minitrain` command line (contract: ../shared/docs/interface.md).
 
 Exit codes: 0 success, 1 anything unexpected (or a failed check), 2 bad usage or bad input,
-3 training aborted (also when, under mpiexec, a rank is lost), 128 + N stopped by signal N
+3 training aborted (also when, under mpiexec, a rank is lost) or an output could not be written
+(a full disk: the line says how much was needed and is free), 128 + N stopped by signal N
 after a checkpoint (143: SIGTERM, 130: SIGINT). Errors are one line on stderr,
 never a traceback.
 """
@@ -15,8 +16,8 @@ import click
 
 from minitrain import __version__
 from minitrain import humaneval as he
-from minitrain.dist import RankLost, launch_rank
-from minitrain.errors import InputError, TrainingAborted
+from minitrain.dist import RankLost, launch_rank, launched_by_mpi
+from minitrain.errors import InputError, TrainingAborted, WriteFailed
 from minitrain.preempt import Preempted
 
 
@@ -576,6 +577,14 @@ def main():
         if launch_rank() == 0:  # the ranks' values are identical, and so is the abort
             click.echo(f"minitrain: training aborted: {e}", err=True)
         code = 3
+    except WriteFailed as e:  # only rank 0 writes: under mpiexec the others are stopped with it
+        click.echo(f"minitrain: error: {e}", err=True)
+        code = 3
+        if launched_by_mpi():
+            from mpi4py import MPI
+
+            time.sleep(ABORT_GRACE_S)
+            MPI.COMM_WORLD.Abort(code)
     except Preempted as e:  # every rank stopped after the same step
         if launch_rank() == 0:
             click.echo(f"minitrain: {e}", err=True)

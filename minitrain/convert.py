@@ -17,12 +17,13 @@ chat_template.jinja and tokenizer_config.json (with the special tokens it uses).
 F32 is lossless every way; a quantized GGUF is dequantized once, exactly, and stays so.
 """
 
+import shutil
 from pathlib import Path
 
 import numpy
 
 from minitrain.config import parameter_count
-from minitrain.errors import InputError
+from minitrain.errors import InputError, write_failed
 from minitrain.formats import gguf, hf
 from minitrain.formats.apr import bf16, write_apr
 from minitrain.formats.apr_meta import model_metadata
@@ -56,7 +57,7 @@ def checked_tokenizer(path, config):
 
 def convert(src, dst, dtype="f32", tokenizer_path=None, arch=None, rope_layout=None, chat_template=None):
     """Convert and return a one-line description of what was written."""
-    from minitrain.chat import apr_chat_metadata, special_tokens, template_for
+    from minitrain.chat import special_tokens, template_for
     from minitrain.formats.sources import load_source, source_kind
     from minitrain.tokenize import NoTokenizer, model_tokenizer
 
@@ -87,17 +88,29 @@ def convert(src, dst, dtype="f32", tokenizer_path=None, arch=None, rope_layout=N
         raise InputError(f"{dst}: cannot create its directory {dst.parent} ({e.strerror})") from None
     with_tokenizer = (f", tokenizer from {tokenizer_path}" if tokenizer else "") + \
                      (f", chat template from {template.origin}" if template else "")
+    made = not dst.exists()
+    try:
+        return _write(src, dst, dtype, cfg, arrays, tokenizer, template, tokens) + with_tokenizer
+    except OSError as e:  # a full disk, most often: the writers remove their temporary files
+        if made and dst.is_dir():
+            shutil.rmtree(dst)  # a Hugging Face directory this call began
+        raise write_failed(dst, e, sum(numpy.asarray(a).nbytes for a in arrays.values())) from None
+
+
+def _write(src, dst, dtype, cfg, arrays, tokenizer, template, tokens):
+    """Write DST in its format; -> the description of what was written (convert's line)."""
+    from minitrain.chat import apr_chat_metadata
     if dst.suffix == ".apr":
         tensors = list(apr_tensors(cfg, arrays, dtype))
         meta = model_metadata(cfg, parameter_count(cfg), tokenizer)
         write_apr(dst, tensors, {**meta, **apr_chat_metadata(template, tokens)})
-        return f"{src} -> {dst}: APR v2, {dtype.upper()}, {len(tensors)} tensors{with_tokenizer}"
+        return f"{src} -> {dst}: APR v2, {dtype.upper()}, {len(tensors)} tensors"
     if dst.suffix == ".gguf":
         end_of_turn = tokenizer.token_to_id(tokens["eos_token"]) if tokens.get("eos_token") else None
         fallback = gguf.write_gguf(dst, cfg, arrays, tokenizer, dtype, chat_template=template and template.text,
                                    end_of_turn=end_of_turn)
         note = f" ({len(fallback)} matrices in F16: rows not a multiple of 32)" if fallback else ""
-        return f"{src} -> {dst}: GGUF {cfg.family}, {dtype.upper()}{note}{with_tokenizer}"
+        return f"{src} -> {dst}: GGUF {cfg.family}, {dtype.upper()}{note}"
     hf.save_dir(dst, cfg, arrays)
     if tokenizer:
         tokenizer.save(str(dst / "tokenizer.json"))
@@ -105,5 +118,4 @@ def convert(src, dst, dtype="f32", tokenizer_path=None, arch=None, rope_layout=N
         from minitrain.chat import write_hf_template
 
         write_hf_template(dst, template, tokens)
-    return f"{src} -> {dst}: Hugging Face directory (config.json + model.safetensors, F32), {len(arrays)} " \
-           f"tensors{with_tokenizer}"
+    return f"{src} -> {dst}: Hugging Face directory (config.json + model.safetensors, F32), {len(arrays)} tensors"

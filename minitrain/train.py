@@ -27,7 +27,7 @@ from minitrain.autograd import no_grad
 from minitrain.config import PRESETS, ModelConfig, preset
 from minitrain.convert import apr_tensors, checked_tokenizer
 from minitrain.data import TokenWindows, TrainStream, target_count
-from minitrain.errors import InputError, TrainingAborted
+from minitrain.errors import InputError, TrainingAborted, writing
 from minitrain.formats import peft
 from minitrain.formats.apr import write_apr
 from minitrain.formats.apr_meta import model_metadata
@@ -215,8 +215,8 @@ def configure(options):
 class Run:
     """One training run: model, data, optimizer and the files under --out."""
 
-    def __init__(self, cfg, resumed=None, log=sys.stderr):
-        self.cfg, self.log = cfg, log
+    def __init__(self, cfg, resumed=None, log=None):
+        self.cfg, self.log = cfg, log  # None: sys.stderr as it is when a line is printed
         self.start_time = time.perf_counter()
         self.state = {"step": 0, "init_loss": None, "last_val_loss": None}
         cfg.device = _device(cfg.device)
@@ -259,9 +259,10 @@ class Run:
         self.step_targets = None  # the last step's targets with loss masks (metrics.jsonl target_tokens)
         self.tokens_per_step = self.micro_per_step * cfg.batch_size * cfg.seq_len
         if self.lead:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.metrics = self._open_metrics()
-            (self.out / "run.json").write_text(json.dumps(self._run_info(), indent=1) + "\n")
+            with writing(self.out / "run.json"):
+                self.out.mkdir(parents=True, exist_ok=True)
+                self.metrics = self._open_metrics()
+                (self.out / "run.json").write_text(json.dumps(self._run_info(), indent=1) + "\n")
 
     def _lora(self, cfg, saved):
         """Attach LoRA adapters and freeze every base tensor. The adapters are the checkpoint's
@@ -381,12 +382,13 @@ class Run:
 
     def _write(self, record):
         if self.lead:
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
+            with writing(self.out / "metrics.jsonl"):
+                self.metrics.write(json.dumps(record) + "\n")
+                self.metrics.flush()
 
     def _say(self, text):
         if self.lead:
-            print(text, file=self.log, flush=True)
+            print(text, file=self.log or sys.stderr, flush=True)
 
     # --- losses -----------------------------------------------------------------------------
 
@@ -598,9 +600,11 @@ class Run:
             arrays = (self.adapters.merged(model.params) if self.adapters else
                       {n: backend.to_numpy(t.data) for n, t in model.params.items()})
             meta = model_metadata(mc, model.num_parameters(), self.tokenizer)
-            write_apr(self.out / "final.apr", apr_tensors(mc, arrays), {**meta, **self.chat})
+            with writing(self.out / "final.apr", sum(a.nbytes for a in arrays.values())):
+                write_apr(self.out / "final.apr", apr_tensors(mc, arrays), {**meta, **self.chat})
             if self.adapters:
-                peft.write_adapter(self.out / "adapter", self.adapters.spec, self.adapters.arrays(), self.cfg.init)
+                with writing(self.out / "adapter"):
+                    peft.write_adapter(self.out / "adapter", self.adapters.spec, self.adapters.arrays(), self.cfg.init)
             self.metrics.close()
         report = {"status": "ok", "arch": arch_name(mc), "params": model.num_parameters(), "steps": self.cfg.steps,
                   "tokens": self.cfg.steps * self.tokens_per_step, "init_loss": self.state["init_loss"],

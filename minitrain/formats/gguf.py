@@ -216,12 +216,16 @@ def write_gguf(path, cfg, arrays, tokenizer, dtype="f32", name=None, chat_templa
             fallback.append(hf)
         writer.add_tensor(names[hf], gguf.quants.quantize(a, kind), raw_dtype=kind)
     try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    os.replace(tmp, path)
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        os.replace(tmp, path)
+    except BaseException:  # nothing half-written stays
+        tmp.unlink(missing_ok=True)
+        raise
     return fallback
 
 

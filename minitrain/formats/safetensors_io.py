@@ -10,6 +10,7 @@ its 16 bits into the high half of a 32-bit float. Writing uses the `safetensors`
 import json
 import math
 import os
+import re
 
 import numpy
 import safetensors.numpy
@@ -68,6 +69,14 @@ def load(path, names=None):
 
 
 def save(path, arrays):
-    """Write name -> array as a safetensors file that transformers loads (format "pt")."""
-    safetensors.numpy.save_file({n: numpy.ascontiguousarray(a) for n, a in arrays.items()}, str(path),
-                                metadata={"format": "pt"})
+    """Write name -> array as a safetensors file that transformers loads (format "pt"). The
+    library's I/O failures ("... I/O error: No space left on device (os error 28)") come out as
+    the OSError they are."""
+    try:
+        safetensors.numpy.save_file({n: numpy.ascontiguousarray(a) for n, a in arrays.items()}, str(path),
+                                    metadata={"format": "pt"})
+    except safetensors.SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
