@@ -29,6 +29,12 @@ from minitrain.errors import InputError, write_failed
 from minitrain.formats import safetensors_io
 
 FORMAT = "minitrain-checkpoint-v1"
+STATE_FIELDS = [("step", int, lambda v: v >= 0), ("ranks", int, lambda v: v >= 1),
+                ("init_loss", (int, float, type(None)), lambda v: True),
+                ("last_val_loss", (int, float, type(None)), lambda v: True),
+                ("optimizer", dict, lambda v: True), ("config", dict, lambda v: True),
+                ("model_config", dict, lambda v: True)]  # what a resumed run reads of state.json
+STATE_FIELD_NAMES = {int: "a count", (int, float, type(None)): "a number or null", dict: "an object"}
 ADAPTER = "adapter.safetensors"
 
 
@@ -108,8 +114,15 @@ def load(directory):
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{state_file}: not valid JSON ({e})") from None
-    if state.get("format") != FORMAT:
-        raise InputError(f"{state_file}: format {state.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise InputError(f"{state_file}: format {found!r}, expected {FORMAT!r}")
+    for key, kinds, fine in STATE_FIELDS:
+        value = state.get(key)
+        if key not in state:
+            raise InputError(f"{state_file}: no {key}")
+        if not isinstance(value, kinds) or isinstance(value, bool) or not fine(value):
+            raise InputError(f"{state_file}: {key} is {value!r}"[:200] + f", expected {STATE_FIELD_NAMES[kinds]}")
     model = safetensors_io.load(directory / "model.safetensors")
     opt_file, adapter_file = directory / "optimizer.safetensors", directory / ADAPTER
     return (state, model, safetensors_io.load(opt_file) if opt_file.exists() else {},

@@ -193,7 +193,11 @@ def configure(options):
         options = {"out": time.strftime("runs/%Y%m%d-%H%M%S"), **options}
         return TrainConfig(**options).resolved(), None
     resumed = checkpoint.load(options["resume"])
-    saved = TrainConfig(**resumed[0]["config"])
+    state_file = Path(options["resume"]) / "state.json"
+    try:
+        saved = TrainConfig(**resumed[0]["config"])
+    except TypeError as e:  # a field this version does not know
+        raise InputError(f"{state_file}: config: {e}") from None
     diffs = [f"--{k.replace('_', '-')} {v} (checkpoint: {getattr(saved, k)})" for k, v in options.items()
              if k not in RESUMABLE_CHANGES | {"grad_accum"} and v != getattr(saved, k)]
     if diffs:
@@ -209,13 +213,24 @@ def configure(options):
     saved.out = str(Path(options["resume"]).parent)
     for k in RESUMABLE_CHANGES & options.keys():
         setattr(saved, k, options[k])
-    return saved.resolved(), resumed
+    try:
+        return saved.resolved(), resumed
+    except (InputError, TypeError, ValueError) as e:  # the checkpoint's own run cannot be what it says
+        raise InputError(f"{state_file}: config: {e}") from None
 
 
 class Run:
     """One training run: model, data, optimizer and the files under --out."""
 
     def __init__(self, cfg, resumed=None, log=None):
+        try:
+            self._build(cfg, resumed, log)
+        except InputError as e:  # a resumed run's: the checkpoint's configuration, which the line must name
+            if not cfg.resume or str(cfg.resume) in str(e):
+                raise
+            raise InputError(f"--resume {cfg.resume}: {e}") from None
+
+    def _build(self, cfg, resumed, log):
         self.cfg, self.log = cfg, log  # None: sys.stderr as it is when a line is printed
         self.start_time = time.perf_counter()
         self.state = {"step": 0, "init_loss": None, "last_val_loss": None}
@@ -228,7 +243,11 @@ class Run:
         backend.set_dtype(cfg.dtype)
         if resumed:
             state, model_arrays, opt_arrays, adapter_arrays = resumed
-            self.model = Model.from_arrays(ModelConfig(**state["model_config"]), model_arrays)
+            try:
+                config = ModelConfig(**state["model_config"])
+            except (TypeError, ValueError) as e:
+                raise InputError(f"{cfg.resume}/state.json: model_config: {e}") from None
+            self.model = Model.from_arrays(config, model_arrays)
         else:
             self.model = build_model(cfg)
         self.adapters = self._lora(cfg, resumed and adapter_arrays) if cfg.lora else None

@@ -32,8 +32,12 @@ def load_json(path):
 
 def config_from_hf(d, source):
     """A ModelConfig from a parsed config.json; InputError naming the field on anything we can
-    not honour exactly."""
+    not honour exactly (a value of the wrong type or out of range included)."""
+    if not isinstance(d, dict):
+        raise InputError(f"{source}: expected a JSON object of fields, found {type(d).__name__}")
     model_type = d.get("model_type")
+    if not isinstance(model_type, str):
+        raise InputError(f"{source}: model_type {model_type!r} is not a name; supported: {', '.join(FAMILIES)}")
     if model_type in ENCODERS or d.get("is_encoder_decoder"):
         raise InputError(f"{source}: model_type {model_type!r} is an encoder model; minitrain trains "
                          f"decoder-only Llama/Qwen2 models")
@@ -42,18 +46,31 @@ def config_from_hf(d, source):
     if model_type not in FAMILIES:
         raise InputError(f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
 
-    def need(key):
-        if d.get(key) is None:
-            raise InputError(f"{source}: field {key} is missing")
-        return d[key]
+    def field(key, kind, required=True, default=None):
+        """d[key] as a positive int, a positive number, a bool or a mapping (`kind`)."""
+        value = d.get(key)
+        if value is None:
+            if required:
+                raise InputError(f"{source}: field {key} is missing")
+            return default
+        fine = {"int": isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                "number": isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"),
+                "bool": isinstance(value, bool), "mapping": isinstance(value, dict)}[kind]
+        if not fine:
+            expected = {"int": "a positive integer", "number": "a positive number", "bool": "true or false",
+                        "mapping": "an object"}[kind]
+            raise InputError(f"{source}: field {key} is {value!r}, expected {expected}")
+        return value
 
     for key in ("rope_parameters", "rope_scaling"):
-        kind = (d.get(key) or {}).get("rope_type", (d.get(key) or {}).get("type", "default"))
+        rope = field(key, "mapping", required=False, default={})
+        kind = rope.get("rope_type", rope.get("type", "default"))
         if kind != "default":
             raise InputError(f"{source}: {key} rope type {kind!r} is not supported (only plain RoPE)")
     theta = d.get("rope_theta")
     if theta is None:
         theta = (d.get("rope_parameters") or {}).get("rope_theta")
+        d = {**d, "rope_theta": theta}
     if theta is None:
         raise InputError(f"{source}: rope_theta is missing (neither top-level rope_theta nor "
                          f"rope_parameters.rope_theta); it has no safe default (10 000 Llama, 1 000 000 Qwen2)")
@@ -64,22 +81,21 @@ def config_from_hf(d, source):
     if d.get("use_sliding_window"):
         raise InputError(f"{source}: use_sliding_window is true; only full causal attention is supported")
 
-    heads = need("num_attention_heads")
-    hidden = need("hidden_size")
+    heads, hidden = field("num_attention_heads", "int"), field("hidden_size", "int")
     try:
         return ModelConfig(
             family=model_type,
             hidden_size=hidden,
-            num_hidden_layers=need("num_hidden_layers"),
+            num_hidden_layers=field("num_hidden_layers", "int"),
             num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads") or heads,  # transformers: absent = MHA
-            head_dim=d.get("head_dim") or hidden // heads,
-            intermediate_size=need("intermediate_size"),
-            vocab_size=need("vocab_size"),
-            max_position_embeddings=need("max_position_embeddings"),
-            rope_theta=float(theta),
-            rms_norm_eps=float(need("rms_norm_eps")),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),  # transformers' default for both
+            num_key_value_heads=field("num_key_value_heads", "int", False, heads),  # transformers: absent = MHA
+            head_dim=field("head_dim", "int", False, hidden // heads),
+            intermediate_size=field("intermediate_size", "int"),
+            vocab_size=field("vocab_size", "int"),
+            max_position_embeddings=field("max_position_embeddings", "int"),
+            rope_theta=float(field("rope_theta", "number")),
+            rms_norm_eps=float(field("rms_norm_eps", "number")),
+            tie_word_embeddings=field("tie_word_embeddings", "bool", False, False),  # transformers' default for both
         )
     except ValueError as e:
         raise InputError(f"{source}: {e}") from None

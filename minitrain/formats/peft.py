@@ -52,6 +52,8 @@ def read_adapter(directory):
         raise InputError(f"{directory}: not a directory (expected a peft adapter directory with {CONFIG})")
     path = directory / CONFIG
     config = load_json(path)
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object of fields, found {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise InputError(f"{path}: peft_type {config.get('peft_type')!r}; minitrain reads LORA adapters")
     for key, fine in UNSUPPORTED.items():
@@ -61,9 +63,12 @@ def read_adapter(directory):
     modules = config.get("target_modules")
     if not isinstance(modules, list) or not all(m in MODULE for m in modules):
         raise InputError(f"{path}: target_modules {modules!r}; expected a list of {', '.join(MODULE)}")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
-            raise InputError(f"{path}: {key} {config.get(key)!r} is not a number")
+    for key in ("r", "lora_alpha", "lora_dropout"):
+        value = config.get(key, 0.0 if key == "lora_dropout" else None)
+        if key == "lora_dropout" and value is None:  # peft writes null for none
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            raise InputError(f"{path}: {key} {value!r} is not a number")
     if config["r"] != int(config["r"]):
         raise InputError(f"{path}: r {config['r']!r} is not an integer")
     try:

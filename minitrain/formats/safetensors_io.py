@@ -39,8 +39,28 @@ def read_header(path):
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: safetensors header is not a JSON object")
     header.pop("__metadata__", None)
+    for name, info in header.items():
+        _check_entry(path, name, info, size - 8 - n)
     return header, 8 + n, size
+
+
+def _check_entry(path, name, info, data_bytes):
+    """A header entry's dtype, shape and data_offsets are of the right kinds and inside the data."""
+    def counts(value, length=None):
+        return (isinstance(value, list) and (length is None or len(value) == length)
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        raise InputError(f"{path}: tensor {name}: expected {{dtype, shape, data_offsets}}, found {info!r}"[:300])
+    if not counts(info.get("shape")):
+        raise InputError(f"{path}: tensor {name}: shape {info.get('shape')!r} is not a list of sizes")
+    offsets = info.get("data_offsets")
+    if not counts(offsets, 2) or offsets[0] > offsets[1] or offsets[1] > data_bytes:
+        raise InputError(f"{path}: tensor {name}: data_offsets {offsets!r} are not [begin, end] inside the "
+                         f"{data_bytes} data bytes (truncated or corrupt)")
 
 
 def load(path, names=None):
@@ -57,7 +77,7 @@ def load(path, names=None):
             raise InputError(f"{path}: tensor {name} has dtype {dtype}; supported: F32, F16, BF16, F64")
         begin, end = info["data_offsets"]
         nbytes = math.prod(shape) * numpy.dtype(_DTYPES[dtype]).itemsize
-        if end - begin != nbytes or base + end > size:
+        if end - begin != nbytes:
             raise InputError(f"{path}: tensor {name} {dtype}{list(shape)} needs {nbytes} bytes at "
                              f"[{begin}, {end}), the file has {size - base} data bytes (truncated or corrupt)")
         raw = data[base + begin: base + end].view(_DTYPES[dtype]).reshape(shape)
