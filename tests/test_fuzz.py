@@ -14,7 +14,6 @@ import shutil
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy
 import pytest
