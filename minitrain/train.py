@@ -539,6 +539,8 @@ class Run:
             self._say(f"init_loss {init:.4f} (step 0, before any update; ln V = {math.log(self.model.config.vocab_size):.4f})")
         train_time, last_loss, last_print, last_parts = 0.0, None, 0.0, {}
         first_step = self.state["step"]
+        if cfg.resume:
+            self._say(f"resumed from {cfg.resume}: step {first_step} of {cfg.steps} done")
         with StopRequests(self._say) as stops:
             for step in range(first_step, cfg.steps):
                 train_time, last_loss, last_print, last_parts = self._step(step, first_step, train_time, last_print)

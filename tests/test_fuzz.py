@@ -182,7 +182,7 @@ def model_cases(tmp_path, kind, mutants):
 def test_gguf_files(sources, tmp_path):
     data = (sources / "m.gguf").read_bytes()
     run_cases(tmp_path, model_cases(tmp_path, "gguf", binary_cases(data, gguf_parts(sources / "m.gguf"),
-                                                                   random.Random(1), 60)))
+                                                                   random.Random(1), 42)))
 
 
 def apr_fields(data):
@@ -211,7 +211,7 @@ def apr_fields(data):
 
 def test_apr_files(sources, tmp_path):
     data = (sources / "m.apr").read_bytes()
-    run_cases(tmp_path, model_cases(tmp_path, "apr", binary_cases(data, apr_fields(data), random.Random(2), 60)))
+    run_cases(tmp_path, model_cases(tmp_path, "apr", binary_cases(data, apr_fields(data), random.Random(2), 42)))
 
 
 def json_mutants(obj, rng, n):
