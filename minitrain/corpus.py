@@ -62,6 +62,11 @@ def inner_suffix(path):
     return Path(path.stem).suffix if path.suffix in COMPRESSED else path.suffix
 
 
+def holds_records(path):
+    """Whether a file is a record container (JSON Lines, compressed or not, or Parquet)."""
+    return inner_suffix(path) in RECORDS + (".parquet",)
+
+
 def input_files(paths):
     """Each path as given if it is a file; for a directory, every file below it whose
     inner_suffix is one of SUFFIXES (but plain .json), recursively, sorted by relative path
@@ -124,10 +129,10 @@ class Corpus:
 
     def records(self, columns=None):
         """Yield (label, record dict) of every record of every file ("path:line N", "path:row N");
-        a file that is not a record container is BadRecord. `columns`: read only these of a Parquet
-        file (all when None)."""
+        a file that holds no records is Damaged. `columns`: read only these of a Parquet file (all
+        when None)."""
         for path in self._each_file():
-            if inner_suffix(path) == ".parquet" or inner_suffix(path) in RECORDS:
+            if holds_records(path):
                 yield from self._guarded(path, self._records_of(path, columns))
             else:
                 self.reject(Damaged(f"{path}: holds no records: expected JSON Lines (.jsonl, .json, compressed "
@@ -137,7 +142,7 @@ class Corpus:
         """Yield (label, text) of every non-empty document: records' `content_field`, whole text
         files."""
         for path in self._each_file():
-            if inner_suffix(path) == ".parquet" or inner_suffix(path) in RECORDS:
+            if holds_records(path):
                 for where, record in self._guarded(path, self._records_of(path, [content_field])):
                     try:
                         text = field_text(where, record, content_field)
@@ -172,12 +177,8 @@ class Corpus:
             raw = gzip.GzipFile(path) if path.suffix == ".gz" else open(path, "rb")  # GzipFile closes its file
         except OSError as e:
             raise Damaged(f"{path}: cannot read it ({e.strerror})") from None
-        self._position = raw.fileobj.tell if path.suffix == ".gz" else raw.tell
-        if path.suffix == ".gz":
-            return raw
-        if path.suffix == ".zst":
-            return io.BufferedReader(_Chunks(_zstd_frames(raw), raw))
-        return raw
+        self._position = (raw.fileobj if path.suffix == ".gz" else raw).tell
+        return io.BufferedReader(_Chunks(_zstd_frames(raw), raw)) if path.suffix == ".zst" else raw
 
     def _read(self, path, reading):
         """Run `reading` (a generator over the stream), turning what breaks the stream into Damaged."""
