@@ -278,7 +278,7 @@ class Run:
         self.step_targets = None  # the last step's targets with loss masks (metrics.jsonl target_tokens)
         self.tokens_per_step = self.micro_per_step * cfg.batch_size * cfg.seq_len
         if self.lead:
-            with writing(self.out / "run.json"):
+            with writing(self.out):  # the directory, metrics.jsonl and run.json
                 self.out.mkdir(parents=True, exist_ok=True)
                 self.metrics = self._open_metrics()
                 (self.out / "run.json").write_text(json.dumps(self._run_info(), indent=1) + "\n")
