@@ -76,13 +76,9 @@ def _tokenizer_config(directory):
     path = directory / "tokenizer_config.json"
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{path}: expected a JSON object, found {type(config).__name__}")
-    return config
+    from minitrain.formats.hf import load_json
+
+    return load_json(path)
 
 
 def _from_config(value, origin):

@@ -17,10 +17,9 @@ and what `--keep-last N` prunes: after a save, the oldest complete ones beyond N
 the one just written and never one that is not complete.
 """
 
-import re
-
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -29,12 +28,11 @@ from minitrain.errors import InputError, write_failed
 from minitrain.formats import safetensors_io
 
 FORMAT = "minitrain-checkpoint-v1"
-STATE_FIELDS = [("step", int, lambda v: v >= 0), ("ranks", int, lambda v: v >= 1),
-                ("init_loss", (int, float, type(None)), lambda v: True),
-                ("last_val_loss", (int, float, type(None)), lambda v: True),
-                ("optimizer", dict, lambda v: True), ("config", dict, lambda v: True),
-                ("model_config", dict, lambda v: True)]  # what a resumed run reads of state.json
-STATE_FIELD_NAMES = {int: "a count", (int, float, type(None)): "a number or null", dict: "an object"}
+# what a resumed run reads of state.json: field -> (the types it may have, what they are called, its least value)
+STATE_FIELDS = {"step": ((int,), "a count", 0), "ranks": ((int,), "a count", 1),
+                "init_loss": ((int, float, type(None)), "a number or null", None),
+                "last_val_loss": ((int, float, type(None)), "a number or null", None),
+                **{key: ((dict,), "an object", None) for key in ("optimizer", "config", "model_config")}}
 ADAPTER = "adapter.safetensors"
 
 
@@ -117,12 +115,12 @@ def load(directory):
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise InputError(f"{state_file}: format {found!r}, expected {FORMAT!r}")
-    for key, kinds, fine in STATE_FIELDS:
-        value = state.get(key)
+    for key, (kinds, expected, least) in STATE_FIELDS.items():
         if key not in state:
             raise InputError(f"{state_file}: no {key}")
-        if not isinstance(value, kinds) or isinstance(value, bool) or not fine(value):
-            raise InputError(f"{state_file}: {key} is {value!r}"[:200] + f", expected {STATE_FIELD_NAMES[kinds]}")
+        value = state[key]
+        if not isinstance(value, kinds) or isinstance(value, bool) or (least is not None and value < least):
+            raise InputError(f"{state_file}: {key} is {value!r}"[:200] + f", expected {expected}")
     model = safetensors_io.load(directory / "model.safetensors")
     opt_file, adapter_file = directory / "optimizer.safetensors", directory / ADAPTER
     return (state, model, safetensors_io.load(opt_file) if opt_file.exists() else {},

@@ -416,8 +416,8 @@ def humaneval(init_path, arch, rope_layout, tokenizer_path, chat, chat_template,
     if temperature is None:
         temperature = 0.0 if samples == 1 else 0.8
     report, records = he.evaluate(model, tokenizer, stop_ids, mode, problems, samples,
-                                          Sampling(temperature, 0, top_p, seed), max_new_tokens,
-                                          Limits(cpu_s=timeout, wall_s=2 * timeout))
+                                  Sampling(temperature, 0, top_p, seed), max_new_tokens,
+                                  Limits(cpu_s=timeout, wall_s=2 * timeout))
     report = {**report, **how, "temperature": temperature, "top_p": top_p}
     if out:
         he.write_records(out, records)
@@ -563,6 +563,14 @@ def convert(src, dst, arch, rope_layout, dtype, tokenizer_path, chat_template):
 ABORT_GRACE_S = 0.5
 
 
+def abort_every_rank(code):
+    """End the whole mpiexec job with `code`, after the grace that lets this rank's line out."""
+    from mpi4py import MPI
+
+    time.sleep(ABORT_GRACE_S)  # the launcher forwards the line before the abort kills the ranks
+    MPI.COMM_WORLD.Abort(code)
+
+
 def main():
     """Console entry point: one-line errors with the contract's exit codes."""
     try:
@@ -581,21 +589,15 @@ def main():
         click.echo(f"minitrain: error: {e}", err=True)
         code = 3
         if launched_by_mpi():
-            from mpi4py import MPI
-
-            time.sleep(ABORT_GRACE_S)
-            MPI.COMM_WORLD.Abort(code)
+            abort_every_rank(code)
     except Preempted as e:  # every rank stopped after the same step
         if launch_rank() == 0:
             click.echo(f"minitrain: {e}", err=True)
         code = e.code
     except RankLost as e:  # the others may be waiting on the lost one too: take the whole job down
         click.echo(f"minitrain: error: {e}; stopping every rank", err=True)
-        from mpi4py import MPI
-
         code = 3
-        time.sleep(ABORT_GRACE_S)  # the launcher forwards the line before the abort kills the ranks
-        MPI.COMM_WORLD.Abort(code)
+        abort_every_rank(code)
     except click.ClickException as e:  # usage errors and bad parameters
         click.echo(f"minitrain: error: {e.format_message()}", err=True)
         code = e.exit_code

@@ -12,8 +12,9 @@ A file's name tells its container:
 
 A directory stands for every file below it with one of SUFFIXES, recursively, sorted by relative
 path (component by component) -- a plain .json file only when given by name: in a directory of
-code it is most often a configuration file, not JSON Lines (compressed, .json.gz, it is a dump). A record is a JSON object (a Parquet row); documents are the
-strings under one field of the records (`--content-field`), or whole text files.
+code it is most often a configuration file, not JSON Lines (compressed, .json.gz, it is a dump).
+A record is a JSON object (a Parquet row); documents are the strings under one field of the
+records (`--content-field`), or whole text files.
 
 Everything streams: memory holds one line, one Parquet row group or one text file at a time,
 whatever the corpus's size. What cannot be read is one of two errors, each naming the file (and line or

@@ -65,8 +65,6 @@ def _inspect_format(p, kind, architecture):
 
 def _inspect_hf(directory, architecture):
     metadata = hf.load_json(directory / "config.json")
-    if not isinstance(metadata, dict):
-        raise InputError(f"{directory / 'config.json'}: expected a JSON object of fields, found {type(metadata).__name__}")
     tensors = []
     for f in hf._shard_files(directory):
         header = safetensors_io.read_header(f)[0]

@@ -1,9 +1,10 @@
 """Conversations -> token shards with loss masks (`minitrain tokenize --chat`).
 
 Each record (a JSON Lines line or a Parquet row, compressed or not: corpus.py) holds one
-conversation: `messages` (system, user and assistant turns) or a `prompt` and a `completion`. It is rendered with the model's chat template (minitrain/chat.py)
-and tokenized as transformers' apply_chat_template(tokenize=True) tokenizes it (the rendered
-text, no tokens added: the template writes its own). Beside each token shard `shard-NNNNN.bin` a
+conversation: `messages` (system, user and assistant turns) or a `prompt` and a `completion`.
+It is rendered with the model's chat template (minitrain/chat.py) and tokenized as
+transformers' apply_chat_template(tokenize=True) tokenizes it (the rendered text, no tokens
+added: the template writes its own). Beside each token shard `shard-NNNNN.bin` a
 mask shard `shard-NNNNN.mask` holds one byte per token, 1 where the token is a training target:
 the assistant turns' content and the end-of-turn text the template writes after it
 (chat.assistant_spans). Conversations follow one another with the EOS id between them (mask 0),

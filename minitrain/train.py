@@ -571,9 +571,16 @@ class Run:
             self._say(f"step {done}/{cfg.steps} | loss {loss:.4f}"
                       + (f" (ce {ce:.4f}, kd {kd:.4f})" if self.teacher else "") + f" | lr {lr:.2e} | grad_norm {norm:.3f} | "
                       f"{rate:,.0f} tok/s | ETA {duration(eta)}" + (f" | val_loss {val:.4f}" if val is not None else ""))
-        if cfg.save_every and done % cfg.save_every == 0:
+        if self._saves_at(done):
             self.save_checkpoint()
         return train_time, loss, last_print, distilled
+
+    def _saves_at(self, step):
+        """Whether --save-every checkpoints `step`."""
+        return bool(self.cfg.save_every) and step % self.cfg.save_every == 0
+
+    def _checkpoint_dir(self, step):
+        return self.out / f"step-{step}"
 
     def _stop_agreed(self, stops):
         """The signal that stops the run after this step: any rank's (preempt.py), else None."""
@@ -583,9 +590,9 @@ class Run:
     def _stop(self, signum):
         """Checkpoint the step just done (unless --save-every just did) and raise Preempted."""
         done = self.state["step"]
-        if not (self.cfg.save_every and done % self.cfg.save_every == 0):
+        if not self._saves_at(done):
             self.save_checkpoint()
-        path = self.out / f"step-{done}"
+        path = self._checkpoint_dir(done)
         raise Preempted(f"stopped by {signal.Signals(signum).name} after step {done} of {self.cfg.steps}: checkpoint "
                         f"{path}; continue with `minitrain pretrain --resume {path}` (or the same command with "
                         f"--resume auto)", signum)
@@ -595,7 +602,7 @@ class Run:
         if not self.lead:
             return
         step = self.state["step"]
-        checkpoint.save(self.out / f"step-{step}", self.model.params, optimizer_state,
+        checkpoint.save(self._checkpoint_dir(step), self.model.params, optimizer_state,
                         {**self.state, "next_sample": step * self.micro_per_step * self.cfg.batch_size,
                          "ranks": self.group.size,
                          "data_order": {"order": self.cfg.data_order, "seed": self.cfg.seed,
@@ -603,7 +610,7 @@ class Run:
                          "config": asdict(self.cfg), "model_config": self.model.config.as_dict()},
                         self.adapters and self.adapters.params)
         if self.cfg.keep_last:
-            for path in checkpoint.prune(self.out, self.cfg.keep_last, self.out / f"step-{step}"):
+            for path in checkpoint.prune(self.out, self.cfg.keep_last, self._checkpoint_dir(step)):
                 self._say(f"removed {path} (--keep-last {self.cfg.keep_last})")
 
     def _memory(self):

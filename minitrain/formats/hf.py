@@ -22,19 +22,21 @@ INDEX = "model.safetensors.index.json"
 
 
 def load_json(path):
+    """A JSON file that holds one object (config.json, an index, adapter_config.json, ...)."""
     try:
-        return json.loads(Path(path).read_text())
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: expected a JSON object of fields, found {type(value).__name__}")
+    return value
 
 
 def config_from_hf(d, source):
     """A ModelConfig from a parsed config.json; InputError naming the field on anything we can
     not honour exactly (a value of the wrong type or out of range included)."""
-    if not isinstance(d, dict):
-        raise InputError(f"{source}: expected a JSON object of fields, found {type(d).__name__}")
     model_type = d.get("model_type")
     if not isinstance(model_type, str):
         raise InputError(f"{source}: model_type {model_type!r} is not a name; supported: {', '.join(FAMILIES)}")

@@ -52,8 +52,6 @@ def read_adapter(directory):
         raise InputError(f"{directory}: not a directory (expected a peft adapter directory with {CONFIG})")
     path = directory / CONFIG
     config = load_json(path)
-    if not isinstance(config, dict):
-        raise InputError(f"{path}: expected a JSON object of fields, found {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise InputError(f"{path}: peft_type {config.get('peft_type')!r}; minitrain reads LORA adapters")
     for key, fine in UNSUPPORTED.items():
@@ -64,8 +62,8 @@ def read_adapter(directory):
     if not isinstance(modules, list) or not all(m in MODULE for m in modules):
         raise InputError(f"{path}: target_modules {modules!r}; expected a list of {', '.join(MODULE)}")
     for key in ("r", "lora_alpha", "lora_dropout"):
-        value = config.get(key, 0.0 if key == "lora_dropout" else None)
-        if key == "lora_dropout" and value is None:  # peft writes null for none
+        value = config.get(key)
+        if key == "lora_dropout" and value is None:  # absent, or null as peft writes it: none
             continue
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
             raise InputError(f"{path}: {key} {value!r} is not a number")
