@@ -22,13 +22,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from minitrain import backend, chat, checkpoint, dist, lora, ops, zero
+from minitrain import backend, chat, checkpoint, dist, lora, memory, ops, zero
 from minitrain.autograd import no_grad
 from minitrain.config import PRESETS, ModelConfig, preset
 from minitrain.convert import apr_tensors, checked_tokenizer
 from minitrain.data import TokenWindows, TrainStream, target_count
 from minitrain.errors import InputError, TrainingAborted, writing
-from minitrain.formats import peft
+from minitrain.formats import gguf, peft
 from minitrain.formats.apr import write_apr
 from minitrain.formats.apr_meta import model_metadata
 from minitrain.gpu import attention as attention_kernels
@@ -273,6 +273,12 @@ class Run:
         if resumed:
             self.optimizer.load_state(state["optimizer"], opt_arrays)
             self.state = {k: state[k] for k in self.state}
+        self.estimate = None  # memory.Estimate, on the CPU
+        gguf.close()  # --init's or --teacher's file and its parsed keys, if either was a GGUF
+        if cfg.device == "cpu":  # what the run will hold, before anything is written
+            held = sum(p.data.nbytes for m in (self.model, self.teacher) if m for p in m.parameters())
+            self.estimate = memory.preflight(mc, cfg, self.group, held, self._say, self.teacher and self.teacher.config,
+                                             self.adapters and self.adapters.spec)
         self.out = Path(cfg.out)
         self.micro_per_step = self.group.size * cfg.grad_accum  # micro-batches of a step, all ranks
         self.step_targets = None  # the last step's targets with loss masks (metrics.jsonl target_tokens)
@@ -397,7 +403,8 @@ class Run:
         return {"config": asdict(self.cfg), "arch": arch_name(mc), "model_config": mc.as_dict(),
                 "params": self.model.num_parameters(), "trained_params": self._trained_count(), "train_windows": self.n_train,
                 "val_windows": len(self.val_ids) if self.val_source else 0, "ranks": self.group.size,
-                "tokens_per_step": self.tokens_per_step}
+                "tokens_per_step": self.tokens_per_step,
+                "memory_estimate": self.estimate and {**asdict(self.estimate), "peak": self.estimate.peak}}
 
     def _write(self, record):
         if self.lead:

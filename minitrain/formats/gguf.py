@@ -95,6 +95,12 @@ def _reader(path, mtime_ns, size):
     return _gguf().GGUFReader(path)
 
 
+def close():
+    """Let go of the file _reader keeps open, and of what it parsed (a run that has its model and
+    tokenizer in memory needs neither)."""
+    _reader.cache_clear()
+
+
 def fields(reader):
     """Every key -> its value (str, int, float, bool, or a list of them)."""
     return {key: f.contents() for key, f in reader.fields.items()}
