@@ -164,6 +164,9 @@ def evaluate(init_path, arch, rope_layout, data_path, seq_len, batch_size, batch
                    "(default 300).")
 @click.option("--zero", type=click.IntRange(0, 1), metavar="0|1",
               help="1: shard AdamW's moments across the mpiexec ranks (ZeRO-1; the same bits; default 0).")
+@click.option("--recompute", type=click.Choice(["none", "attention", "mlp", "layer"]),
+              help="Keep fewer activations and recompute them in the backward: each layer's attention block, "
+                   "its MLP block, or the whole layer, from its input (the same bits; default none).")
 @click.option("--lora-rank", type=click.IntRange(min=1), metavar="R",
               help="Train LoRA adapters of rank R on the frozen --init model instead of every weight: OUT/adapter/ "
                    "(peft's format) and the merged model in final.apr (default lr 2e-4).")

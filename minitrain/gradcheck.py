@@ -32,6 +32,7 @@ from minitrain.ops.embedding import Embedding
 from minitrain.ops.linear import Linear
 from minitrain.ops.lora import LoRALinear
 from minitrain.ops.packed import Columns, Concat
+from minitrain.ops.recompute import Recompute
 from minitrain.ops.rmsnorm import RMSNorm
 from minitrain.ops.rope import RoPE
 
@@ -276,6 +277,17 @@ def cases():
                                 num_key_value_heads=1, head_dim=4, intermediate_size=6, vocab_size=11,
                                 max_position_embeddings=16, rope_theta=1000000.0, rms_norm_eps=1e-6,
                                 tie_word_embeddings=True), "qwen2, projections packed", packed=True),
+        # the same models with blocks recomputed in the backward
+        *(_model_case(ModelConfig(family="llama", hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=1, head_dim=4, intermediate_size=12, vocab_size=13,
+                                  max_position_embeddings=16, rope_theta=10000.0, rms_norm_eps=1e-5,
+                                  tie_word_embeddings=False), f"llama, --recompute {part}", recompute=part)
+          for part in ("attention", "mlp", "layer")),
+        _model_case(ModelConfig(family="qwen2", hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=1, head_dim=4, intermediate_size=6, vocab_size=11,
+                                max_position_embeddings=16, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                tie_word_embeddings=True), "qwen2 packed, --recompute layer", packed=True,
+                    recompute="layer"),
     ]
 
 
@@ -285,10 +297,11 @@ def _blocks_loss(blocks):
     return ops.add(ops.sum(ops.mul(q, q)), ops.add(ops.mul(ops.sum(k), 3.0), ops.sum(ops.mul(v, v))))
 
 
-def _model_case(cfg, note, packed=False):
+def _model_case(cfg, note, packed=False, recompute="none"):
     """The loss of a whole model as a function of every parameter. Non-trivial weights: std 0.3
     matrices, biases and norm weights away from 0 and 1. `packed`: with the projections packed,
-    as the kernel path runs them (q, k, v one linear split in three; gate, up one linear)."""
+    as the kernel path runs them (q, k, v one linear split in three; gate, up one linear);
+    `recompute`: the blocks whose activations the backward recomputes (ops/recompute.py)."""
     table = tensor_table(cfg)
 
     def make(rng):
@@ -304,10 +317,12 @@ def _model_case(cfg, note, packed=False):
         model = Model(cfg, dict(zip(table, params)))
         if packed:
             model.packed = _pack(cfg, model.params)
+        model.recompute = recompute
         return model.loss(ids, targets)
 
     return Case("model", loss, make, (Embedding, RMSNorm, Linear, Reshape, RoPE, Attention, Add,
-                                      *((SwiGLUPacked, Concat, Columns) if packed else (SwiGLU,)), LinearCrossEntropy),
+                                      *((SwiGLUPacked, Concat, Columns) if packed else (SwiGLU,)), LinearCrossEntropy,
+                                      *((Recompute,) if recompute != "none" else ())),
                 note)
 
 

@@ -41,26 +41,39 @@ from minitrain.ops.cross_entropy import LinearCrossEntropy
 GB = 1e9
 
 
-def layer_elements(c, T):
-    """Per token, the elements one layer's graph keeps from its forward to its backward (the CPU
-    path, fp32 or fp64), in model.hidden's order. A transpose to heads-first is a copy unless
-    it is already contiguous (one head, or one position)."""
-    H, I, nH, nKV = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads
+def attention_elements(c, T):
+    """Per token, the elements layer's attention block keeps from its forward to its backward,
+    besides its output (the CPU path, fp32 or fp64), in model._attention's order. A transpose
+    to heads-first is a copy unless it is already contiguous (one head, or one position)."""
+    nH, nKV = c.num_attention_heads, c.num_key_value_heads
     Q, K = nH * c.head_dim, nKV * c.head_dim
 
     def heads_first(size, heads):  # attention's contiguous (B, heads, T, hd) copy of q, k or v
         return size if heads > 1 and T > 1 else 0
 
-    return (2 * H + 1  # input_layernorm: its output and x̂ (H each), 1/rms (1)
+    return (2 * c.hidden_size + 1  # input_layernorm: its output and x̂ (H each), 1/rms (1)
             + Q + 2 * K  # q, k, v projections
             + Q + K  # rope(q), rope(k)
             + heads_first(Q, nH) + heads_first(K, nKV) + heads_first(K, nKV)  # attention's q, k, v heads first
             + Q + nH  # attention's output heads first, and its log-sum-exp per head
-            + Q  # that output back in (B, T, nH*hd), o_proj's input
-            + 2 * H  # o_proj's output, the residual sum
-            + 2 * H + 1  # post_attention_layernorm
-            + 3 * I  # gate, up, swiglu
-            + 2 * H)  # down_proj's output, the residual sum
+            + Q)  # that output back in (B, T, nH*hd), o_proj's input
+
+
+def mlp_elements(c):
+    """Per token, what the MLP block keeps besides its output: post_attention_layernorm's output,
+    x̂ and 1/rms; gate, up and their SwiGLU."""
+    return 2 * c.hidden_size + 1 + 3 * c.intermediate_size
+
+
+def layer_elements(c, T, recompute="none"):
+    """Per token, what one layer keeps for the backward, and what its recomputed block holds again
+    while its backward runs (--recompute, ops/recompute.py): (kept, recomputed)."""
+    H, attention, mlp = c.hidden_size, attention_elements(c, T), mlp_elements(c)
+    blocks = 4 * H  # the blocks' outputs (o_proj's, down_proj's) and the two residual sums
+    return {"none": (attention + mlp + blocks, 0),
+            "attention": (mlp + blocks, attention),
+            "mlp": (attention + blocks, mlp),
+            "layer": (H, attention + mlp + blocks)}[recompute]  # the layer's output only
 
 
 def model_elements(c):
@@ -72,19 +85,28 @@ def model_elements(c):
 ID_BYTES = 8  # the token ids the embedding keeps (int64), per token
 
 
-def lora_elements(c, spec):
-    """Per token, what LoRA adds to the graph: each adapted linear keeps its rank-R intermediate,
-    and under dropout its dropped input and the mask (in_features each)."""
+BLOCK_TARGETS = {"attention": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}  # LoRA's, by block
+
+
+def lora_elements(c, spec, blocks=("attention", "mlp")):
+    """Per token, what LoRA adds to the graph of `blocks` in every layer: each adapted linear
+    keeps its rank-R intermediate, and under dropout its dropped input and the mask
+    (in_features each)."""
     H, I = c.hidden_size, c.intermediate_size
     in_features = {"q": H, "k": H, "v": H, "o": c.num_attention_heads * c.head_dim, "gate": H, "up": H, "down": I}
-    return c.num_hidden_layers * sum(spec.rank + (2 * in_features[t] if spec.dropout else 0) for t in spec.targets)
+    targets = [t for t in spec.targets if any(t in BLOCK_TARGETS[b] for b in blocks)]
+    return c.num_hidden_layers * sum(spec.rank + (2 * in_features[t] if spec.dropout else 0) for t in targets)
 
 
-def activation_bytes(c, B, T, itemsize, lora=None):
+def activation_bytes(c, B, T, itemsize, lora=None, recompute="none"):
     """Bytes of the activations a micro-batch of B windows of T tokens keeps for its backward (and
-    RoPE's cos and sin tables, (T, hd/2) each, which every layer shares)."""
-    elements = c.num_hidden_layers * layer_elements(c, T) + model_elements(c) + (lora_elements(c, lora) if lora else 0)
-    return B * T * (elements * itemsize + ID_BYTES) + T * c.head_dim * itemsize
+    RoPE's cos and sin tables, (T, hd/2) each, which every layer's kept rope shares), with the
+    blocks --recompute names recomputed."""
+    elements = c.num_hidden_layers * layer_elements(c, T, recompute)[0] + model_elements(c)
+    if lora:  # a recomputed block's adapters keep theirs only while it runs
+        elements += lora_elements(c, lora, [b for b in BLOCK_TARGETS if recompute not in (b, "layer")])
+    tables = T * c.head_dim * itemsize if recompute in ("none", "mlp") else 0  # held by a kept rope(q)
+    return B * T * (elements * itemsize + ID_BYTES) + tables
 
 
 def logits_chunk_bytes(rows, V, itemsize, arrays=1):
@@ -129,7 +151,8 @@ def estimate(c, cfg, ranks=1, runtime=0, teacher=None, lora=None):
     accumulating = cfg.grad_accum > 1 or ranks > 1
     carried = trained if accumulating else 0  # the running sum of earlier micro-batches' gradients
     head_grad = 0 if lora else V * H * itemsize  # dW of the (tied or not) lm_head, from the fused loss
-    acts = activation_bytes(c, B, T, itemsize, lora)
+    acts = activation_bytes(c, B, T, itemsize, lora, cfg.recompute)
+    again = B * T * layer_elements(c, T, cfg.recompute)[1] * itemsize  # one block, recomputed for its backward
     chunk = logits_chunk_bytes(B * T, V, itemsize, 2 if teacher else 1)
     second_dw = head_grad if B * T * V * itemsize * (2 if teacher else 1) > LinearCrossEntropy.BUDGET else 0
     scores = 2 * B * c.num_attention_heads * T * T * itemsize
@@ -139,7 +162,8 @@ def estimate(c, cfg, ranks=1, runtime=0, teacher=None, lora=None):
     return Estimate(parameters=params, teacher=teacher_bytes, optimizer=moments, runtime=runtime, activations=acts,
                     gradients=trained,
                     forward_end=acts + head_grad + second_dw + chunk + hidden + carried,
-                    backward_start=acts + head_grad + carried + flowing + max(scores, head_grad if accumulating else 0),
+                    backward_start=acts + again + head_grad + carried + flowing
+                    + max(scores, head_grad if accumulating else 0),
                     update=(2 if accumulating else 1) * trained)
 
 

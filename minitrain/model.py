@@ -41,6 +41,7 @@ class Model:
         self.config = config
         self.params = {name: params[name] for name in tensor_table(config)}
         self.adapters = None  # lora.Adapters, or None: every linear is plain
+        self.recompute = "none"  # or attention, mlp, layer: the blocks whose activations the backward recomputes
         self.packed = _pack(config, self.params) if backend.launch is not None else {}
 
     @classmethod
@@ -97,8 +98,7 @@ class Model:
         follow what it holds, their k, v join it, and attention reads all of it (inference only:
         no graph)."""
         c, P = self.config, self.params
-        B, T = ids.shape  # ids stay host data: the embedding checks them there and uploads them once
-        nH, nKV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        T = ids.shape[1]  # ids stay host data: the embedding checks them there and uploads them once
         starts = None  # (B, T) each query's first visible key, in a packed window
         if cache is not None:
             positions = cache.positions(T)  # (B, T) each row's own
@@ -107,36 +107,64 @@ class Model:
         x = ops.embedding(P["model.embed_tokens.weight"], ids)  # (B, T, H)
         if backend.bf16:  # mixed precision: activations in bf16 from here on, parameters stay fp32
             x = ops.cast(x, "bf16")
+        where = (positions, starts, cache)
         for i in range(c.num_hidden_layers):
-            p = f"model.layers.{i}."
-            # attention block
-            h = ops.rmsnorm(x, P[p + "input_layernorm.weight"], c.rms_norm_eps)  # (B, T, H)
-            if self._fused():  # one GEMM over [Wq; Wk; Wv], its output split
-                bias = self.packed.get(p + "qkv.bias")
-                q, k, v = ops.linear_split(h, self.packed[p + "qkv"].tensor(), bias and bias.tensor(),
-                                           (nH * hd, nKV * hd, nKV * hd))
-            else:
-                q = self._linear(h, p + "self_attn.q_proj")  # (B, T, nH*hd)
-                k = self._linear(h, p + "self_attn.k_proj")  # (B, T, nKV*hd)
-                v = self._linear(h, p + "self_attn.v_proj")  # (B, T, nKV*hd)
-            q = ops.rope(q.reshape(B, T, nH, hd), c.rope_theta, positions)  # (B, T, nH, hd)
-            k = ops.rope(k.reshape(B, T, nKV, hd), c.rope_theta, positions)  # (B, T, nKV, hd)
-            v = v.reshape(B, T, nKV, hd)
-            a = ops.attention(q, k, v, starts) if cache is None else cache.attend(i, q, k, v)  # (B, T, nH, hd)
-            a = a.reshape(B, T, nH * hd)
-            x = x + self._linear(a, p + "self_attn.o_proj")  # (B, T, H)
-            # MLP block
-            h = ops.rmsnorm(x, P[p + "post_attention_layernorm.weight"], c.rms_norm_eps)  # (B, T, H)
-            if self._fused():  # one GEMM over [Wgate; Wup]: (B, T, 2I), SwiGLU reads its two halves
-                m = ops.swiglu_packed(ops.linear(h, self.packed[p + "gate_up"].tensor()))  # (B, T, I)
-            else:
-                gate = self._linear(h, p + "mlp.gate_proj")  # (B, T, I)
-                up = self._linear(h, p + "mlp.up_proj")  # (B, T, I)
-                m = ops.swiglu(gate, up)  # (B, T, I)
-            x = x + self._linear(m, p + "mlp.down_proj")  # (B, T, H)
+            x = self._recomputed("layer", self._layer, x, i, where)  # (B, T, H)
         if cache is not None:
             cache.advance(T)
         return ops.rmsnorm(x, P["model.norm.weight"], c.rms_norm_eps)  # (B, T, H)
+
+    def _layer(self, x, i, where):
+        """Layer i: x (B, T, H) -> x + attention, then + MLP (pre-norm residual blocks)."""
+        x = x + self._recomputed("attention", self._attention, x, i, where)  # (B, T, H)
+        return x + self._recomputed("mlp", self._mlp, x, i, where)  # (B, T, H)
+
+    def _attention(self, x, i, where):
+        """Layer i's attention block, x (B, T, H) -> its output before the residual sum (B, T, H).
+        `where`: (positions, starts, cache), see hidden."""
+        c, P, p = self.config, self.params, f"model.layers.{i}."
+        (B, T, _), (positions, starts, cache) = x.shape, where
+        nH, nKV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        h = ops.rmsnorm(x, P[p + "input_layernorm.weight"], c.rms_norm_eps)  # (B, T, H)
+        if self._fused():  # one GEMM over [Wq; Wk; Wv], its output split
+            bias = self.packed.get(p + "qkv.bias")
+            q, k, v = ops.linear_split(h, self.packed[p + "qkv"].tensor(), bias and bias.tensor(),
+                                       (nH * hd, nKV * hd, nKV * hd))
+        else:
+            q = self._linear(h, p + "self_attn.q_proj")  # (B, T, nH*hd)
+            k = self._linear(h, p + "self_attn.k_proj")  # (B, T, nKV*hd)
+            v = self._linear(h, p + "self_attn.v_proj")  # (B, T, nKV*hd)
+        q = ops.rope(q.reshape(B, T, nH, hd), c.rope_theta, positions)  # (B, T, nH, hd)
+        k = ops.rope(k.reshape(B, T, nKV, hd), c.rope_theta, positions)  # (B, T, nKV, hd)
+        v = v.reshape(B, T, nKV, hd)
+        a = ops.attention(q, k, v, starts) if cache is None else cache.attend(i, q, k, v)  # (B, T, nH, hd)
+        return self._linear(a.reshape(B, T, nH * hd), p + "self_attn.o_proj")  # (B, T, H)
+
+    def _mlp(self, x, i, where):
+        """Layer i's MLP block, x (B, T, H) -> its output before the residual sum (B, T, H)."""
+        c, p = self.config, f"model.layers.{i}."
+        h = ops.rmsnorm(x, self.params[p + "post_attention_layernorm.weight"], c.rms_norm_eps)  # (B, T, H)
+        if self._fused():  # one GEMM over [Wgate; Wup]: (B, T, 2I), SwiGLU reads its two halves
+            m = ops.swiglu_packed(ops.linear(h, self.packed[p + "gate_up"].tensor()))  # (B, T, I)
+        else:
+            gate = self._linear(h, p + "mlp.gate_proj")  # (B, T, I)
+            up = self._linear(h, p + "mlp.up_proj")  # (B, T, I)
+            m = ops.swiglu(gate, up)  # (B, T, I)
+        return self._linear(m, p + "mlp.down_proj")  # (B, T, H)
+
+    def _recomputed(self, part, block, x, i, where):
+        """block(x, i, where); when `part` is what --recompute names, its activations are not kept
+        but recomputed in the backward (ops/recompute.py)."""
+        if self.recompute != part:
+            return block(x, i, where)
+        return ops.recompute(lambda x: block(x, i, where), x, self._layer_tensors(i),
+                             self.adapters and self.adapters.rng)
+
+    def _layer_tensors(self, i):
+        """Layer i's parameters and LoRA adapters: what a recomputed block of it may train."""
+        prefix = f"model.layers.{i}."
+        tensors = {**self.params, **(self.adapters.params if self.adapters else {})}
+        return [t for name, t in tensors.items() if name.startswith(prefix)]
 
     def _fused(self):
         """Whether the projections run packed: on the kernel path, without LoRA adapters (whose

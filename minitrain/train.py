@@ -39,9 +39,11 @@ from minitrain.progress import duration
 from minitrain.schedule import learning_rate
 
 MODE_DEFAULTS = {"finetune": {"lr": 5e-5, "warmup_steps": 100}, "from-scratch": {"lr": 3e-4, "warmup_steps": 1000}}
+RECOMPUTE = ("none", "attention", "mlp", "layer")
 DISTILL_WEIGHT, DISTILL_TEMPERATURE = 0.5, 2.0  # the defaults with --teacher
 LORA_LR = 2e-4  # the default lr with LoRA: B starts at zero, and peft's examples train adapters at 1e-4 to 3e-4
-RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "keep_last", "resume", "dist_timeout", "zero"}  # may differ from the checkpoint's run
+RESUMABLE_CHANGES = {"steps", "out", "eval_every", "save_every", "keep_last", "resume", "dist_timeout", "zero",
+                     "recompute"}  # may differ from the checkpoint's run
 
 
 @dataclass
@@ -81,6 +83,7 @@ class TrainConfig:
     resume: str = None
     dist_timeout: float = 300.0  # seconds a rank waits for another before it gives up (mpiexec)
     zero: int = 0  # 1: AdamW's moments sharded across the ranks (ZeRO-1, minitrain/zero.py)
+    recompute: str = "none"  # attention, mlp, layer: the blocks whose activations the backward recomputes (same bits)
     lora_rank: int = None  # LoRA adapters of this rank on a frozen --init model (lora.py); None: full fine-tune
     lora_alpha: float = None  # the rank (scale alpha/R = 1)
     lora_dropout: float = None  # 0
@@ -118,6 +121,8 @@ class TrainConfig:
             raise InputError(f"--optimizer {c.optimizer!r}: expected adamw or sgd")
         if c.schedule not in ("cosine", "constant"):
             raise InputError(f"--schedule {c.schedule!r}: expected cosine or constant")
+        if c.recompute not in RECOMPUTE:
+            raise InputError(f"--recompute {c.recompute!r}: expected one of {', '.join(RECOMPUTE)}")
         if c.zero not in (0, 1):
             raise InputError(f"--zero {c.zero}: expected 0 (off) or 1 (shard AdamW's moments)")
         if c.zero and c.optimizer == "sgd":
@@ -251,6 +256,7 @@ class Run:
         else:
             self.model = build_model(cfg)
         self.adapters = self._lora(cfg, resumed and adapter_arrays) if cfg.lora else None
+        self.model.recompute = cfg.recompute
         mc = self.model.config
         if backend.bf16 and mc.head_dim not in attention_kernels.FORWARD_ROWS:
             raise InputError(f"--dtype bf16: the bf16 attention kernel has head_dim "

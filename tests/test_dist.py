@@ -306,3 +306,10 @@ def test_a_silent_rank_makes_the_nccl_group_abort_nccl_and_give_up():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "rank 0: RankLost after 1." in run.stdout and "aborted=True" in run.stdout, run.stdout
+
+
+def test_recomputed_layers_over_ranks_give_the_bits_of_one_process(data, tmp_path, one_process):
+    """--recompute layer under mpiexec (2 ranks x grad-accum 2): one process's run without it."""
+    dp = pretrain(2, tmp_path / "dp", "--data", data, *ZERO_RUN, "--grad-accum", "2", "--recompute", "layer")
+    assert dp.returncode == 0, dp.stderr
+    assert_same_run(one_process[0], tmp_path / "dp")

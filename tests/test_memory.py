@@ -50,30 +50,36 @@ def graph_bytes(loss, exclude):
 @pytest.mark.parametrize("arch", ["tiny-qwen2", "tiny-llama"])  # one kv head (its transposes are views) and two
 @pytest.mark.parametrize("dtype", ["fp32", "fp64"])
 @pytest.mark.parametrize("B, T", [(2, 8), (3, 5), (1, 1)])
-def test_the_counted_activations_are_the_graphs_bytes(arch, dtype, B, T):
+@pytest.mark.parametrize("recompute", ["none", "attention", "mlp", "layer"])
+def test_the_counted_activations_are_the_graphs_bytes(arch, dtype, B, T, recompute):
     backend.set_dtype(dtype)
     try:
         c = replace(PRESETS[arch], num_hidden_layers=2)
         model = Model.from_scratch(c)
+        model.recompute = recompute
         ids = numpy.random.default_rng(0).integers(0, c.vocab_size, (B, T))
         loss = model.loss(ids, ids)
         itemsize = loss.data.itemsize
         kept = graph_bytes(loss, {id(p.data) for p in model.parameters()})
         # the graph also holds the lm_head's dW (the fused loss's) and the loss itself
-        assert kept == memory.activation_bytes(c, B, T, itemsize) + c.vocab_size * c.hidden_size * itemsize + itemsize
+        assert kept == (memory.activation_bytes(c, B, T, itemsize, recompute=recompute)
+                        + c.vocab_size * c.hidden_size * itemsize + itemsize)
     finally:
         backend.set_dtype("fp32")
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_lora_activations_are_an_upper_bound(dropout):
+@pytest.mark.parametrize("recompute", ["none", "attention", "mlp", "layer"])
+def test_lora_activations_are_an_upper_bound(dropout, recompute):
     """With LoRA nothing before the first adapters needs a gradient: the first norm keeps no x̂ and
     1/rms, the embedding no ids, and under dropout q, k and v of the first layer no mask (their
-    input needs no gradient). The count is as if it did: exactly those above the graph."""
+    input needs no gradient). The count is as if it did: exactly those above the graph (only the
+    ids where the first attention block is recomputed: it keeps none of the rest)."""
     from minitrain.lora import Adapters, LoRASpec
 
     c = replace(PRESETS["tiny-llama"], num_hidden_layers=2)
     model = Model.from_scratch(c)
+    model.recompute = recompute
     for p in model.parameters():
         p.requires_grad = False
     spec = LoRASpec(4, 8.0, dropout)
@@ -84,9 +90,10 @@ def test_lora_activations_are_an_upper_bound(dropout):
     ids = numpy.random.default_rng(0).integers(0, c.vocab_size, (B, T))
     loss = model.loss(ids, ids)
     kept = graph_bytes(loss, {id(p.data) for p in model.parameters() + adapters.parameters()}) - 4
-    counted = memory.activation_bytes(c, B, T, 4, spec)
+    counted = memory.activation_bytes(c, B, T, 4, spec, recompute)
     H = c.hidden_size
-    assert counted - kept == B * T * ((H + 1) * 4 + memory.ID_BYTES + (3 * H * 4 if dropout else 0))
+    first_block = 0 if recompute in ("attention", "layer") else (H + 1) * 4 + (3 * H * 4 if dropout else 0)
+    assert counted - kept == B * T * (memory.ID_BYTES + first_block)
 
 
 def run_options(tokens, out, **changes):

@@ -10,9 +10,10 @@ from minitrain.ops.embedding import embedding
 from minitrain.ops.linear import linear
 from minitrain.ops.lora import lora_linear
 from minitrain.ops.packed import Packed, linear_split
+from minitrain.ops.recompute import recompute
 from minitrain.ops.rmsnorm import rmsnorm
 from minitrain.ops.rope import rope
 
 __all__ = ["add", "attention", "cast", "cross_entropy", "embedding", "linear", "linear_cross_entropy", "linear_distillation",
-           "linear_split", "lora_linear", "mean", "mul", "Packed", "reshape", "rmsnorm",
+           "linear_split", "lora_linear", "mean", "mul", "Packed", "recompute", "reshape", "rmsnorm",
            "rope", "silu", "sum", "swiglu", "swiglu_packed", "transpose"]
