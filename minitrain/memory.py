@@ -4,8 +4,8 @@ worked out before the first step (the CPU path; bytes throughout).
 What lives all run long (`resident`):
     parameters        the model's (+ a teacher's), in the training dtype
     optimizer state   AdamW's m and v of every trained tensor (a 1/N shard of them under ZeRO-1)
-    runtime           the interpreter, NumPy, BLAS and tokenizers: measured, the process's RSS
-                      before the model is loaded
+    runtime           the interpreter, NumPy, BLAS, tokenizers and data: measured, the process's
+                      RSS once the model is loaded, less the parameters
 
 and on top of it, the largest of three moments of a step:
     forward's end     the activations (every array the graph keeps for the backward), the
@@ -20,8 +20,9 @@ and on top of it, the largest of three moments of a step:
 With grad-accum or more than one rank the previous micro-batches' gradient sum is held through
 every micro-batch after the first, so the two forward moments hold it too.
 
-The activations are counted array by array, as model.hidden makes them (`layer_elements`); the
-test holds the count to the bytes the real graph keeps. The rest is arithmetic on the shapes.
+The activations are counted array by array, as model.hidden makes them (`layer_elements`, with
+what --recompute leaves out and holds again for one block); the test holds the count to the
+bytes the real graph keeps. The rest is arithmetic on the shapes.
 """
 
 import ctypes
@@ -229,9 +230,10 @@ def checkpoint_bytes(c, cfg, lora=None):
 
 
 def preflight(c, cfg, group, held, say, teacher=None, lora=None):
-    """`held`: bytes of the arrays the process holds now (parameters, a teacher's). Print what the run will hold in memory (per rank) and write to disk; InputError (on every
+    """Print what the run will hold in memory (per rank) and write to disk; InputError (on every
     rank) where the ranks of some machine need more memory than it has, with the changes that
-    would fit, or where the disk cannot take the run's first save."""
+    would fit, or where the disk cannot take the run's first save. `held`: bytes of the arrays
+    the process holds now (the parameters, a teacher's)."""
     release_freed()
     runtime = max(0, current_rss() - held)
     est = estimate(c, cfg, group.size, runtime, teacher, lora)
@@ -267,6 +269,11 @@ def preflight(c, cfg, group, held, say, teacher=None, lora=None):
 def _what_fits(c, cfg, ranks, runtime, teacher, lora, budget):
     """The changes that would bring the peak within `budget` bytes (per rank), as options."""
     fits, windows = [], cfg.batch_size * cfg.grad_accum  # per step and rank: what must stay the same
+    if cfg.recompute == "none":  # the same run, the same bits, one more forward
+        mode = next((m for m in ("mlp", "layer")
+                     if estimate(c, replace(cfg, recompute=m), ranks, runtime, teacher, lora).peak <= budget), None)
+        if mode:
+            fits.append(f"--recompute {mode} (the same bits)")
     for b in (b for b in range(cfg.batch_size - 1, 0, -1) if windows % b == 0):
         if estimate(c, replace(cfg, batch_size=b, grad_accum=windows // b), ranks, runtime, teacher, lora).peak <= budget:
             fits.append(f"--batch-size {b} --grad-accum {windows // b} (the same windows per step)")
@@ -279,4 +286,5 @@ def _what_fits(c, cfg, ranks, runtime, teacher, lora, budget):
                  None)
         if n:
             fits.append(f"--zero 1 under mpiexec -n {n}, one rank per machine")
-    return ("it would fit with " + ", or ".join(fits)) if fits else "neither a smaller batch, LoRA nor ZeRO-1 brings it within"
+    return ("it would fit with " + ", or ".join(fits)) if fits else ("neither recomputation, a smaller batch, LoRA nor "
+                                                                     "ZeRO-1 brings it within")

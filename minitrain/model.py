@@ -18,6 +18,9 @@ On the kernel path (--device cuda) each layer's q, k, v weights (and biases), an
 up weights, are packed side by side in one buffer (ops/packed.py): q, k, v are one GEMM whose
 output is split, gate and up one GEMM whose output SwiGLU reads as it is. The same parameters,
 names and values; on the CPU every linear stays its own GEMM (and its own bits).
+With `model.recompute` (--recompute) set to attention, mlp or layer, that block of every layer
+keeps only its input and output for the backward, which runs its forward again
+(ops/recompute.py): less memory, the same bits.
 """
 
 import numpy

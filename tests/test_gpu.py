@@ -1,6 +1,6 @@
 """On a real GPU (skipped without one): a tiny model's loss and every gradient with --device cuda
 (CuPy + the kernels of kernels/) against the CPU path, with both matmul-backward routes, in fp32
-and in bf16 mixed precision (where cuBLAS GemmEx runs the bf16 matmuls).
+and in bf16 mixed precision (where cuBLAS GemmEx runs the bf16 matmuls); --recompute's bits.
 tools/gpu_check.sh runs this file and the kernel tests on the device."""
 
 import importlib.util
@@ -31,12 +31,13 @@ CFG = ModelConfig(family="qwen2", hidden_size=256, num_hidden_layers=2, num_atte
                   rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
-def loss_and_grads(device, matmul_backward="cublas", precision="fp32"):
+def loss_and_grads(device, matmul_backward="cublas", precision="fp32", recompute="none"):
     backend.use(device)
     backend.matmul_backward = matmul_backward
     try:
         with backend.precision(precision):
             model = Model.from_scratch(CFG, seed=0)
+            model.recompute = recompute
             ids = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 130))
             loss = model.loss(ids[:, :-1], ids[:, 1:])
             loss.backward()
@@ -73,6 +74,15 @@ def test_two_gpu_runs_give_the_same_bits(precision):
     assert first[0] == second[0]
     for name, g in first[1].items():
         assert g.tobytes() == second[1][name].tobytes(), name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_recomputed_layers_give_the_same_bits_on_the_gpu(precision):
+    """--recompute layer through the kernels: the forward again, the same bits."""
+    kept, recomputed = (loss_and_grads("cuda", precision=precision, recompute=r) for r in ("none", "layer"))
+    assert kept[0] == recomputed[0]
+    for name, g in kept[1].items():
+        assert g.tobytes() == recomputed[1][name].tobytes(), name
 
 
 def test_cupy_compiles_our_kernels_with_subnormals_flushed():

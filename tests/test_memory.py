@@ -143,9 +143,10 @@ def test_a_run_that_cannot_fit_is_refused_with_what_would(monkeypatch):
         memory.preflight(c, cfg, Single(), 0, lambda line: None)
     message = str(e.value)
     assert message.startswith("this run would need ") and "activations 0.10 GB at 8 x 128 tokens" in message, message
-    assert message.endswith("it would fit with --batch-size 2 --grad-accum 4 (the same windows per step)"), message
+    assert message.endswith("it would fit with --recompute layer (the same bits), or --batch-size 2 --grad-accum 4 "
+                            "(the same windows per step)"), message
     monkeypatch.setattr(memory, "available_memory", lambda: 0)
-    with pytest.raises(InputError, match="neither a smaller batch, LoRA nor ZeRO-1 brings it within"):
+    with pytest.raises(InputError, match="neither recomputation, a smaller batch, LoRA nor ZeRO-1 brings it within"):
         memory.preflight(c, cfg, Single(), 0, lambda line: None)
 
 

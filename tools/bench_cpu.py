@@ -19,6 +19,13 @@ With --lora R, three runs alternate instead: minitrain's full fine-tune, minitra
 R on all seven linears (the base frozen, AdamW over the adapters), and peft + PyTorch eager with
 the same adapters; the LoRA row reports its peak RSS against the full fine-tune's and its speed
 against peft's. FLOPs per token are left out there (a frozen base skips its weight gradients).
+
+With --recompute MODE, four runs alternate: minitrain keeping every activation and with
+`--recompute MODE`, PyTorch without and with transformers' gradient checkpointing
+(`gradient_checkpointing_enable()`: each decoder layer recomputed, what MODE layer does). Each
+pair's peak RSS above the weights, gradients and AdamW state (16 bytes per parameter) is its
+step's memory, activations above all; the table gives each with-recomputation run's share of it
+and of its tokens/s.
 """
 
 import argparse
@@ -28,6 +35,7 @@ import resource
 import sys
 import time
 
+from minitrain.config import parameter_count
 from workload import child, flops_per_token, hf_model, minitrain_step, peft_model, torch_step
 
 PRESETS = ["tiny-llama", "smollm2-135m", "llama-370m", "qwen2.5-0.5b"]
@@ -63,16 +71,18 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
-def run_minitrain(cfg, seq_len, batch, warmup, steps, lora_rank=None):
-    step, _ = minitrain_step(cfg, batch, seq_len, lora_rank)
+def run_minitrain(cfg, seq_len, batch, warmup, steps, lora_rank=None, recompute="none"):
+    step, _ = minitrain_step(cfg, batch, seq_len, lora_rank, recompute)
     return _steps(step, warmup, steps)
 
 
-def run_torch(cfg, seq_len, batch, warmup, steps, lora_rank=None):
+def run_torch(cfg, seq_len, batch, warmup, steps, lora_rank=None, recompute="none"):
     import torch
     import transformers
 
     model = peft_model(transformers, cfg, lora_rank) if lora_rank else hf_model(transformers, cfg)
+    if recompute != "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     step = torch_step(torch, model, cfg, batch, seq_len)
     return {**_steps(step, warmup, steps), "threads": torch.get_num_threads(),
             "attn": model.config._attn_implementation}
@@ -99,6 +109,8 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--lora", type=int, metavar="R", help="LoRA of rank R vs the full fine-tune vs peft + torch")
+    parser.add_argument("--recompute", choices=["attention", "mlp", "layer"],
+                        help="with and without recomputation, against PyTorch with and without gradient checkpointing")
     parser.add_argument("--child", choices=["minitrain", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)  # a child's ModelConfig, as JSON
     args = parser.parse_args()
@@ -107,10 +119,12 @@ def main():
 
         run = run_minitrain if args.child == "minitrain" else run_torch
         print(json.dumps(run(ModelConfig(**json.loads(args.config)), args.seq_len, args.batch_size, args.warmup,
-                             args.steps, args.lora)))
+                             args.steps, args.lora, args.recompute or "none")))
         return
     if args.lora:
         return lora_table(args)
+    if args.recompute:
+        return recompute_table(args)
     peak = sgemm_peak()
     print(f"machine: {os.cpu_count()} CPUs, NumPy sgemm peak {peak:.1f} GFLOP/s (2048^3, best of 5); "
           f"seq {args.seq_len}, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
@@ -161,6 +175,34 @@ def lora_table(args):
                       f"(torch threads {r['threads']})" if r is theirs else "")
             print(f"{preset:<14} {name:<15} {r['best_s']:8.3f} {tokens / r['best_s']:9.1f} {r['peak_rss_mib']:13.0f}  {versus}")
         sys.stdout.flush()
+
+
+def recompute_table(args):
+    mode = args.recompute
+    runs = {"minitrain": ("minitrain",), f"minitrain {mode}": ("minitrain", "--recompute", mode), "torch": ("torch",),
+            "torch checkpointed": ("torch", "--recompute", mode)}
+    print(f"machine: {os.cpu_count()} CPUs; seq {args.seq_len}, batch {args.batch_size}, {args.steps} timed steps after "
+          f"{args.warmup} warm-up, one round, a failed run (the OOM killer) shown as such")
+    print(f"{'preset':<14} {'run':<20} {'step s':>8} {'tokens/s':>9} {'peak RSS MiB':>13} {'step MiB':>9}")
+    for preset in args.preset or ["smollm2-135m", "qwen2.5-0.5b"]:
+        args.config = config_of(preset)
+        tokens, fixed = args.seq_len * args.batch_size, 16 * parameter_count(args.config) / 2**20
+        done = {}
+        for name, child_args in runs.items():
+            try:
+                done[name] = r = child(__file__, *child_args, "--config", json.dumps(args.config.as_dict()),
+                                       "--seq-len", args.seq_len, "--batch-size", args.batch_size,
+                                       "--warmup", args.warmup, "--steps", args.steps)
+            except SystemExit as e:
+                print(f"{preset:<14} {name:<20} failed: {str(e).splitlines()[0]}")
+                continue
+            line = (f"{preset:<14} {name:<20} {r['best_s']:8.3f} {tokens / r['best_s']:9.1f} {r['peak_rss_mib']:13.0f} "
+                    f"{r['peak_rss_mib'] - fixed:9.0f}")
+            plain = done.get(name.split()[0])
+            if plain is not r and plain is not None:
+                line += (f"  step memory {(r['peak_rss_mib'] - fixed) / (plain['peak_rss_mib'] - fixed):.2f}x, "
+                         f"tokens/s {plain['best_s'] / r['best_s']:.2f}x of {name.split()[0]}'s without")
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ def flops_per_token(cfg, seq_len):
     return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
 
-def minitrain_step(cfg, batch, seq_len, lora_rank=None):
+def minitrain_step(cfg, batch, seq_len, lora_rank=None, recompute="none"):
     """(step, optimizer): step() runs one minitrain training step on the backend as it is set now
-    (device, dtype). The optimizer is returned so that a profiler can wrap its step."""
+    (device, dtype), recomputing the blocks `recompute` names. The optimizer is returned so that
+    a profiler can wrap its step."""
     import numpy
 
     from minitrain import lora
@@ -36,6 +37,7 @@ def minitrain_step(cfg, batch, seq_len, lora_rank=None):
     from minitrain.optim import AdamW
 
     model = Model.from_scratch(cfg, seed=0)
+    model.recompute = recompute
     if lora_rank:
         params = lora.Adapters.fresh(lora.LoRASpec(lora_rank, float(lora_rank)), cfg, seed=0).attach(model).adapters.parameters()
     else:
@@ -104,5 +106,6 @@ def child(script, framework, *args):
     out = subprocess.run([sys.executable, script, "--child", framework, *map(str, args)], capture_output=True,
                          text=True)
     if out.returncode:
-        raise SystemExit(f"{framework} child failed:\n{out.stderr}")
+        how = f"killed by signal {-out.returncode}" if out.returncode < 0 else f"exit {out.returncode}"
+        raise SystemExit(f"{framework} child failed ({how}):\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
