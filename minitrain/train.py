@@ -277,7 +277,11 @@ class Run:
             self.optimizer = AdamW(params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay, cfg.decay_1d,
                                    pieces=self.shards and self.shards.mine)
         if resumed:
-            self.optimizer.load_state(state["optimizer"], opt_arrays)
+            try:
+                self.optimizer.load_state(state["optimizer"], opt_arrays)
+            except KeyError as e:  # state.json's config trains other tensors than the files hold
+                raise InputError(f"{cfg.resume}/optimizer.safetensors: no {e.args[0]} for a trained tensor; "
+                                 "state.json's config does not match the checkpoint's files") from None
             self.state = {k: state[k] for k in self.state}
         self.estimate = None  # memory.Estimate, on the CPU
         gguf.close()  # --init's or --teacher's file and its parsed keys, if either was a GGUF
