@@ -37,6 +37,7 @@ from pathlib import Path
 from minitrain.config import parameter_count
 from minitrain.errors import InputError
 from minitrain.lora import LoRASpec
+from minitrain.lora import tensor_table as lora_table
 from minitrain.ops.cross_entropy import LinearCrossEntropy
 
 GB = 1e9
@@ -86,17 +87,13 @@ def model_elements(c):
 ID_BYTES = 8  # the token ids the embedding keeps (int64), per token
 
 
-BLOCK_TARGETS = {"attention": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}  # LoRA's, by block
-
-
 def lora_elements(c, spec, blocks=("attention", "mlp")):
     """Per token, what LoRA adds to the graph of `blocks` in every layer: each adapted linear
     keeps its rank-R intermediate, and under dropout its dropped input and the mask
-    (in_features each)."""
-    H, I = c.hidden_size, c.intermediate_size
-    in_features = {"q": H, "k": H, "v": H, "o": c.num_attention_heads * c.head_dim, "gate": H, "up": H, "down": I}
-    targets = [t for t in spec.targets if any(t in BLOCK_TARGETS[b] for b in blocks)]
-    return c.num_hidden_layers * sum(spec.rank + (2 * in_features[t] if spec.dropout else 0) for t in targets)
+    (in_features each, the width of its A)."""
+    module = {"attention": ".self_attn.", "mlp": ".mlp."}
+    return sum(spec.rank + (2 * shape[1] if spec.dropout else 0) for name, shape in lora_table(c, spec).items()
+               if name.endswith(".lora_A.weight") and any(module[b] in name for b in blocks))
 
 
 def activation_bytes(c, B, T, itemsize, lora=None, recompute="none"):
@@ -105,7 +102,7 @@ def activation_bytes(c, B, T, itemsize, lora=None, recompute="none"):
     blocks --recompute names recomputed."""
     elements = c.num_hidden_layers * layer_elements(c, T, recompute)[0] + model_elements(c)
     if lora:  # a recomputed block's adapters keep theirs only while it runs
-        elements += lora_elements(c, lora, [b for b in BLOCK_TARGETS if recompute not in (b, "layer")])
+        elements += lora_elements(c, lora, [b for b in ("attention", "mlp") if recompute not in (b, "layer")])
     tables = T * c.head_dim * itemsize if recompute in ("none", "mlp") else 0  # held by a kept rope(q)
     return B * T * (elements * itemsize + ID_BYTES) + tables
 
@@ -169,9 +166,7 @@ def estimate(c, cfg, ranks=1, runtime=0, teacher=None, lora=None):
 
 
 def _lora_parameters(c, spec):
-    H, I, Q, K = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    shapes = {"q": (H, Q), "k": (H, K), "v": (H, K), "o": (Q, H), "gate": (H, I), "up": (H, I), "down": (I, H)}
-    return c.num_hidden_layers * sum(spec.rank * sum(shapes[t]) for t in spec.targets)
+    return sum(math.prod(shape) for shape in lora_table(c, spec).values())
 
 
 def release_freed():
