@@ -37,6 +37,10 @@ def grad_enabled():
 
 
 class Tensor:
+    """An array and, after backward(), its gradient. `x + y`, `x * y`, `x.reshape(...)`,
+    `x.transpose(...)`, `x.sum(...)` and `x.mean(...)` are the ops of minitrain/ops/basic.py,
+    which attaches them here (this module knows no op)."""
+
     __slots__ = ("data", "grad", "requires_grad", "ctx", "name", "bf16")
 
     def __init__(self, data, requires_grad=False, name=None, ctx=None):
@@ -127,28 +131,6 @@ class Tensor:
                 grads[id(inp)] = prev
                 owned.add(id(prev))
             fn.inputs = fn.saved = None  # release the graph and its saved activations
-
-    # Operator sugar for the few ops the models write inline; defined in minitrain.ops.basic.
-    def __add__(self, other):
-        return _basic.add(self, other)
-
-    def __mul__(self, other):
-        return _basic.mul(self, other)
-
-    __radd__ = __add__
-    __rmul__ = __mul__
-
-    def reshape(self, *shape):
-        return _basic.reshape(self, shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape)
-
-    def transpose(self, *axes):
-        return _basic.transpose(self, axes)
-
-    def sum(self, axis=None, keepdims=False):
-        return _basic.sum(self, axis, keepdims)
-
-    def mean(self, axis=None, keepdims=False):
-        return _basic.mean(self, axis, keepdims)
 
 
 def _accumulate_leaf(t, g, handed_out, mine):
@@ -252,6 +234,3 @@ class Function:
 
     def backward(self, grad):
         raise NotImplementedError
-
-
-from minitrain.ops import basic as _basic  # noqa: E402  (ops.basic needs Tensor and Function above)

@@ -1,11 +1,11 @@
-"""Chat templates: where a model keeps its template, rendering it, and which characters of a
-rendered conversation are the assistant's (the targets of fine-tuning on conversations).
+"""Chat templates: rendering them, and which characters of a rendered conversation are the
+assistant's (the targets of fine-tuning on conversations).
 
-Where a template is found, first to last: `--chat-template FILE.jinja` (given by the user); an
-HF directory's `chat_template.jinja` (what transformers writes today), else its
-`tokenizer_config.json`'s `chat_template` (a string, or a list of {"name", "template"}: the one
-named "default", else the first); a GGUF's `tokenizer.chat_template`; an APR's metadata
-`chat_template`.
+The template is `--chat-template FILE.jinja` where the user gives one, else the model's own,
+read where its format keeps it (formats/sources.py: an HF directory's `chat_template.jinja`, else
+its `tokenizer_config.json`'s `chat_template`, a string or a list of {"name", "template"} of which
+the one named "default", else the first; a GGUF's `tokenizer.chat_template`; an APR's metadata
+`chat_template`).
 
 Rendering: a template comes from a model file, so it is data, not code: Jinja2's
 ImmutableSandboxedEnvironment renders it (no attribute of Python's internals, no mutation of what
@@ -24,75 +24,14 @@ whatever the template emits after it, up to the next turn (the end-of-turn token
 """
 
 import json
-from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from pathlib import Path
 
 from minitrain.corpus import BadRecord
 from minitrain.errors import InputError
+from minitrain.formats.sources import model_template, special_tokens, template_file
 
 ROLES = ("system", "user", "assistant")
-
-
-@dataclass(frozen=True)
-class Template:
-    text: str
-    origin: str  # where it came from, for messages: "model.gguf (tokenizer.chat_template)"
-
-
-def read_template_file(path):
-    """A --chat-template FILE.jinja."""
-    p = Path(path)
-    try:
-        return Template(p.read_text(encoding="utf-8"), str(p))
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"--chat-template {p}: cannot read it ({e.strerror if isinstance(e, OSError) else e})") from None
-
-
-def model_template(model_path):
-    """The chat template a model keeps (HF directory, GGUF or APR), or None when it keeps none."""
-    from minitrain.formats.sources import source_kind
-
-    p = Path(model_path)
-    kind = source_kind(p)
-    if kind == "hf":
-        if (p / "chat_template.jinja").is_file():
-            return read_template_file(p / "chat_template.jinja")
-        config = _tokenizer_config(p)
-        return _from_config(config.get("chat_template"), f"{p / 'tokenizer_config.json'} (chat_template)")
-    if kind == "gguf":
-        from minitrain.formats.gguf import fields, open_gguf
-
-        text = fields(open_gguf(p)).get("tokenizer.chat_template")
-        return Template(text, f"{p} (tokenizer.chat_template)") if isinstance(text, str) and text else None
-    from minitrain.formats.apr import read_apr
-
-    text = read_apr(p).metadata.get("chat_template")
-    return Template(text, f"{p} (metadata chat_template)") if isinstance(text, str) and text else None
-
-
-def _tokenizer_config(directory):
-    path = directory / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
-    from minitrain.formats.hf import load_json
-
-    return load_json(path)
-
-
-def _from_config(value, origin):
-    """tokenizer_config.json's chat_template: a string, or a list of {"name", "template"}."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        return Template(value, origin)
-    if isinstance(value, list) and value and all(isinstance(t, dict) and isinstance(t.get("template"), str)
-                                                 for t in value):
-        chosen = next((t for t in value if t.get("name") == "default"), value[0])
-        return Template(chosen["template"], f"{origin[:-1]}, {chosen.get('name', 'the first')!s})")
-    raise InputError(f"{origin}: expected a string or a list of {{\"name\", \"template\"}} objects, found "
-                     f"{json.dumps(value)[:80]}")
 
 
 @lru_cache(maxsize=8)
@@ -183,12 +122,6 @@ def messages_of(record, where):
                      f"{', '.join(record) or 'none'})")
 
 
-def model_of_tokenizer(tokenizer_path):
-    """The model a tokenizer belongs to: a GGUF or APR file is its own; a tokenizer.json, the HF
-    directory that holds it."""
-    p = Path(tokenizer_path)
-    return p.parent if p.suffix == ".json" else p
-
 
 def chat_setup(model, tokenizer, override=None):
     """(Template, special tokens) to render conversations for `model`: template_for's, an error
@@ -203,69 +136,11 @@ def template_for(model, override=None):
     """The template given (`--chat-template FILE.jinja`), else the one `model` keeps (None: no
     model, or it keeps none)."""
     if override:
-        return read_template_file(override)
+        return template_file(override)
     return None if model is None else model_template(model)
 
 
-def special_tokens(model, tokenizer):
-    """bos_token and eos_token of a model (an HF directory, a GGUF or APR file) as it names them
-    (an HF tokenizer_config.json; a GGUF's token ids, its end-of-turn id first; an APR's
-    chat_bos_token and chat_eos_token, minitrain's keys), else the tokenizer's EOS and no BOS (no
-    tokenizer: none). eos_token is the end of a turn for the chat templates here."""
-    from minitrain.formats.sources import source_kind
-    from minitrain.tokenize import find_eos
 
-    model = Path(model)
-    tokens = {"bos_token": "", "eos_token": ""}
-    if tokenizer is not None:
-        try:
-            tokens["eos_token"] = tokenizer.id_to_token(find_eos(tokenizer, str(model)))
-        except InputError:  # a tokenizer without an end-of-text token: the template must name its own
-            pass
-    kind = source_kind(model)
-    if kind == "hf":
-        config = _tokenizer_config(model)
-        for key in tokens:
-            value = config.get(key)
-            value = value.get("content") if isinstance(value, dict) else value
-            if isinstance(value, str):
-                tokens[key] = value
-    elif kind == "gguf":
-        from minitrain.formats.gguf import fields, open_gguf
-
-        values = fields(open_gguf(model))
-        for key, names in (("bos_token", ["tokenizer.ggml.bos_token_id"]),
-                           ("eos_token", ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eos_token_id"])):
-            ids = [values[f] for f in names if isinstance(values.get(f), int)]
-            if tokenizer is not None and ids and tokenizer.id_to_token(ids[0]) is not None:
-                tokens[key] = tokenizer.id_to_token(ids[0])
-    else:
-        from minitrain.formats.apr import read_apr
-
-        meta = read_apr(model).metadata
-        tokens.update({key: meta[f"chat_{key}"] for key in tokens if isinstance(meta.get(f"chat_{key}"), str)})
-    return tokens
-
-
-def apr_chat_metadata(template, tokens):
-    """What an APR file keeps of a chat: chat_template, and chat_bos_token, chat_eos_token (the end of
-    a turn) where the model names them."""
-    if template is None:
-        return {}
-    return {"chat_template": template.text, **{f"chat_{k}": v for k, v in tokens.items() if v}}
-
-
-def write_hf_template(directory, template, tokens):
-    """An HF directory's chat template as transformers reads it: chat_template.jinja (what it
-    writes today) and, in tokenizer_config.json, the template and the special tokens it uses
-    (kept beside whatever the file already holds)."""
-    directory = Path(directory)
-    (directory / "chat_template.jinja").write_text(template.text, encoding="utf-8")
-    config = _tokenizer_config(directory)
-    config.update({"chat_template": template.text, "tokenizer_class": config.get("tokenizer_class",
-                                                                                  "PreTrainedTokenizerFast"),
-                   **{k: v for k, v in tokens.items() if v}})
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def target_mask(offsets, spans):

@@ -18,12 +18,32 @@ from minitrain import __version__
 from minitrain import humaneval as he
 from minitrain.dist import RankLost, launch_rank, launched_by_mpi
 from minitrain.errors import InputError, TrainingAborted, WriteFailed
+from minitrain.options import BY_NAME, OPTIONS
 from minitrain.preempt import Preempted
+
+
+def table_options(command):
+    """pretrain's options, one per entry of the table options.OPTIONS (names, types, defaults,
+    choices, bounds and help all come from there)."""
+    for o in reversed(OPTIONS):
+        flag = f"{o.flag}/--no-{o.flag[2:]}" if o.kind is bool else o.flag
+        command = click.option(flag, o.name, type=None if o.kind is bool else _click_type(o), default=o.default,
+                               show_default=o.shown or o.default is not None, metavar=o.metavar, help=o.help)(command)
+    return command
+
+
+def _click_type(o):
+    if o.choices:
+        return click.Choice(o.choices)
+    if o.low is None and o.high is None:
+        return o.kind
+    ranged = click.IntRange if o.kind is int else click.FloatRange
+    return ranged(min=o.low, max=o.high, min_open=o.low_open, max_open=o.high_open)
 
 
 def model_options(command):
     """--arch and --rope-layout, for every command that reads a model."""
-    command = click.option("--rope-layout", type=click.Choice(["hf", "interleaved"]),
+    command = click.option("--rope-layout", type=click.Choice(BY_NAME["rope_layout"].choices),
                            help="For an .apr file with the ambiguous rope_type 0: hf = Hugging Face rows (apr "
                                 "import of an HF model), interleaved = llama.cpp's rows (apr import of a GGUF).")(command)
     return click.option("--arch", metavar="NAME",
@@ -116,75 +136,7 @@ def evaluate(init_path, arch, rope_layout, data_path, seq_len, batch_size, batch
 
 
 @cli.command(context_settings={"max_content_width": 100})
-@click.option("--arch", help="Architecture preset (llama-370m, qwen2.5-0.5b, tiny-llama, tiny-qwen2). With "
-              "--init it must match the file, field by field.")
-@click.option("--init", help="Start from this checkpoint (an .apr or .gguf file, or a Hugging Face directory).")
-@click.option("--rope-layout", type=click.Choice(["hf", "interleaved"]),
-              help="For an --init .apr file with the ambiguous rope_type 0: hf (Hugging Face rows) or "
-                   "interleaved (llama.cpp's rows).")
-@click.option("--tokenizer", help="tokenizer.json (or a .gguf's) to embed in final.apr (its vocabulary must fit "
-              "the model's).")
-@click.option("--mode", type=click.Choice(["finetune", "from-scratch"]),
-              help="Hyperparameter defaults: finetune (lr 5e-5, warmup 100; the default with --init) or "
-                   "from-scratch (lr 3e-4, warmup 1000).")
-@click.option("--data", help="Training tokens: a .bin file or a directory of .bin shards (u32 LE).")
-@click.option("--val-data", help="Validation tokens; without it the last --val-windows windows of --data are held out.")
-@click.option("--val-windows", type=click.IntRange(min=0), help="Windows of --data held out for validation (default 16; 0 = none).")
-@click.option("--seq-len", type=click.IntRange(min=1), help="Tokens per window (default 256).")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Windows per micro-batch (default 8).")
-@click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-batches per step (default 1).")
-@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (default 1000).")
-@click.option("--data-order", type=click.Choice(["sequential", "shuffle"]), help="Window order (default sequential).")
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), help="adamw (default) or plain sgd.")
-@click.option("--lr", type=float, help="Peak learning rate (default by --mode).")
-@click.option("--min-lr", type=float, help="Cosine floor (default lr/10).")
-@click.option("--warmup-steps", type=click.IntRange(min=0), help="Linear warmup steps (default by --mode).")
-@click.option("--schedule", type=click.Choice(["cosine", "constant"]), help="After warmup (default cosine).")
-@click.option("--weight-decay", type=float, help="AdamW decoupled weight decay (default 0.1).")
-@click.option("--decay-1d/--no-decay-1d", default=None, help="Also decay 1-D tensors: norms, biases (default no).")
-@click.option("--beta1", type=float, help="AdamW beta1 (default 0.9).")
-@click.option("--beta2", type=float, help="AdamW beta2 (default 0.999).")
-@click.option("--eps", type=float, help="AdamW epsilon (default 1e-8).")
-@click.option("--grad-clip", type=click.FloatRange(min=0), help="Clip the global gradient norm (default 1.0; 0 = off).")
-@click.option("--eval-every", type=click.IntRange(min=0), help="Validate every N steps (default 100; 0 = only at the end).")
-@click.option("--eval-windows", type=click.IntRange(min=1), help="Validation windows per eval (default all).")
-@click.option("--save-every", type=click.IntRange(min=0), help="Checkpoint OUT/step-N every N steps (default 0 = never).")
-@click.option("--seed", type=int, help="Seed of the from-scratch init and the shuffle order (default 0).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default cpu.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp64", "bf16"]), help="Default fp32.")
-@click.option("--out", help="Run directory: final.apr, metrics.jsonl, run.json, step-N/ (default runs/<date-time>).")
-@click.option("--keep-last", type=click.IntRange(min=0), metavar="N",
-              help="After each checkpoint, delete the oldest complete ones beyond the newest N (never the one "
-                   "just written, never an incomplete one). Default 0: keep all.")
-@click.option("--resume", help="Continue exactly from a checkpoint OUT/step-N; `auto`: from the newest complete "
-                               "checkpoint in --out, or start fresh if there is none (a job script can be restarted "
-                               "as it is).")
-@click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Under mpiexec: how long a rank waits for another (dead or hung?) before all stop "
-                   "(default 300).")
-@click.option("--zero", type=click.IntRange(0, 1), metavar="0|1",
-              help="1: shard AdamW's moments across the mpiexec ranks (ZeRO-1; the same bits; default 0).")
-@click.option("--recompute", type=click.Choice(["none", "attention", "mlp", "layer"]),
-              help="Keep fewer activations and recompute them in the backward: each layer's attention block, "
-                   "its MLP block, or the whole layer, from its input (the same bits; default none).")
-@click.option("--lora-rank", type=click.IntRange(min=1), metavar="R",
-              help="Train LoRA adapters of rank R on the frozen --init model instead of every weight: OUT/adapter/ "
-                   "(peft's format) and the merged model in final.apr (default lr 2e-4).")
-@click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), help="Adapter scale alpha/R (default alpha = R).")
-@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), metavar="P",
-              help="Dropout on the adapters' input while training (default 0).")
-@click.option("--lora-targets", metavar="LIST", help="Linears to adapt, of q,k,v,o,gate,up,down (default all seven).")
-@click.option("--lora-from", metavar="DIR",
-              help="Continue from a peft LoRA adapter directory (e.g. OUT/adapter) on --init's base; its rank, "
-                   "alpha and targets.")
-@click.option("--teacher", metavar="PATH",
-              help="Distill from this model (APR, GGUF, Hugging Face; the student's vocabulary): the loss is "
-                   "(1 - W) CE + W T^2 KL(teacher || student); the teacher runs forward only.")
-@click.option("--distill-weight", type=click.FloatRange(0, 1), metavar="W", help="W with --teacher (default 0.5).")
-@click.option("--distill-temperature", type=click.FloatRange(min=0, min_open=True), metavar="T",
-              help="T with --teacher (default 2).")
-@click.option("--chat-template", metavar="FILE.jinja",
-              help="The chat template final.apr carries (default: --init's own, if it has one).")
+@table_options
 @click.option("--config", "config_path", metavar="FILE",
               help="Options from a YAML or JSON file (names as here, with - or _; an earlier run's run.json "
                    "too, to repeat it); options on the command line win.")
@@ -195,13 +147,13 @@ def pretrain(ctx, as_json, config_path, **options):
     the embedded demo: a small Llama trained on the Python standard library's own source."""
     from click.core import ParameterSource
 
-    from minitrain.train import Run, configure
+    from minitrain.setup_run import build, configure
 
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
     if config_path:
         given = {**config_options(ctx, config_path), **given}
     if given:
-        report = Run(*configure(given)).run()
+        report = build(*configure(given)).run()
     else:
         from minitrain.demo import run_demo
 
@@ -255,8 +207,8 @@ def tokenizer_option(command):
 
 def model_and_tokenizer(init_path, arch, rope_layout, tokenizer_path):
     """The model, its tokenizer (given, or the model's own) and the tokenizer's EOS id."""
-    from minitrain.formats.sources import load_model
-    from minitrain.tokenize import find_eos, load_tokenizer, model_tokenizer
+    from minitrain.formats.sources import load_model, load_tokenizer, model_tokenizer
+    from minitrain.formats.vocab import find_eos
 
     model = load_model(init_path, arch, rope_layout)
     tokenizer_path = tokenizer_path or model_tokenizer(init_path)

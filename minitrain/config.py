@@ -74,6 +74,11 @@ PRESETS = {
 }
 
 
+def arch_name(config):
+    """The preset a config is, else "<family> (custom)"."""
+    return next((name for name, c in PRESETS.items() if c == config), f"{config.family} (custom)")
+
+
 def preset(name):
     if name not in PRESETS:
         raise ValueError(f"unknown architecture {name!r}: expected one of {', '.join(PRESETS)}")

@@ -22,45 +22,21 @@ from pathlib import Path
 
 import numpy
 
+from minitrain.chat import template_for
 from minitrain.config import parameter_count
 from minitrain.errors import InputError, write_failed
 from minitrain.formats import gguf, hf
-from minitrain.formats.apr import bf16, write_apr
-from minitrain.formats.apr_meta import model_metadata
+from minitrain.formats.apr import ENCODE, apr_tensors, write_apr
+from minitrain.formats.apr_meta import chat_metadata, model_metadata
+from minitrain.formats.sources import (NoTokenizer, checked_tokenizer, load_source, model_tokenizer, open_model,
+                                       special_tokens)
 
-ENCODE = {"f32": lambda a: numpy.asarray(a, numpy.float32), "f16": lambda a: numpy.asarray(a).astype(numpy.float16),
-          "bf16": bf16}
 TARGETS = {".apr": ("APR v2", tuple(ENCODE)), ".gguf": ("GGUF", tuple(gguf.WRITABLE)),
            "": ("Hugging Face directory", ("f32",))}
 
 
-def apr_tensors(config, arrays, dtype="f32"):
-    """(name, encoded tensor) pairs for write_apr, a tied head added as a copy of the embedding."""
-    encode = ENCODE[dtype]
-    for name, a in arrays.items():
-        yield name, encode(a)
-    if config.tie_word_embeddings and "lm_head.weight" not in arrays:
-        yield "lm_head.weight", encode(arrays["model.embed_tokens.weight"])
-
-
-def checked_tokenizer(path, config):
-    """A tokenizers.Tokenizer (tokenizer.json or a GGUF's) whose vocabulary fits the model's rows."""
-    from minitrain.tokenize import load_tokenizer
-
-    tokenizer = load_tokenizer(path)
-    size = tokenizer.get_vocab_size(with_added_tokens=True)
-    if size > config.vocab_size:
-        raise InputError(f"{path}: tokenizer vocabulary {size} is larger than the model's vocab_size "
-                         f"{config.vocab_size}")
-    return tokenizer
-
-
 def convert(src, dst, dtype="f32", tokenizer_path=None, arch=None, rope_layout=None, chat_template=None):
     """Convert and return a one-line description of what was written."""
-    from minitrain.chat import special_tokens, template_for
-    from minitrain.formats.sources import load_source, source_kind
-    from minitrain.tokenize import NoTokenizer, model_tokenizer
-
     src, dst = Path(src), Path(dst)
     if dst.suffix not in TARGETS:
         raise InputError(f"{dst}: extension {dst.suffix!r} names no format; write .apr, .gguf, or a directory "
@@ -68,7 +44,7 @@ def convert(src, dst, dtype="f32", tokenizer_path=None, arch=None, rope_layout=N
     what, dtypes = TARGETS[dst.suffix]
     if dtype not in dtypes:
         raise InputError(f"--dtype {dtype}: {what} output is written as {', '.join(dtypes)}")
-    source_kind(src)  # exists
+    open_model(src)  # exists
     cfg, arrays = load_source(src, arch, rope_layout)
     if tokenizer_path is not None:
         tokenizer = checked_tokenizer(tokenizer_path, cfg)
@@ -99,11 +75,10 @@ def convert(src, dst, dtype="f32", tokenizer_path=None, arch=None, rope_layout=N
 
 def _write(src, dst, dtype, cfg, arrays, tokenizer, template, tokens):
     """Write DST in its format; -> the description of what was written (convert's line)."""
-    from minitrain.chat import apr_chat_metadata
     if dst.suffix == ".apr":
         tensors = list(apr_tensors(cfg, arrays, dtype))
         meta = model_metadata(cfg, parameter_count(cfg), tokenizer)
-        write_apr(dst, tensors, {**meta, **apr_chat_metadata(template, tokens)})
+        write_apr(dst, tensors, {**meta, **chat_metadata(template, tokens)})
         return f"{src} -> {dst}: APR v2, {dtype.upper()}, {len(tensors)} tensors"
     if dst.suffix == ".gguf":
         end_of_turn = tokenizer.token_to_id(tokens["eos_token"]) if tokens.get("eos_token") else None
@@ -115,7 +90,5 @@ def _write(src, dst, dtype, cfg, arrays, tokenizer, template, tokens):
     if tokenizer:
         tokenizer.save(str(dst / "tokenizer.json"))
     if template:
-        from minitrain.chat import write_hf_template
-
-        write_hf_template(dst, template, tokens)
+        hf.write_chat_template(dst, template.text, tokens)
     return f"{src} -> {dst}: Hugging Face directory (config.json + model.safetensors, F32), {len(arrays)} tensors"

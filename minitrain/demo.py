@@ -15,7 +15,12 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from minitrain.train import Run, TrainConfig
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from minitrain.corpus import Corpus
+from minitrain.errors import InputError
+from minitrain.options import TrainConfig
+from minitrain.setup_run import build
 
 VOCAB = 8192  # tiny-llama's vocabulary
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -35,9 +40,30 @@ def cache_dir():
     return base / "minitrain" / f"demo-py{sys.version_info.major}.{sys.version_info.minor}"
 
 
+def train_bpe(files, vocab_size, out_path, eos="<|endoftext|>"):
+    """Train a byte-level BPE tokenizer (GPT-2 style) on `files` and save it as `out_path`.
+
+    Byte-level: text is first mapped byte by byte onto 256 printable characters, all of which
+    start in the vocabulary, so every string encodes, and decoding gives it back exactly. `eos`
+    is id 0; merges fill the rest up to `vocab_size` (fewer if the text runs out of pairs).
+    Training is deterministic: the same files give the same tokenizer.json."""
+    minimum = len(pre_tokenizers.ByteLevel.alphabet()) + 1
+    if vocab_size < minimum:
+        raise InputError(f"vocab_size must be >= {minimum} (256 byte tokens + {eos}), got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator((text for _, text in Corpus(files).documents("content")), trainer=trainer)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out_path))
+    return tokenizer
+
+
 def prepare(log=sys.stderr):
     """(tokenizer.json, token directory), built once per Python version and cached."""
-    from minitrain.tokenize import tokenize_to_shards, train_bpe
+    from minitrain.tokenize import tokenize_to_shards
 
     cache = cache_dir()
     files = stdlib_sources()
@@ -64,7 +90,7 @@ def run_demo(out="runs/demo", log=sys.stderr):
     Path(out).mkdir(parents=True, exist_ok=True)
     shutil.copy(tokenizer, Path(out) / "tokenizer.json")
     print(f"demo: training tiny-llama from scratch on {tokens} -> {out}", file=log, flush=True)
-    run = Run(TrainConfig(data=str(tokens), out=out, tokenizer=str(tokenizer), **DEMO).resolved(), log=log)
+    run = build(TrainConfig(data=str(tokens), out=out, tokenizer=str(tokenizer), **DEMO).resolved(), log=log)
     report = run.run()
     uniform = math.log(run.model.config.vocab_size)
     if report["final_val_loss"] > uniform - LEARNED:

@@ -7,32 +7,26 @@ types them (shapes in NumPy's row-major order). For a Hugging Face directory: co
 architecture, and the tensors from the safetensors headers.
 """
 
+import hashlib
 import json
 import math
-from pathlib import Path
 
 from minitrain.errors import InputError
-from minitrain.formats import gguf, hf, safetensors_io
-from minitrain.formats.apr import FLAG_NAMES, read_apr
+from minitrain.formats.sources import load_source, model_template, open_model
 
 
 def inspect(path, arch=None, rope_layout=None):
     """The description as a dict: format, metadata, architecture, tensors (and format details)."""
-    from minitrain.formats.sources import load_source, source_kind
-
-    p = Path(path)
-    kind = source_kind(p)
-    architecture = _architecture(lambda: load_source(p, arch, rope_layout)[0])
-    return {**_inspect_format(p, kind, architecture), "chat_template": _chat_template(p)}
+    source = open_model(path)
+    architecture = _architecture(lambda: load_source(path, arch, rope_layout)[0])
+    described = source.describe()  # format, its details, metadata, tensors
+    tensors = described.pop("tensors")
+    return {**described, "architecture": architecture, "tensors": tensors, "chat_template": _chat_template(path)}
 
 
 def _chat_template(p):
     """Whether the model keeps a chat template: {present, chars, sha256, origin} (or the reason it
     cannot be read)."""
-    import hashlib
-
-    from minitrain.chat import model_template
-
     try:
         template = model_template(p)
     except InputError as e:
@@ -41,38 +35,6 @@ def _chat_template(p):
         return {"present": False}
     return {"present": True, "chars": len(template.text), "sha256": hashlib.sha256(template.text.encode()).hexdigest(),
             "origin": template.origin}
-
-
-def _inspect_format(p, kind, architecture):
-    if kind == "hf":
-        return _inspect_hf(p, architecture)
-    if kind == "gguf":
-        reader = gguf.open_gguf(p)
-        values = gguf.fields(reader)
-        return {"format": "gguf", "version": str(values.pop("GGUF.version")),
-                "metadata": {k: v for k, v in values.items() if not k.startswith("GGUF.")},
-                "architecture": architecture,
-                "tensors": [{"name": t.name, "dtype": t.tensor_type.name, "shape": [int(d) for d in reversed(t.shape)],
-                             "nbytes": int(t.n_bytes)} for t in reader.tensors]}
-    apr = read_apr(p)
-    h = apr.header
-    return {"format": "apr", "version": ".".join(map(str, h["version"])), "magic": h["magic"],
-            "flags": [name for bit, name in FLAG_NAMES.items() if h["flags"] & bit], "footer": apr.has_footer,
-            "metadata": apr.metadata, "architecture": architecture,
-            "tensors": [{"name": t.name, "dtype": t.dtype_name, "shape": list(t.shape), "nbytes": t.size}
-                        for t in apr.tensors.values()]}
-
-
-def _inspect_hf(directory, architecture):
-    metadata = hf.load_json(directory / "config.json")
-    tensors = []
-    for f in hf._shard_files(directory):
-        header = safetensors_io.read_header(f)[0]
-        tensors += [{"name": n, "dtype": t["dtype"], "shape": t["shape"],
-                     "nbytes": t["data_offsets"][1] - t["data_offsets"][0]} for n, t in header.items()]
-    tensors.sort(key=lambda t: t["name"].encode())
-    return {"format": "hf-safetensors", "metadata": metadata,
-            "architecture": architecture, "tensors": tensors}
 
 
 def _architecture(load):

@@ -137,7 +137,7 @@ class Estimate:
 
 
 def estimate(c, cfg, ranks=1, runtime=0, teacher=None, lora=None):
-    """The Estimate of a run (train.TrainConfig `cfg`, resolved) of model config `c` on `ranks`
+    """The Estimate of a run (options.TrainConfig `cfg`, resolved) of model config `c` on `ranks`
     ranks; `teacher`: the teacher's ModelConfig; `lora`: the LoRASpec (the base then frozen)."""
     itemsize = 8 if cfg.dtype == "fp64" else 4
     B, T, V, H = cfg.batch_size, cfg.seq_len, c.vocab_size, c.hidden_size

@@ -17,70 +17,13 @@ import json
 from pathlib import Path
 
 import numpy
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from minitrain.corpus import Corpus, Dedup, Progress
 from minitrain.errors import InputError
+from minitrain.formats.sources import load_tokenizer
+from minitrain.formats.vocab import find_eos
 
-EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")
 BATCH_CHARS = 8_000_000  # a batch of documents encoded together holds at most about this much text
-
-
-def find_eos(tokenizer, source="tokenizer"):
-    """The EOS id: the first of EOS_NAMES the vocabulary has. `source` names it in the error."""
-    for name in EOS_NAMES:
-        eos = tokenizer.token_to_id(name)
-        if eos is not None:
-            return eos
-    raise InputError(f"{source}: no end-of-text token; tried {', '.join(EOS_NAMES)}")
-
-
-class NoTokenizer(InputError):
-    """A model that carries no usable tokenizer (as opposed to a broken one)."""
-
-
-def load_tokenizer(path):
-    """A `tokenizers.Tokenizer` from a tokenizer.json file, or the one a GGUF or APR file embeds."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: no such tokenizer file")
-    with open(p, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
-        from minitrain.formats.gguf import read_tokenizer
-
-        return read_tokenizer(p)
-    if magic in (b"APR\0", b"APR2"):
-        from minitrain.formats.apr import read_apr
-        from minitrain.formats.apr_meta import TOKENIZER_JSON
-
-        meta = read_apr(p).metadata
-        if TOKENIZER_JSON not in meta:
-            has = "a vocabulary without its pre-tokenizer" if "tokenizer.vocabulary" in meta else "no tokenizer"
-            raise NoTokenizer(f"{p}: the file embeds {has}; give --tokenizer tokenizer.json (or the .gguf it "
-                             "came from)")
-        return _parsed(p, lambda: Tokenizer.from_str(meta[TOKENIZER_JSON]))
-    return _parsed(p, lambda: Tokenizer.from_file(str(p)))
-
-
-def _parsed(path, parse):
-    try:
-        return parse()
-    except Exception as e:  # the library raises a bare Exception with serde's message
-        raise InputError(f"{path}: not a valid tokenizer.json ({e})") from None
-
-
-def model_tokenizer(model_path):
-    """The tokenizer file that comes with a model: an HF directory's tokenizer.json, a GGUF or
-    APR file itself (load_tokenizer reads what it embeds)."""
-    from minitrain.formats.sources import source_kind
-
-    kind, p = source_kind(model_path), Path(model_path)
-    if kind in ("gguf", "apr"):
-        return p
-    if (p / "tokenizer.json").is_file():
-        return p / "tokenizer.json"
-    raise NoTokenizer(f"{p}: no tokenizer.json; give --tokenizer tokenizer.json (or the .gguf it came from)")
 
 
 class ShardWriter:
@@ -201,24 +144,3 @@ def tokenize_to_shards(tokenizer_path, out_dir, inputs, content_field="content",
                 "elapsed_seconds": round(progress.seconds(), 3)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def train_bpe(files, vocab_size, out_path, eos="<|endoftext|>"):
-    """Train a byte-level BPE tokenizer (GPT-2 style) on `files` and save it as `out_path`.
-
-    Byte-level: text is first mapped byte by byte onto 256 printable characters, all of which
-    start in the vocabulary, so every string encodes, and decoding gives it back exactly. `eos`
-    is id 0; merges fill the rest up to `vocab_size` (fewer if the text runs out of pairs).
-    Training is deterministic: the same files give the same tokenizer.json."""
-    minimum = len(pre_tokenizers.ByteLevel.alphabet()) + 1
-    if vocab_size < minimum:
-        raise InputError(f"vocab_size must be >= {minimum} (256 byte tokens + {eos}), got {vocab_size}")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator((text for _, text in Corpus(files).documents("content")), trainer=trainer)
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out_path))
-    return tokenizer

@@ -30,7 +30,9 @@ import numpy
 from minitrain import chat
 from minitrain.corpus import BadRecord, Corpus, Dedup, Progress
 from minitrain.errors import InputError
-from minitrain.tokenize import ShardWriter, find_eos, load_tokenizer, output_dir
+from minitrain.formats.sources import load_tokenizer, model_of_tokenizer
+from minitrain.formats.vocab import find_eos
+from minitrain.tokenize import ShardWriter, output_dir
 
 MASK = (".mask", "u1")
 POS = (".pos", "<u4")
@@ -90,7 +92,7 @@ def tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template=None,
     tokenizer = load_tokenizer(tokenizer_path)
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    template, tokens = chat.chat_setup(chat.model_of_tokenizer(tokenizer_path), tokenizer, chat_template)
+    template, tokens = chat.chat_setup(model_of_tokenizer(tokenizer_path), tokenizer, chat_template)
     eos, vocab_size = find_eos(tokenizer, tokenizer_path), tokenizer.get_vocab_size(with_added_tokens=True)
     corpus, out = Corpus(inputs, skip_invalid), output_dir(out_dir)
     progress, unique = Progress(corpus, log), Dedup() if dedup else None

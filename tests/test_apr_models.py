@@ -127,7 +127,7 @@ def test_eval_of_apr_equals_eval_of_hf_up_to_the_storage_rounding(hf_dir, tmp_pa
 def test_convert_refuses_a_tokenizer_larger_than_the_model(hf_dir, tmp_path):
     import shutil
 
-    from minitrain.tokenize import train_bpe
+    from minitrain.demo import train_bpe
 
     directory, _, _ = hf_dir
     shutil.copytree(directory, tmp_path / "model")

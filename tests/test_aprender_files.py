@@ -33,7 +33,7 @@ from minitrain import backend
 from minitrain.autograd import no_grad
 from minitrain.cli import main
 from minitrain.config import PRESETS, parameter_count, preset
-from minitrain.convert import apr_tensors
+from minitrain.formats.apr import apr_tensors
 from minitrain.formats import gguf, hf
 from minitrain.formats.apr import read_apr, write_apr
 from minitrain.formats.apr_meta import model_metadata
@@ -373,7 +373,7 @@ def test_rope_layout_interleaved_contradicts_a_file_without_rope_type(family):
 def test_rope_layout_on_an_hf_directory_or_a_gguf_file_is_refused(llama, layout, tmp_path):
     from tokenizers import Tokenizer
 
-    from minitrain.tokenize import train_bpe
+    from minitrain.demo import train_bpe
 
     (tmp_path / "text.txt").write_text("def f(x):\n    return x + 1\n" * 40)
     train_bpe([tmp_path / "text.txt"], 300, tmp_path / "tok.json")

@@ -51,7 +51,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2):
-    from minitrain.tokenize import load_tokenizer
+    from minitrain.formats.sources import load_tokenizer
 
     return load_tokenizer(smollm2)
 
@@ -107,7 +107,7 @@ def test_a_mask_off_by_one_token_is_caught(tokenizer, smollm2, monkeypatch):
 
 
 def test_templates_are_found_where_models_keep_them(tmp_path, smollm2):
-    from minitrain.convert import apr_tensors
+    from minitrain.formats.apr import apr_tensors
     from minitrain.formats.apr import write_apr
     from minitrain.formats.apr_meta import model_metadata
     from minitrain.config import preset
@@ -165,7 +165,7 @@ def test_tokenize_chat_writes_masks_beside_the_shards(tmp_path, smollm2):
     and no --chat-template is refused, and --chat-template overrides."""
     import hashlib
 
-    from minitrain.tokenize import load_tokenizer
+    from minitrain.formats.sources import load_tokenizer
 
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"messages": m}) for m in CONVERSATIONS) + "\n")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from minitrain.formats.sources import load_model
-from minitrain.tokenize import train_bpe
-from minitrain.train import Run, configure
+from minitrain.demo import train_bpe
+from minitrain.setup_run import build, configure
 
 CORPUS = "def add(x, y):\n    return x + y\n\nclass Point:\n    def __init__(self, x):\n        self.x = x\n" * 40
 
@@ -31,7 +31,7 @@ def run_dir(tmp_path_factory):
                     str(d / "corpus.py"), str(d / "corpus.py"))
     assert out.returncode == 0, out.stderr
     assert "2 documents" in out.stdout and "EOS 0 between documents" in out.stdout
-    run = Run(*configure(dict(data=str(d / "tokens"), out=str(d / "out"), arch="tiny-llama", seq_len=16,
+    run = build(*configure(dict(data=str(d / "tokens"), out=str(d / "out"), arch="tiny-llama", seq_len=16,
                               batch_size=2, steps=3, val_windows=2, lr=1e-3, warmup_steps=1,
                               tokenizer=str(d / "tokenizer.json"))))
     run.run()
@@ -51,7 +51,7 @@ def test_eval_of_final_apr_matches_the_last_validation_loss(run_dir):
     out = minitrain("eval", "--init", str(d / "out" / "final.apr"), "--data", str(d / "tokens"), "--seq-len", "16",
                     "--batch-size", "1", "--json")
     assert out.returncode == 0, out.stderr
-    windows = len(run.windows)
+    windows = len(run.data.stream.windows)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["tokens"] == windows * 16
     # the last two windows are the run's validation set; eval them alone through the tokens file

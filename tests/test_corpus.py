@@ -13,7 +13,8 @@ import pytest
 from minitrain import corpus as corpus_module
 from minitrain.corpus import Corpus
 from minitrain.errors import InputError
-from minitrain.tokenize import tokenize_to_shards, train_bpe
+from minitrain.demo import train_bpe
+from minitrain.tokenize import tokenize_to_shards
 
 DOCS = [f"def f{i}(x):\n    return x * {i}  # café 東京\n" for i in range(40)]
 

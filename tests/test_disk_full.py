@@ -95,17 +95,23 @@ def test_a_full_disk_at_final_apr_or_metrics(tokens, tmp_path, monkeypatch, caps
     assert f"cannot write {tmp_path / 'a' / 'final.apr'}: No space left on device (" in only_line(err)
     assert not list((tmp_path / "a").glob("final.apr*"))
     monkeypatch.undo()
-    from minitrain.train import Run
+    from minitrain.outputs import RunFiles
 
-    real = Run._open_metrics
-    monkeypatch.setattr(Run, "_open_metrics", lambda self: (real(self).close(), Full(self.out / "metrics.jsonl", "a"))[1])
+    real = RunFiles.start
+
+    def start(self, info, resumed_step):  # metrics.jsonl opened, then every write to it fails
+        real(self, info, resumed_step)
+        self.metrics.close()
+        self.metrics = Full(self.out / "metrics.jsonl", "a")
+
+    monkeypatch.setattr(RunFiles, "start", start)
     code, err = command(monkeypatch, capsys, *pretrain(tokens, tmp_path / "b"))
     assert code == 3 and f"cannot write {tmp_path / 'b' / 'metrics.jsonl'}: No space left on device (" in only_line(err)
 
 
 @pytest.mark.parametrize("dst", ["m.gguf", "m.apr", "hf"])
 def test_a_full_disk_during_an_export_leaves_nothing(tokens, tmp_path, monkeypatch, capsys, dst):
-    from minitrain.tokenize import train_bpe
+    from minitrain.demo import train_bpe
 
     (tmp_path / "text.txt").write_text("def f(x):\n    return x + 1\n" * 50)
     train_bpe([tmp_path / "text.txt"], 300, tmp_path / "tokenizer.json")

@@ -34,8 +34,8 @@ def call(case):
         from minitrain.formats import peft
         peft.read_adapter(case["path"])
     elif case["call"] == "resume":
-        from minitrain.train import Run, configure
-        Run(*configure({"resume": case["path"], "out": case["out"]}))
+        from minitrain.setup_run import build, configure
+        build(*configure({"resume": case["path"], "out": case["out"]}))
 
 
 signal.signal(signal.SIGALRM, timeout)
@@ -120,7 +120,7 @@ def sources(tmp_path_factory):
     from minitrain.formats.hf import save_dir
     from minitrain.model import Model
     from minitrain.config import preset
-    from minitrain.tokenize import train_bpe
+    from minitrain.demo import train_bpe
 
     d = tmp_path_factory.mktemp("sources")
     (d / "text.txt").write_text("def f(x):\n    return x + 1\n" * 40)

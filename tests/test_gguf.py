@@ -22,7 +22,8 @@ from minitrain.formats import gguf
 from minitrain.formats.gguf_vocab import PRE_TOKENIZERS, gguf_fields, pre_tokenizer_name, tokenizer_from_fields
 from minitrain.formats.sources import load_model
 from minitrain.model import Model
-from minitrain.tokenize import load_tokenizer, train_bpe
+from minitrain.demo import train_bpe
+from minitrain.formats.sources import load_tokenizer
 
 Q = gguf_py.GGMLQuantizationType
 TEXT = "def f(x):\n    return x + 12345  # café — 日本語\n\n\tclass It's: pass\r\n   "

@@ -12,7 +12,7 @@ from minitrain.config import ModelConfig
 WITHOUT_GGUF = """
 import runpy, sys
 sys.modules["gguf"] = None  # any `import gguf` now raises ImportError
-import minitrain.train  # noqa: F401
+import minitrain.setup_run  # noqa: F401
 sys.argv = ["minitrain", *sys.argv[1:]]
 runpy.run_module("minitrain", run_name="__main__")
 """
@@ -102,12 +102,12 @@ def test_a_training_step_on_the_gpu_path_reads_two_values_from_the_device(case, 
     from kernel_emu import launcher
 
     from minitrain import backend, train
-    from minitrain.convert import apr_tensors
+    from minitrain.formats.apr import apr_tensors
     from minitrain.formats.apr import write_apr
     from minitrain.formats.apr_meta import model_metadata
     from minitrain.gpu import gemm
     from minitrain.model import Model
-    from minitrain.train import Run, configure
+    from minitrain.setup_run import build, configure
 
     model = Model.from_scratch(SMALL, seed=0)
     write_apr(tmp_path / "small.apr", apr_tensors(SMALL, {n: t.data for n, t in model.params.items()}),
@@ -129,7 +129,7 @@ def test_a_training_step_on_the_gpu_path_reads_two_values_from_the_device(case, 
     monkeypatch.setattr(gemm, "_gemm_ex", cupy_standin.gemm_ex)
     monkeypatch.setattr(backend, "dtype", backend.dtype)  # Run sets the precision: restored after the test
     monkeypatch.setattr(backend, "bf16", backend.bf16)
-    run = Run(*configure(options))
+    run = build(*configure(options))
     assert isinstance(next(iter(run.trained)).data, cupy_standin.DeviceArray)
     cupy_standin.TRANSFERS.clear()
     loss = run.train_step(0)[0]  # the first step, one-time work included

@@ -115,7 +115,7 @@ def test_the_chat_prompt_is_evalplus_s_through_transformers(smollm2):
     turns and cut where the reply starts, encoded as EvalPlus encodes it."""
     transformers = pytest.importorskip("transformers")
     from minitrain import chat
-    from minitrain.tokenize import load_tokenizer
+    from minitrain.formats.sources import load_tokenizer
 
     tokenizer = load_tokenizer(smollm2)
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer)

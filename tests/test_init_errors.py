@@ -19,12 +19,12 @@ import numpy
 import pytest
 
 from minitrain.config import PRESETS, ModelConfig, parameter_count
-from minitrain.convert import apr_tensors
+from minitrain.formats.apr import apr_tensors
 from minitrain.formats.apr import write_apr
 from minitrain.formats.apr_meta import model_metadata
 from minitrain.formats.sources import load_model
 from minitrain.model import Model
-from minitrain.tokenize import train_bpe
+from minitrain.demo import train_bpe
 
 SMALL = ModelConfig(family="qwen2", hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=4, intermediate_size=12, vocab_size=64,

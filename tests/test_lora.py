@@ -25,7 +25,7 @@ from minitrain.model import Model
 from minitrain.ops.linear import Linear
 from minitrain.ops.lora import LoRALinear
 from minitrain.optim import AdamW
-from minitrain.train import Run, configure
+from minitrain.setup_run import build, configure
 
 SPECS = {  # GQA with q/k/v biases and a tied head; MHA with an untied head
     "qwen2-gqa-tied": dict(family="qwen2", hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
@@ -221,7 +221,7 @@ def test_the_base_is_frozen_no_dw_is_formed_and_adamw_holds_state_for_the_adapte
     for fn in (LoRALinear, Linear):  # the head's and every linear's backward: which gradients they were asked for
         backward = fn.backward
         monkeypatch.setattr(fn, "backward", lambda self, g, backward=backward: (seen.append(self.needs_grad), backward(self, g))[1])
-    run = Run(*configure(run_options(directory, tokens(tmp_path / "t.bin", config.vocab_size), tmp_path / "out",
+    run = build(*configure(run_options(directory, tokens(tmp_path / "t.bin", config.vocab_size), tmp_path / "out",
                                      lora_targets="q,v,down")))
     run.train_step(0)
     assert seen and all(not needs[1] and not needs[2] for needs in seen), "a dW or db was formed"
@@ -237,8 +237,8 @@ def test_the_base_is_frozen_no_dw_is_formed_and_adamw_holds_state_for_the_adapte
 def test_step_zero_is_the_base_model_bit_for_bit(base, tmp_path):
     directory, config = base
     data = tokens(tmp_path / "t.bin", config.vocab_size)
-    full = Run(*configure(run_options(directory, data, tmp_path / "full", lora_rank=None)))
-    adapted = Run(*configure(run_options(directory, data, tmp_path / "lora", lora_dropout=0.5)))
+    full = build(*configure(run_options(directory, data, tmp_path / "full", lora_rank=None)))
+    adapted = build(*configure(run_options(directory, data, tmp_path / "lora", lora_dropout=0.5)))
     assert adapted.evaluate() == full.evaluate()
     inputs, targets = adapted.stream.batch(0, B)
     assert float(adapted.model.loss(inputs, targets).data) == float(full.model.loss(inputs, targets).data)
@@ -253,18 +253,18 @@ def test_resume_restores_adapters_and_their_optimizer_state_exactly(base, tmp_pa
     directory, config = base
     data = tokens(tmp_path / "t.bin", config.vocab_size)
     options = run_options(directory, data, tmp_path / "whole", lora_dropout=0.25, save_every=2, schedule="constant")
-    Run(*configure(options)).run()
+    build(*configure(options)).run()
     shutil.copytree(tmp_path / "whole", tmp_path / "cut")
     for name in ("adapter", "final.apr", "step-4"):
         shutil.rmtree(tmp_path / "cut" / name) if name != "final.apr" else (tmp_path / "cut" / name).unlink()
     assert (tmp_path / "whole" / "step-2" / "adapter.safetensors").exists()
-    Run(*configure({"resume": str(tmp_path / "cut" / "step-2")})).run()
+    build(*configure({"resume": str(tmp_path / "cut" / "step-2")})).run()
     assert adapter_bytes(tmp_path / "cut") == adapter_bytes(tmp_path / "whole")
     assert (tmp_path / "cut" / "final.apr").read_bytes() == (tmp_path / "whole" / "final.apr").read_bytes()
     for name in ("adapter.safetensors", "optimizer.safetensors"):
         assert (tmp_path / "cut" / "step-4" / name).read_bytes() == (tmp_path / "whole" / "step-4" / name).read_bytes()
     # the dropout is on: without it the run ends elsewhere
-    Run(*configure(run_options(directory, data, tmp_path / "nodrop", save_every=2, schedule="constant"))).run()
+    build(*configure(run_options(directory, data, tmp_path / "nodrop", save_every=2, schedule="constant"))).run()
     assert adapter_bytes(tmp_path / "nodrop") != adapter_bytes(tmp_path / "whole")
 
 
@@ -274,7 +274,7 @@ def test_lora_from_continues_from_the_files_adapters(base, tmp_path):
     arrays = adapter_arrays(config, spec, trained=True)
     peft_format.write_adapter(tmp_path / "given", spec, arrays)
     data = tokens(tmp_path / "t.bin", config.vocab_size)
-    run = Run(*configure(run_options(directory, data, tmp_path / "out", lora_rank=None, lora_from=str(tmp_path / "given"))))
+    run = build(*configure(run_options(directory, data, tmp_path / "out", lora_rank=None, lora_from=str(tmp_path / "given"))))
     assert run.adapters.spec == spec
     assert all(np.array_equal(t.data, arrays[n]) for n, t in run.adapters.params.items())
     run.run()
@@ -331,7 +331,7 @@ def test_bad_lora_input_is_exit_2_with_one_line(base, tmp_path, case, message):
 
 def test_a_lora_checkpoint_without_its_adapters_is_refused(base, tmp_path):
     directory, config = base
-    Run(*configure(run_options(directory, tokens(tmp_path / "t.bin", config.vocab_size), tmp_path / "out",
+    build(*configure(run_options(directory, tokens(tmp_path / "t.bin", config.vocab_size), tmp_path / "out",
                                steps=2, save_every=2))).run()
     (tmp_path / "out" / "step-2" / "adapter.safetensors").unlink()
     done = minitrain("pretrain", "--resume", tmp_path / "out" / "step-2")

@@ -24,7 +24,7 @@ from minitrain.autograd import no_grad
 from minitrain.formats.gguf import load_gguf
 from minitrain.formats.sources import load_model
 from minitrain.generate import Sampling, generate
-from minitrain.tokenize import load_tokenizer
+from minitrain.formats.sources import load_tokenizer
 
 pytestmark = pytest.mark.slow
 

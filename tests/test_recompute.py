@@ -13,7 +13,7 @@ from minitrain import backend
 from minitrain.config import ModelConfig
 from minitrain.model import Model
 from minitrain.optim import SGD
-from minitrain.train import Run, configure
+from minitrain.setup_run import build, configure
 
 MODES = ["attention", "mlp", "layer"]
 
@@ -29,7 +29,7 @@ def train(tokens, out, **changes):
     options = {"data": str(tokens), "out": str(out), "arch": "tiny-qwen2", "seq_len": 16, "batch_size": 2, "steps": 3,
                "val_windows": 4, "eval_every": 2, "warmup_steps": 1, "lr": 1e-3, "seed": 3, "data_order": "shuffle",
                **changes}
-    Run(*configure(options)).run()
+    build(*configure(options)).run()
     return out
 
 

@@ -9,7 +9,9 @@ from tokenizers import Tokenizer
 
 from minitrain.corpus import Corpus, input_files
 from minitrain.errors import InputError
-from minitrain.tokenize import find_eos, tokenize_to_shards, train_bpe
+from minitrain.demo import train_bpe
+from minitrain.formats.vocab import find_eos
+from minitrain.tokenize import tokenize_to_shards
 
 CORPUS = ("def add(x, y):\n    return x + y\n\n"
           "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n\n"

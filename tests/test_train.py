@@ -18,7 +18,7 @@ from minitrain.data import TokenWindows, TrainStream
 from minitrain.errors import InputError, TrainingAborted
 from minitrain.formats import safetensors_io
 from minitrain.schedule import learning_rate
-from minitrain.train import Run, configure
+from minitrain.setup_run import build, configure
 
 VOCAB = 8192  # tiny-llama / tiny-qwen2
 
@@ -39,7 +39,7 @@ def small(tokens, out, **changes):
 
 
 def train(options):
-    run = Run(*configure(options))
+    run = build(*configure(options))
     return run, run.run()
 
 
@@ -99,9 +99,9 @@ def test_windows_follow_the_interface(tmp_path):
 
 @pytest.mark.parametrize("order", ["sequential", "shuffle"])
 def test_validation_windows_are_never_trained_on_even_after_wrapping(tokens, tmp_path, order):
-    run = Run(*configure(small(tokens, tmp_path / "out", data_order=order, val_windows=7)))
-    assert run.n_train == 54 and run.val_ids == list(range(54, 61))
-    seen = run.stream.window_ids(0, 5 * 54 + 3)  # five epochs and a bit
+    run = build(*configure(small(tokens, tmp_path / "out", data_order=order, val_windows=7)))
+    assert run.data.n_train == 54 and run.data.val_ids == list(range(54, 61))
+    seen = run.data.stream.window_ids(0, 5 * 54 + 3)  # five epochs and a bit
     assert set(seen) == set(range(54)), "every training window used, no validation window"
     for epoch in range(5):
         assert sorted(seen[epoch * 54: (epoch + 1) * 54]) == list(range(54))  # each epoch is a permutation
@@ -116,8 +116,8 @@ def test_sequential_step_uses_consecutive_windows(tokens):
 
 
 def test_separate_validation_data_is_used_whole(tokens, tmp_path):
-    run = Run(*configure(small(tokens, tmp_path / "out", val_data=str(tokens), eval_windows=5)))
-    assert run.n_train == 61 and run.val_ids == [0, 1, 2, 3, 4] and run.val_source is not run.windows
+    run = build(*configure(small(tokens, tmp_path / "out", val_data=str(tokens), eval_windows=5)))
+    assert run.data.n_train == 61 and run.data.val_ids == [0, 1, 2, 3, 4] and run.data.val_source is not run.data.stream.windows
 
 
 # --- schedule, clipping, accumulation ------------------------------------------------------
@@ -135,7 +135,7 @@ def test_schedule_values():
 
 def test_the_scheduled_lr_is_the_one_applied(tokens, tmp_path):
     """Plain SGD: every parameter moves by exactly -lr(step) * grad (no clipping)."""
-    run = Run(*configure(small(tokens, tmp_path / "out", optimizer="sgd", lr=0.5, warmup_steps=4, steps=8,
+    run = build(*configure(small(tokens, tmp_path / "out", optimizer="sgd", lr=0.5, warmup_steps=4, steps=8,
                                grad_clip=0, dtype="fp64")))
     p = run.model.params["model.norm.weight"]
     for step in range(3):
@@ -147,13 +147,13 @@ def test_the_scheduled_lr_is_the_one_applied(tokens, tmp_path):
 
 @pytest.mark.numerics
 def test_clipping_by_the_true_global_norm(tokens, tmp_path):
-    run = Run(*configure(small(tokens, tmp_path / "out", optimizer="sgd", grad_clip=0.25, dtype="fp64")))
+    run = build(*configure(small(tokens, tmp_path / "out", optimizer="sgd", grad_clip=0.25, dtype="fp64")))
     _, norm, _, _ = run.train_step(0)
     grads = [p.grad for p in run.model.parameters()]
     clipped = math.sqrt(sum(float((g * g).sum()) for g in grads))
     assert norm > 0.25  # the reported norm is the pre-clip one ...
     assert clipped == pytest.approx(0.25, rel=1e-5)  # ... and the gradients were scaled to the limit
-    run2 = Run(*configure(small(tokens, tmp_path / "out2", optimizer="sgd", grad_clip=0, dtype="fp64")))
+    run2 = build(*configure(small(tokens, tmp_path / "out2", optimizer="sgd", grad_clip=0, dtype="fp64")))
     _, norm2, _, _ = run2.train_step(0)
     unclipped = math.sqrt(sum(float((p.grad * p.grad).sum()) for p in run2.model.parameters()))
     assert norm == pytest.approx(norm2, rel=1e-12) == pytest.approx(unclipped, rel=1e-12)
@@ -342,7 +342,7 @@ def test_resume_refuses_a_changed_option(tokens, tmp_path):
 
 
 def test_a_save_killed_midway_leaves_no_checkpoint(tokens, tmp_path, monkeypatch):
-    run = Run(*configure(small(tokens, tmp_path / "run", steps=2)))
+    run = build(*configure(small(tokens, tmp_path / "run", steps=2)))
     run.train_step(0)
     run.state["step"] = 1
     real_save, calls = safetensors_io.save, []
@@ -401,7 +401,7 @@ def test_non_finite_loss_aborts_with_exit_3_before_logging_it(tokens, tmp_path):
 
 
 def test_a_diverging_validation_loss_aborts(tokens, tmp_path, monkeypatch):
-    run = Run(*configure(small(tokens, tmp_path / "run", steps=4, eval_every=1)))
+    run = build(*configure(small(tokens, tmp_path / "run", steps=4, eval_every=1)))
     values = iter([5.0, 6.0, 12.5])
     monkeypatch.setattr(run, "evaluate", lambda: next(values))
     with pytest.raises(TrainingAborted, match="more than twice the previous 6.0000"):

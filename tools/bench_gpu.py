@@ -132,13 +132,14 @@ def minitrain_step(args, cfg, B, T):
     """(step, run): step() runs the next step of a `minitrain pretrain` Run on the GPU (its own
     train_step: forward, backward, norm and clipping, AdamW) over random tokens."""
     from minitrain import backend
-    from minitrain.train import Run, TrainConfig
+    from minitrain.options import TrainConfig
+    from minitrain.setup_run import build
 
     work = tempfile.mkdtemp()
     tc = TrainConfig(data=str(token_file(work, cfg.vocab_size, 4 * B, T)), out=f"{work}/run", arch=args.arch,
                      seq_len=T, batch_size=B, steps=10**6, val_windows=0, device="cuda", dtype=args.dtype,
                      lr=ADAMW["lr"], beta2=ADAMW["betas"][1], warmup_steps=1).resolved()
-    run = Run(tc)
+    run = build(tc)
     backend.matmul_backward = args.route
     steps = iter(range(10**6))
     return lambda: run.train_step(next(steps)), run

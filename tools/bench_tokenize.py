@@ -101,7 +101,7 @@ def main():
     args = parser.parse_args()
     from fetch_smollm2 import fetch
 
-    from minitrain.tokenize import load_tokenizer
+    from minitrain.formats.sources import load_tokenizer
 
     scratch = Path(tempfile.mkdtemp(prefix="bench_tokenize-"))
     try:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import cupy_standin  # noqa: E402
 
-from minitrain import backend, train  # noqa: E402
+from minitrain import backend, setup_run  # noqa: E402
 from minitrain.config import preset  # noqa: E402
 from minitrain.gpu import gemm  # noqa: E402
 from minitrain.model import Model  # noqa: E402
@@ -74,19 +74,19 @@ def count_step(model_config, layers, dtype, batch_size, seq_len):
             backend.xp, backend.launch = xp, cupy_standin.counting(None)
             return "cuda"
 
-        saved = train._device, train.build_model, gemm._gemm_ex, backend.xp, backend.launch
-        train._device, gemm._gemm_ex = gpu, cupy_standin.gemm_ex
-        train.build_model = lambda cfg: Model.from_scratch(config, seed=0)
+        saved = setup_run._device, setup_run._model, gemm._gemm_ex, backend.xp, backend.launch
+        setup_run._device, gemm._gemm_ex = gpu, cupy_standin.gemm_ex
+        setup_run._model = lambda cfg, resumed: Model.from_scratch(config, seed=0)
         cupy_standin.COUNT_ONLY = True
         try:
-            run = train.Run(*train.configure(options), log=open("/dev/null", "w"))
+            run = setup_run.build(*setup_run.configure(options), log=open("/dev/null", "w"))
             run.train_step(0)
             cupy_standin.LAUNCHES.clear()
             run.train_step(1)
             return list(cupy_standin.LAUNCHES)
         finally:
             cupy_standin.COUNT_ONLY = False
-            train._device, train.build_model, gemm._gemm_ex, backend.xp, backend.launch = saved
+            setup_run._device, setup_run._model, gemm._gemm_ex, backend.xp, backend.launch = saved
             backend.set_dtype("fp32")
 
 

@@ -48,7 +48,7 @@ def main():
         sys.exit("llamacpp_check: llama_cpp is not installed; see this script's docstring for the build")
 
     from minitrain.formats.sources import load_model
-    from minitrain.tokenize import load_tokenizer
+    from minitrain.formats.sources import load_tokenizer
 
     tokenizer = load_tokenizer(args.gguf)
     model = load_model(args.reference or args.gguf)
@@ -92,7 +92,7 @@ def chat(llm, model, tokenizer, reference, system, user, max_new_tokens):
     from minitrain.chat import render
     from minitrain.cli import chat_prompting
     from minitrain.generate import Sampling, generate
-    from minitrain.tokenize import find_eos
+    from minitrain.formats.vocab import find_eos
 
     messages = [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": user}]
     template, tokens, stop_ids = chat_prompting(reference, tokenizer, None, find_eos(tokenizer, reference))

@@ -12,7 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minitrain.convert import apr_tensors, checked_tokenizer  # noqa: E402
+from minitrain.formats.apr import apr_tensors
+from minitrain.formats.sources import checked_tokenizer  # noqa: E402
 from minitrain.formats.apr import write_apr  # noqa: E402
 from minitrain.formats.apr_meta import model_metadata  # noqa: E402
 from minitrain.formats.sources import load_source  # noqa: E402

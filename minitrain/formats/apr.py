@@ -73,6 +73,20 @@ def bf16(array):
     return RawTensor(apr_quant.BF16, x.shape, raw.tobytes())
 
 
+ENCODE = {"f32": lambda a: numpy.asarray(a, numpy.float32), "f16": lambda a: numpy.asarray(a).astype(numpy.float16),
+          "bf16": bf16}  # the tensor encodings a model is written in
+
+
+def apr_tensors(config, arrays, dtype="f32"):
+    """(name, encoded tensor) pairs of a model for write_apr, a tied head added as a copy of the
+    embedding (as `apr convert` writes it)."""
+    encode = ENCODE[dtype]
+    for name, a in arrays.items():
+        yield name, encode(a)
+    if config.tie_word_embeddings and "lm_head.weight" not in arrays:
+        yield "lm_head.weight", encode(arrays["model.embed_tokens.weight"])
+
+
 def write_apr(path, tensors, metadata):
     """Write (name, tensor) pairs (or a name -> tensor dict) and a metadata dict as an APR v2 file
     the way AprV2Writer does (doc §10): index and data in sorted-name order, each section padded

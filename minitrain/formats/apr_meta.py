@@ -117,6 +117,14 @@ BOS_NAMES, EOS_NAMES = ("<s>", "<|begin_of_text|>"), ("<|endoftext|>", "</s>", "
 TOKENIZER_JSON = "tokenizer.json"  # minitrain's own key: the whole tokenizer.json, as a string
 
 
+def chat_metadata(template, tokens):
+    """What an APR file keeps of a chat: chat_template (a Template's text), and chat_bos_token,
+    chat_eos_token (the end of a turn) where the model names them; {} without a template."""
+    if template is None:
+        return {}
+    return {"chat_template": template.text, **{f"chat_{k}": v for k, v in tokens.items() if v}}
+
+
 def tokenizer_metadata(tokenizer, vocab_size):
     """The tokenizer.* custom keys realizar reads (doc §3.2): the vocabulary indexed by id,
     padded with "<unk>" to max(vocab_size, max id + 1), the model type, the BOS/EOS ids when one

@@ -27,6 +27,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from minitrain.errors import InputError
 from minitrain.formats.apr_meta import BOS_NAMES, merge_strings
+from minitrain.formats.vocab import find_eos
 
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
@@ -109,8 +110,6 @@ def _without_offsets(node):
 
 def gguf_fields(tokenizer, vocab_size, source):
     """(key, value) pairs of tokenizer.ggml.* for a model with `vocab_size` embedding rows."""
-    from minitrain.tokenize import find_eos
-
     pre = pre_tokenizer_name(tokenizer, source)
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     if max(vocab.values()) >= vocab_size:

@@ -126,7 +126,8 @@ def config_to_hf(cfg):
     return d
 
 
-def _shard_files(directory):
+def shard_files(directory):
+    """The safetensors files of a checkpoint directory: the index's shards, or model.safetensors."""
     index = directory / INDEX
     if index.exists():
         weight_map = load_json(index).get("weight_map")
@@ -146,7 +147,7 @@ def load_dir(path):
         raise InputError(f"{directory}: not a directory (expected a Hugging Face checkpoint directory)")
     cfg = config_from_hf(load_json(directory / "config.json"), str(directory / "config.json"))
     arrays, origin = {}, {}
-    for f in _shard_files(directory):
+    for f in shard_files(directory):
         if not f.exists():
             raise InputError(f"{f}: shard listed in {INDEX} does not exist")
         for name, a in safetensors_io.load(f).items():
@@ -179,3 +180,21 @@ def save_dir(path, cfg, arrays):
     (directory / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
     safetensors_io.save(directory / "model.safetensors", {n: numpy.asarray(a, dtype=numpy.float32)
                                                          for n, a in arrays.items()})
+
+
+def tokenizer_config(directory):
+    """tokenizer_config.json of a checkpoint directory ({} without one)."""
+    path = Path(directory) / "tokenizer_config.json"
+    return load_json(path) if path.is_file() else {}
+
+
+def write_chat_template(directory, text, tokens):
+    """A chat template as transformers reads it: chat_template.jinja (what it writes today) and, in
+    tokenizer_config.json, the template and the special tokens it uses (`tokens`: bos_token,
+    eos_token; kept beside whatever the file already holds)."""
+    directory = Path(directory)
+    (directory / "chat_template.jinja").write_text(text, encoding="utf-8")
+    config = tokenizer_config(directory)
+    config.update({"chat_template": text, "tokenizer_class": config.get("tokenizer_class", "PreTrainedTokenizerFast"),
+                   **{k: v for k, v in tokens.items() if v}})
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

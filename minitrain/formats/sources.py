@@ -1,62 +1,199 @@
-"""Model sources for `--init`, `eval`, `inspect`, `convert` and `generate`: an `.apr` file, a
-`.gguf` file, or a Hugging Face directory (the magic, not the name, tells the two files apart).
+"""What a model file carries, read through one door: `open_model(path)` tells an `.apr` file, a
+`.gguf` file and a Hugging Face directory apart once (for files, the magic, not the name), and
+the object it returns reads what that source keeps, where it keeps it:
 
-The rules for an APR file (../shared/docs/reference.md section 2): the architecture comes from
-the metadata, cross-checked against the tensors. A field the tensor shapes determine exactly
-(hidden size, layers, vocabulary, intermediate size, the q/k widths) may be absent from the
-metadata, but where both exist they must agree; a field the shapes cannot determine
-(rope_theta, rms_norm_eps, max_position_embeddings, the head count when head_dim is absent too)
-must be present, or supplied by `--arch NAME`: no silent defaults. `lm_head.weight` absent, or
-bit-identical to the embedding, means a tied head.
+                  weights + config          tokenizer             chat template                special tokens
+    HF directory  config.json, safetensors  tokenizer.json        chat_template.jinja, else    tokenizer_config.json
+                                                                  tokenizer_config.json's
+    GGUF file     tensors, <arch>.* keys    tokenizer.ggml.*      tokenizer.chat_template      tokenizer.ggml.*_token_id
+    APR file      tensors, metadata         metadata              metadata chat_template       chat_bos_token,
+                  (apr_model.py)            tokenizer.json                                     chat_eos_token
 
-aprender's files, as they are (../shared/docs/apr-format.md): `apr pretrain` (entrenar) names the
-architecture by its Hugging Face class ("Qwen2ForCausalLM"), marks `format:
-"entrenar-checkpoint"`, and its CPU trainer writes no hyperparameters at all (hence `--arch`). It
-trains rotate_half RoPE on Hugging Face rows and writes no rope_type: an absent rope_type is the
-Hugging Face layout. rope_type 0 is ambiguous: `apr import` of an HF model writes it over HF rows,
-its raw GGUF import over llama.cpp's interleaved rows, so it is refused unless `--rope-layout`
-says which (rope_layout.py).
-
-With `--arch`, whatever the source, the loaded architecture must equal the preset field by field.
+The commands use the functions below: `load_source`/`load_model` (the weights, strictly checked;
+with `--arch`, whatever the source, the loaded architecture must equal the preset field by
+field), `load_tokenizer` (a --tokenizer file: tokenizer.json, or a GGUF or APR file's own),
+`model_tokenizer` (the tokenizer that comes with a model), `model_template` and `special_tokens`
+(what chat.py renders conversations with), and `describe` through `inspect`.
 """
 
-import re
-from dataclasses import fields
+import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy
+from tokenizers import Tokenizer
 
-from minitrain.config import FAMILIES, PRESETS, ModelConfig
+from minitrain.config import PRESETS, ModelConfig
 from minitrain.errors import InputError
-from minitrain.formats import gguf, hf
-from minitrain.formats.apr import read_apr
-from minitrain.formats.apr_meta import ROPE_NEOX
-from minitrain.formats.rope_layout import interleaved_to_hf, permute_qk
-from minitrain.model import Model, check_tensors
+from minitrain.formats import gguf, hf, safetensors_io
+from minitrain.formats.apr import FLAG_NAMES, read_apr
+from minitrain.formats.apr_meta import TOKENIZER_JSON
+from minitrain.formats.apr_model import load_apr
+from minitrain.formats.vocab import find_eos
+from minitrain.model import Model
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
-ROPE_LAYOUTS = ("hf", "interleaved")
-ROPE_ADJACENT = 0  # APR rope_type 0: adjacent pairs in the math; over HF or interleaved rows, see above
-_CLASSES = {cls.lower(): family for family, cls in FAMILIES.items()}  # "qwen2forcausallm" -> "qwen2"
-# APR metadata key -> ModelConfig field, for what --arch may supply
-_APR_FIELDS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-               "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
-               "intermediate_size": "intermediate_size", "vocab_size": "vocab_size",
-               "max_position_embeddings": "max_position_embeddings", "rope_theta": "rope_theta",
-               "rms_norm_eps": "rms_norm_eps"}
+APR_MAGICS = (b"APR\0", b"APR2")
 
 
-def source_kind(path):
-    """"hf", "gguf" or "apr" for an existing path."""
+class NoTokenizer(InputError):
+    """A model that carries no usable tokenizer (as opposed to a broken one)."""
+
+
+@dataclass(frozen=True)
+class Template:
+    """A chat template's Jinja text, and where it came from."""
+
+    text: str
+    origin: str  # for messages: "model.gguf (tokenizer.chat_template)"
+
+
+# --- the three sources --------------------------------------------------------------------------
+
+class HFDirectory:
+    kind, label = "hf", "Hugging Face directory"
+
+    def __init__(self, path):
+        self.path = path
+
+    def weights(self, arch, rope_layout):
+        return hf.load_dir(self.path)
+
+    def tokenizer_file(self):
+        if (self.path / "tokenizer.json").is_file():
+            return self.path / "tokenizer.json"
+        raise NoTokenizer(f"{self.path}: no tokenizer.json; give --tokenizer tokenizer.json (or the .gguf it came from)")
+
+    def chat_template(self):
+        if (self.path / "chat_template.jinja").is_file():
+            return template_file(self.path / "chat_template.jinja")
+        value = hf.tokenizer_config(self.path).get("chat_template")
+        origin = f"{self.path / 'tokenizer_config.json'} (chat_template)"
+        if value is None or value == "":  # a string, or a list of {"name", "template"}
+            return None
+        if isinstance(value, str):
+            return Template(value, origin)
+        if isinstance(value, list) and value and all(isinstance(t, dict) and isinstance(t.get("template"), str)
+                                                     for t in value):
+            chosen = next((t for t in value if t.get("name") == "default"), value[0])
+            return Template(chosen["template"], f"{origin[:-1]}, {chosen.get('name', 'the first')!s})")
+        raise InputError(f"{origin}: expected a string or a list of {{\"name\", \"template\"}} objects, found "
+                         f"{json.dumps(value)[:80]}")
+
+    def special_tokens(self, tokenizer):
+        """tokenizer_config.json's bos_token and eos_token (strings, or {"content": ...})."""
+        config, tokens = hf.tokenizer_config(self.path), {}
+        for key in ("bos_token", "eos_token"):
+            value = config.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                tokens[key] = value
+        return tokens
+
+    def describe(self):
+        tensors = []
+        for f in hf.shard_files(self.path):
+            header = safetensors_io.read_header(f)[0]
+            tensors += [{"name": n, "dtype": t["dtype"], "shape": t["shape"],
+                         "nbytes": t["data_offsets"][1] - t["data_offsets"][0]} for n, t in header.items()]
+        tensors.sort(key=lambda t: t["name"].encode())
+        return {"format": "hf-safetensors", "metadata": hf.load_json(self.path / "config.json"), "tensors": tensors}
+
+
+class GGUFFile:
+    kind, label = "gguf", "GGUF file"
+
+    def __init__(self, path):
+        self.path = path
+
+    def weights(self, arch, rope_layout):
+        return gguf.load_gguf(self.path)
+
+    def tokenizer_file(self):
+        return self.path
+
+    def tokenizer(self):
+        return gguf.read_tokenizer(self.path)
+
+    def chat_template(self):
+        text = self._keys().get("tokenizer.chat_template")
+        return Template(text, f"{self.path} (tokenizer.chat_template)") if isinstance(text, str) and text else None
+
+    def special_tokens(self, tokenizer):
+        """The tokens of the ids the keys name: the end of a turn first, then the end of text."""
+        values, tokens = self._keys(), {}
+        for key, names in (("bos_token", ["tokenizer.ggml.bos_token_id"]),
+                           ("eos_token", ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eos_token_id"])):
+            ids = [values[f] for f in names if isinstance(values.get(f), int)]
+            if tokenizer is not None and ids and tokenizer.id_to_token(ids[0]) is not None:
+                tokens[key] = tokenizer.id_to_token(ids[0])
+        return tokens
+
+    def describe(self):
+        reader = gguf.open_gguf(self.path)
+        values = gguf.fields(reader)
+        return {"format": "gguf", "version": str(values.pop("GGUF.version")),
+                "metadata": {k: v for k, v in values.items() if not k.startswith("GGUF.")},
+                "tensors": [{"name": t.name, "dtype": t.tensor_type.name, "shape": [int(d) for d in reversed(t.shape)],
+                             "nbytes": int(t.n_bytes)} for t in reader.tensors]}
+
+    def _keys(self):
+        return gguf.fields(gguf.open_gguf(self.path))
+
+
+class APRFile:
+    kind, label = "apr", "APR file"
+
+    def __init__(self, path):
+        self.path = path
+
+    def weights(self, arch, rope_layout):
+        return load_apr(self.path, arch, rope_layout)
+
+    def tokenizer_file(self):
+        return self.path
+
+    def tokenizer(self):
+        meta = read_apr(self.path).metadata
+        if TOKENIZER_JSON not in meta:
+            has = "a vocabulary without its pre-tokenizer" if "tokenizer.vocabulary" in meta else "no tokenizer"
+            raise NoTokenizer(f"{self.path}: the file embeds {has}; give --tokenizer tokenizer.json (or the .gguf it "
+                              "came from)")
+        return _parsed(self.path, lambda: Tokenizer.from_str(meta[TOKENIZER_JSON]))
+
+    def chat_template(self):
+        text = read_apr(self.path).metadata.get("chat_template")
+        return Template(text, f"{self.path} (metadata chat_template)") if isinstance(text, str) and text else None
+
+    def special_tokens(self, tokenizer):
+        """minitrain's keys chat_bos_token and chat_eos_token."""
+        meta = read_apr(self.path).metadata
+        return {key: meta[f"chat_{key}"] for key in ("bos_token", "eos_token") if isinstance(meta.get(f"chat_{key}"), str)}
+
+    def describe(self):
+        apr = read_apr(self.path)
+        h = apr.header
+        return {"format": "apr", "version": ".".join(map(str, h["version"])), "magic": h["magic"],
+                "flags": [name for bit, name in FLAG_NAMES.items() if h["flags"] & bit], "footer": apr.has_footer,
+                "metadata": apr.metadata,
+                "tensors": [{"name": t.name, "dtype": t.dtype_name, "shape": list(t.shape), "nbytes": t.size}
+                            for t in apr.tensors.values()]}
+
+
+def _magic(path):
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
+def open_model(path):
+    """The source at `path` (HFDirectory, GGUFFile or APRFile); InputError if there is nothing."""
     p = Path(path)
     if p.is_dir():
-        return "hf"
+        return HFDirectory(p)
     if not p.exists():
         raise InputError(f"{p}: no such file or directory")
-    with open(p, "rb") as f:
-        magic = f.read(4)
-    return "gguf" if magic == b"GGUF" or p.suffix == ".gguf" else "apr"
+    return GGUFFile(p) if _magic(p) == b"GGUF" or p.suffix == ".gguf" else APRFile(p)
 
+
+# --- weights ------------------------------------------------------------------------------------
 
 def load_source(path, arch=None, rope_layout=None):
     """(ModelConfig, name -> float32 array in the Hugging Face layout) from any model source,
@@ -64,16 +201,11 @@ def load_source(path, arch=None, rope_layout=None):
     result; `rope_layout` says how an APR file's rope_type 0 rows are ordered."""
     if arch is not None and arch not in PRESETS:
         raise InputError(f"--arch {arch!r}: unknown; expected one of {', '.join(PRESETS)}")
-    kind = source_kind(path)
-    if rope_layout is not None and kind != "apr":
+    source = open_model(path)
+    if rope_layout is not None and source.kind != "apr":
         raise InputError(f"--rope-layout is for .apr files (their rope_type 0 is ambiguous); {path} is a "
-                         f"{'Hugging Face directory' if kind == 'hf' else 'GGUF file'}, whose layout is known")
-    if kind == "hf":
-        cfg, arrays = hf.load_dir(path)
-    elif kind == "gguf":
-        cfg, arrays = gguf.load_gguf(path)
-    else:
-        cfg, arrays = load_apr(path, arch, rope_layout)
+                         f"{source.label}, whose layout is known")
+    cfg, arrays = source.weights(arch, rope_layout)
     if arch is not None:
         check_arch(arch, cfg, str(path))
     return cfg, arrays
@@ -93,102 +225,74 @@ def check_arch(name, config, source):
         raise InputError(f"{source}: does not match --arch {name}: {'; '.join(diffs)}")
 
 
-def load_apr(path, arch=None, rope_layout=None):
-    """(ModelConfig, name -> float32 array in the Hugging Face layout) from an APR v2 file."""
-    apr = read_apr(path)
-    arrays = {n: apr.array(n) for n in apr.tensors}
-    head, embed = arrays.pop("lm_head.weight", None), arrays.get("model.embed_tokens.weight")
-    tied = head is None or (embed is not None and head.shape == embed.shape and bool(numpy.array_equal(head, embed)))
-    cfg = config_from_apr(apr.metadata, {n: t.shape for n, t in apr.tensors.items()}, tied, str(path), arch)
-    if not tied:
-        arrays["lm_head.weight"] = head
-    check_tensors(cfg, {n: a.shape for n, a in arrays.items()}, str(path))
-    if _rope_layout(apr.metadata, rope_layout, str(path)) == "interleaved":
-        arrays = permute_qk(arrays, cfg, interleaved_to_hf)
-    return cfg, arrays
+# --- tokenizers ---------------------------------------------------------------------------------
+
+def load_tokenizer(path):
+    """A `tokenizers.Tokenizer` from a tokenizer.json file, or the one a GGUF or APR file embeds."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such tokenizer file")
+    if _magic(p) in (b"GGUF", *APR_MAGICS):
+        return open_model(p).tokenizer()
+    return _parsed(p, lambda: Tokenizer.from_file(str(p)))
 
 
-def _rope_layout(meta, given, source):
-    """The row order of the file's q/k: from rope_type, or from --rope-layout where it is 0."""
-    rope_type = meta.get("rope_type")
-    if rope_type not in (None, ROPE_NEOX, ROPE_ADJACENT):
-        raise InputError(f"{source}: rope_type {rope_type!r}: expected {ROPE_NEOX} (split halves) or "
-                         f"{ROPE_ADJACENT} (adjacent pairs)")
-    if rope_type == ROPE_ADJACENT and given is None:
-        raise InputError(f"{source}: rope_type 0 is ambiguous: aprender writes it over Hugging Face rows "
-                         "(apr import/convert of an HF model) and over llama.cpp's interleaved rows (its GGUF "
-                         "import); say which with --rope-layout hf or --rope-layout interleaved")
-    if rope_type != ROPE_ADJACENT and given == "interleaved":
-        said = "rope_type 2 says" if rope_type == ROPE_NEOX else "no rope_type means (entrenar writes none)"
-        raise InputError(f"{source}: {said} Hugging Face rows (split halves); --rope-layout interleaved "
-                         "contradicts it")
-    return given or "hf"
-
-
-def config_from_apr(meta, shapes, tied, source, arch=None):
-    """The architecture of an APR file from its metadata, checked against its tensor shapes;
-    the preset `arch` supplies the fields the metadata lacks."""
-    # every type key present must agree with the tensors ("auto"/"unknown" say nothing)
-    kinds = {str(meta.get(k) or "").lower() for k in ("hf_model_type", "architecture", "model_type")}
-    kinds = {_CLASSES.get(k, k) for k in kinds - {"", "auto", "unknown"}}
-    if kinds & hf.ENCODERS or any(n.startswith(("bert.", "encoder.", "roberta.")) or ".encoder." in n for n in shapes):
-        raise InputError(f"{source}: an encoder model ({', '.join(sorted(kinds & hf.ENCODERS)) or 'encoder tensors'}); "
-                         "minitrain trains decoder-only Llama/Qwen2 models")
-    if any(n.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) for n in shapes):
-        raise InputError(f"{source}: has q_norm/k_norm tensors (a Qwen3 model), which minitrain does not support")
-    if "model.embed_tokens.weight" not in shapes or "model.layers.0.self_attn.q_proj.weight" not in shapes:
-        raise InputError(f"{source}: no model.embed_tokens.weight / model.layers.0.self_attn.q_proj.weight: not a "
-                         "Llama/Qwen2 checkpoint with Hugging Face tensor names")
-    family = "qwen2" if "model.layers.0.self_attn.q_proj.bias" in shapes else "llama"
-    if kinds - FAMILIES.keys():
-        raise InputError(f"{source}: model type {', '.join(sorted(kinds - FAMILIES.keys()))} is not supported; "
-                         f"supported: {', '.join(FAMILIES)} ({', '.join(FAMILIES.values())})")
-    if kinds - {family}:
-        raise InputError(f"{source}: metadata says {', '.join(sorted(kinds))} but the tensors are {family!r} "
-                         f"({'with' if family == 'qwen2' else 'without'} q/k/v biases)")
-
-    V, H = shapes["model.embed_tokens.weight"]
-    layers = 1 + max(int(m.group(1)) for n in shapes if (m := _LAYER.match(n)))
-    q_rows = shapes["model.layers.0.self_attn.q_proj.weight"][0]
-    kv_rows = shapes["model.layers.0.self_attn.k_proj.weight"][0] if "model.layers.0.self_attn.k_proj.weight" in shapes else None
-    inter = shapes["model.layers.0.mlp.gate_proj.weight"][0] if "model.layers.0.mlp.gate_proj.weight" in shapes else None
-    if arch is not None and PRESETS[arch].family != family:
-        raise InputError(f"{source}: the tensors are a {family} model ({'with' if family == 'qwen2' else 'without'} "
-                         f"q/k/v biases); --arch {arch} is {PRESETS[arch].family}")
-    given = dict(meta)
-    if arch is not None:  # the preset fills what the metadata lacks; check_arch compares the rest
-        preset = PRESETS[arch]
-        given.update({k: getattr(preset, f) for k, f in _APR_FIELDS.items() if meta.get(k) is None})
-
-    def agree(key, from_shapes):
-        value = given.get(key)
-        if value is None:
-            return from_shapes
-        if from_shapes is not None and value != from_shapes:
-            origin = "metadata" if meta.get(key) is not None else f"--arch {arch}"
-            raise InputError(f"{source}: {origin} {key} {value} but the tensors say {from_shapes}")
-        return value
-
-    def need(key):
-        if given.get(key) is None:
-            raise InputError(f"{source}: metadata field {key} is missing and the tensor shapes cannot determine "
-                             f"it (no default is safe); add --arch NAME to supply it ({', '.join(PRESETS)})")
-        return given[key]
-
-    # the head split: the file's own num_heads (checked by its head_dim, if any), else head_dim's
-    head_dim = given.get("head_dim") if meta.get("num_heads") is None else meta.get("head_dim")
-    heads = agree("num_heads", q_rows // head_dim if head_dim else None)
-    if heads is None:
-        raise InputError(f"{source}: metadata has neither num_heads nor head_dim; q_proj's {q_rows} rows "
-                         "cannot be split into heads without one of them; add --arch NAME to supply them")
-    head_dim = agree("head_dim", q_rows // heads)
-    kv_heads = agree("num_kv_heads", kv_rows // head_dim if kv_rows else None)
+def _parsed(path, parse):
     try:
-        return ModelConfig(
-            family=family, hidden_size=agree("hidden_size", H), num_hidden_layers=agree("num_layers", layers),
-            num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-            intermediate_size=agree("intermediate_size", inter), vocab_size=agree("vocab_size", V),
-            max_position_embeddings=need("max_position_embeddings"), rope_theta=float(need("rope_theta")),
-            rms_norm_eps=float(need("rms_norm_eps")), tie_word_embeddings=tied)
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{source}: {e}") from None
+        return parse()
+    except Exception as e:  # the library raises a bare Exception with serde's message
+        raise InputError(f"{path}: not a valid tokenizer.json ({e})") from None
+
+
+def model_tokenizer(model_path):
+    """The tokenizer file that comes with a model: an HF directory's tokenizer.json, a GGUF or
+    APR file itself (load_tokenizer reads what it embeds); NoTokenizer where there is none."""
+    return open_model(model_path).tokenizer_file()
+
+
+def checked_tokenizer(path, config):
+    """A tokenizers.Tokenizer (load_tokenizer's) whose vocabulary fits the model's rows."""
+    tokenizer = load_tokenizer(path)
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > config.vocab_size:
+        raise InputError(f"{path}: tokenizer vocabulary {size} is larger than the model's vocab_size "
+                         f"{config.vocab_size}")
+    return tokenizer
+
+
+# --- chat templates -----------------------------------------------------------------------------
+
+def template_file(path):
+    """A chat template file (a --chat-template FILE.jinja, an HF directory's chat_template.jinja)."""
+    p = Path(path)
+    try:
+        return Template(p.read_text(encoding="utf-8"), str(p))
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"--chat-template {p}: cannot read it ({e.strerror if isinstance(e, OSError) else e})") from None
+
+
+def model_template(model_path):
+    """The chat template a model keeps, or None when it keeps none."""
+    return open_model(model_path).chat_template()
+
+
+def special_tokens(model, tokenizer):
+    """bos_token and eos_token of a model as it names them (see the table above), else the
+    tokenizer's EOS and no BOS (no tokenizer: none). eos_token is the end of a turn for the chat
+    templates here."""
+    tokens = {"bos_token": "", "eos_token": ""}
+    if tokenizer is not None:
+        try:
+            tokens["eos_token"] = tokenizer.id_to_token(find_eos(tokenizer, str(model)))
+        except InputError:  # a tokenizer without an end-of-text token: the template must name its own
+            pass
+    tokens.update(open_model(model).special_tokens(tokenizer))
+    return tokens
+
+
+def model_of_tokenizer(tokenizer_path):
+    """The model a tokenizer belongs to: a GGUF or APR file is its own; a tokenizer.json, the HF
+    directory that holds it."""
+    p = Path(tokenizer_path)
+    return p.parent if p.suffix == ".json" else p
+

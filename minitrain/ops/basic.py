@@ -6,7 +6,7 @@ output gradients over the broadcast axes (`unbroadcast`).
 """
 
 from minitrain import backend
-from minitrain.autograd import Function
+from minitrain.autograd import Function, Tensor
 
 
 def unbroadcast(g, shape):
@@ -145,3 +145,16 @@ def reshape(x, shape):
 
 def transpose(x, axes=()):
     return Transpose.apply(x, axes=tuple(axes))
+
+
+def _reshape_method(x, *shape):
+    return reshape(x, shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape)
+
+
+# Tensor's operator sugar, for the few ops the models write inline: x + y, x * y, x.reshape(B, T, H).
+Tensor.__add__ = Tensor.__radd__ = add
+Tensor.__mul__ = Tensor.__rmul__ = mul
+Tensor.reshape = _reshape_method
+Tensor.transpose = lambda x, *axes: transpose(x, axes)
+Tensor.sum = sum
+Tensor.mean = mean
