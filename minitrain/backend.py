@@ -197,6 +197,25 @@ def kernels(*arrays):
     return launch
 
 
+def route(arrays, plain, blocked=None, kernel=None, half=None):
+    """The one place that chooses how an op runs on its input arrays (Tensors or arrays). Each op
+    module writes its math first, as a Function (`plain`), and each other way of computing the same
+    thing as a subclass of it; this picks, first match:
+        kernel    the CUDA kernels take the arrays (kernels(): --device cuda, or the tests' CPU
+                  emulation of kernels/*.cu)
+        half      bf16 activations without a kernel of their own (cuBLAS GemmEx; NumPy on the CPU)
+        blocked   NumPy in fp32 or fp64: the plain math's operations, a block at a time on every core
+        plain     everything else (CuPy without the kernels, fp16 on the CPU)
+    """
+    if kernel is not None and kernels(*arrays):
+        return kernel
+    if half is not None and any(a.dtype == BF16 for a in arrays):
+        return half
+    if blocked is not None and xp is numpy and all(a.dtype in DTYPES.values() for a in arrays):
+        return blocked
+    return plain
+
+
 def aligned_empty(n, dt, alignment=64):
     """An uninitialized 1-D array whose data starts on an `alignment`-byte boundary. NumPy's SIMD
     reductions sum in an order that depends on where the data starts; a fixed alignment makes such

@@ -207,9 +207,9 @@ def test_generate_json_from_the_command_line(tmp_path):
     from click.testing import CliRunner
 
     from minitrain.cli import cli
-    from minitrain.formats import hf
     from minitrain.demo import train_bpe
-from minitrain.formats.sources import load_tokenizer
+    from minitrain.formats import hf
+    from minitrain.formats.sources import load_tokenizer
 
     (tmp_path / "text.txt").write_text("def f(x):\n    return x + 1\n" * 40)
     train_bpe([tmp_path / "text.txt"], 300, tmp_path / "tokenizer.json")

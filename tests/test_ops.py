@@ -208,3 +208,75 @@ def test_linear_cross_entropy_never_holds_the_whole_logits():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 0.5 * N * V * 4, f"peak {peak / 1e6:.1f} MB vs {N * V * 4 / 1e6:.1f} MB of logits"
+
+
+def _through(op, arrays, seed=0, **options):
+    """op.apply's output and the gradients of sum(out * gy) for every input."""
+    tensors = [Tensor(a.copy(), requires_grad=True) for a in arrays]
+    out = op.apply(*tensors, **options)
+    out.backward(np.random.default_rng(seed).standard_normal(out.shape).astype(out.dtype))
+    return [out.data] + [t.grad for t in tensors]
+
+
+def _route_cases():
+    """(name, the plain math, its CPU route, inputs (rng, dtype) -> arrays, options): each op whose
+    module writes the math first and the CPU's blocked route below it (backend.route)."""
+    from minitrain.ops.activations import SwiGLU, SwiGLUBlocked, SwiGLUPacked, SwiGLUPackedBlocked
+    from minitrain.ops.rmsnorm import RMSNorm, RMSNormBlocked
+    from minitrain.ops.rope import RoPE, RoPEBlocked
+
+    def normal(*shape):
+        return lambda r, dt: [(r.standard_normal(s) * 2).astype(dt) for s in shape]
+
+    per_row = np.stack([np.arange(300), np.arange(300)[::-1]])  # (B, T) positions, each row its own
+    return [("rmsnorm", RMSNorm, RMSNormBlocked, normal((3, 300, 100), (100,)), {"eps": 1e-6}),
+            ("rope", RoPE, RoPEBlocked, normal((2, 300, 3, 64)), {"theta": 1e4}),
+            ("rope per row", RoPE, RoPEBlocked, normal((2, 300, 3, 64)), {"theta": 1e6, "positions": per_row}),
+            ("swiglu", SwiGLU, SwiGLUBlocked, normal((2, 300, 330), (2, 300, 330)), {}),
+            ("swiglu packed", SwiGLUPacked, SwiGLUPackedBlocked, normal((2, 300, 660)), {})]
+
+
+ROUTE_CASES = _route_cases()
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float32, 2e-6), (np.float64, 1e-13)])
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=[c[0] for c in ROUTE_CASES])
+def test_each_cpu_route_computes_the_plain_math(case, dtype, rtol):
+    """The blocked route (what the CPU runs, and what the gradient checks check) and the math the
+    module writes first (what CuPy without the kernels runs) agree: outputs and gradients, several
+    blocks of rows and every core's share. Their docstrings say the operations are the same, so
+    the bound is a few ulps, not an analysis."""
+    name, plain, blocked, make, options = case
+    arrays = make(np.random.default_rng(8), dtype)
+    for want, got in zip(_through(plain, arrays, **options), _through(blocked, arrays, **options), strict=True):
+        assert got.dtype == want.dtype == dtype
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * float(np.abs(want).max()))
+
+
+def test_the_cross_entropy_rows_on_the_cpu_compute_the_plain_math():
+    from minitrain.ops.cross_entropy import gradients, gradients_blocked, losses, losses_blocked
+
+    rng = np.random.default_rng(9)
+    z = rng.standard_normal((40, 3001)) * 4  # several blocks of rows
+    t = rng.integers(0, 3001, 40)
+    (nll, lse), (nll_b, lse_b) = losses(z, t), losses_blocked(z, t)
+    np.testing.assert_allclose(nll_b, nll, rtol=1e-13)
+    np.testing.assert_allclose(lse_b, lse, rtol=1e-13)
+    want, got = gradients(z, t, lse, 0.5, np.empty_like(z)), gradients_blocked(z, t, lse, 0.5, np.empty_like(z))
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-16)
+
+
+def test_a_route_that_departs_from_the_math_is_caught(monkeypatch):
+    """The check above can fail: RoPE's plain rotation with its second half's sign flipped."""
+    from minitrain.ops.rope import RoPE
+
+    def flipped(x, cos, sin):
+        half = x.shape[-1] // 2
+        y = np.empty_like(x)
+        y[..., :half] = x[..., :half] * cos - x[..., half:] * sin
+        y[..., half:] = x[..., half:] * cos - x[..., :half] * sin  # + in the math
+        return y
+
+    monkeypatch.setattr(RoPE, "rotate", staticmethod(flipped))
+    with pytest.raises(AssertionError):
+        test_each_cpu_route_computes_the_plain_math(ROUTE_CASES[1], np.float64, 1e-13)

@@ -39,11 +39,15 @@ def untimed(value):
 
 
 def text_digest(text):
-    """The lines with their rates, ETAs and measured memory written as X."""
-    text = re.sub(r"[\d,.]+ tok/s \| ETA \S+", "X tok/s | ETA X", text)
+    """The lines without what depends on the clock: rates, ETAs and measured memory written as X;
+    the progress lines a run prints when 10 s have passed (those without val_loss) and the report's
+    timings left out."""
+    text = re.sub(r"[\d,.]+ (tok/s|tokens/s)", r"X \1", text)
+    text = re.sub(r"ETA \S+", "ETA X", text)
     text = re.sub(r"(?m)^(memory per rank|disk:).*$", r"\1 X", text)
-    text = re.sub(r"(prefill|decode) [\d.]+ tokens/s", r"\1 X tokens/s", text)
-    return hashlib.sha256(text.encode()).hexdigest()
+    lines = [line for line in text.splitlines() if not (line.startswith("step ") and "val_loss" not in line)
+             and not line.startswith(tuple(f"{key}: " for key in TIMED + ("memory_per_rank",)))]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def file_digest(path):
@@ -64,6 +68,11 @@ def minitrain(cwd, *args, ranks=1):
         if ranks > 1 else []
     done = subprocess.run([*launch, sys.executable, "-m", "minitrain", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True)
+    logs = Path(cwd) / "logs"
+    logs.mkdir(exist_ok=True)
+    name = f"{len(list(logs.glob('*.stderr'))):02d}-{args[0]}"
+    (logs / f"{name}.stdout").write_text(done.stdout)
+    (logs / f"{name}.stderr").write_text(done.stderr)
     if done.returncode != 0:
         sys.exit(f"minitrain {' '.join(map(str, args))}: exit {done.returncode}\n{done.stderr[-3000:]}")
     report = done.stdout.strip().splitlines()[-1] if "--json" in args else done.stdout
@@ -109,7 +118,7 @@ def main():
                              for i in range(40)))
     (work / "chatml.jinja").write_text(CHATML)
     result["sft_tokenize"] = minitrain(work, "tokenize", "--tokenizer", tokenizer, "--chat", "--chat-template",
-                                       "chatml.jinja", "--pack", "--seq-len", 31, "--out", "sft-data", convs)
+                                       "chatml.jinja", "--pack", "--seq-len", 31, "--out", "sft-data", convs.name)
     result["sft_tokenize"]["files"] = tree_digests(work / "sft-data")
     result["sft"] = minitrain(work, "pretrain", "--init", "scratch/final.apr", "--data", "sft-data", "--seq-len", 31,
                               "--batch-size", 2, "--val-windows", 2, "--steps", 3, "--chat-template", "chatml.jinja",

@@ -34,74 +34,51 @@ class SwiGLU(Function):
     One fused op: the intermediate silu(a) is never stored.
       da = dy * u * s (1 + a (1 - s))     (the SiLU derivative above, s = sigmoid(a))
       du = dy * silu(a)
-    On the CPU both run slice by slice on every core (parallel.py), each slice through scratch
-    buffers in cache, with the operations, in the order, of the formulas: the same bits as
-    evaluating them whole.
     """
 
     def forward(self, a, u):
         self.save(a, u)
-        if launch := backend.kernels(a, u):  # kernels/swiglu.cu: the same math, one pass
-            y = backend.xp.empty_like(a)
-            swiglu_kernels.forward(launch, a, u, y)
-            return y
-        return _forward(a, u)
+        return self.product(a, u)
 
     def backward(self, g):
         a, u = self.saved
-        if launch := backend.kernels(g, a, u):
-            da, du = backend.xp.empty_like(a), backend.xp.empty_like(u)
-            swiglu_kernels.backward(launch, backend.xp.ascontiguousarray(g), a, u, da, du)
-            return da, du
-        return _backward(g, a, u, self.needs_grad)
+        return self.gradients(g, a, u, self.needs_grad)
+
+    @staticmethod
+    def product(a, u):
+        return a * sigmoid(a) * u
+
+    @staticmethod
+    def gradients(g, a, u, needs):
+        """(da, du); None where not needed."""
+        s = sigmoid(a)
+        da = g * u * s * (1.0 + a * (1.0 - s)) if needs[0] else None
+        du = g * a * s if needs[1] else None
+        return da, du
 
 
-class SwiGLUPacked(Function):
+class SwiGLUPacked(SwiGLU):
     """y = silu(a) * u for gu = [a | u] (..., 2 I) -> (..., I): SwiGLU on the output of one GEMM
-    over the concatenated gate and up weights (ops/packed.py). The same math; the gradient comes
-    packed the same way, dgu = [da | du], which is that GEMM's output gradient as it is. On the
-    kernels a and u are read in place (kernels/swiglu.cu's packed variants); the reference path
-    takes contiguous copies of the two halves."""
+    over the concatenated gate and up weights (ops/packed.py). The same math, on contiguous copies
+    of the two halves; the gradient comes packed the same way, dgu = [da | du], which is that
+    GEMM's output gradient as it is."""
 
     def forward(self, gu):
         self.save(gu)
-        xp, I = backend.xp, gu.shape[-1] // 2
-        if launch := backend.kernels(gu):
-            y = xp.empty(gu.shape[:-1] + (I,), dtype=gu.dtype)
-            swiglu_kernels.packed_forward(launch, xp.ascontiguousarray(gu), y)
-            return y
-        return _forward(xp.ascontiguousarray(gu[..., :I]), xp.ascontiguousarray(gu[..., I:]))
+        return self.product(*_halves(gu))
 
     def backward(self, g):
         (gu,) = self.saved
-        xp, I = backend.xp, gu.shape[-1] // 2
-        if launch := backend.kernels(g, gu):
-            dgu = xp.empty_like(gu)
-            swiglu_kernels.packed_backward(launch, xp.ascontiguousarray(g), xp.ascontiguousarray(gu), dgu)
-            return (dgu,)
-        da, du = _backward(g, xp.ascontiguousarray(gu[..., :I]), xp.ascontiguousarray(gu[..., I:]), (True, True))
-        return (xp.concatenate([da, du], axis=-1),)
+        da, du = self.gradients(g, *_halves(gu), (True, True))
+        return (backend.xp.concatenate([da, du], axis=-1),)
 
 
-def _forward(a, u):
-    """silu(a) * u by the reference ops: on the CPU slice by slice on every core."""
-    if backend.xp is numpy:
-        y = numpy.empty_like(a)
-        _by_slices(lambda sl, s, t: numpy.multiply(numpy.multiply(a.reshape(-1)[sl], s, out=t), u.reshape(-1)[sl],
-                                                   out=y.reshape(-1)[sl]), a)
-        return y
-    return a * sigmoid(a) * u
+def _halves(gu):
+    xp, I = backend.xp, gu.shape[-1] // 2
+    return xp.ascontiguousarray(gu[..., :I]), xp.ascontiguousarray(gu[..., I:])
 
 
-def _backward(g, a, u, needs):
-    """(da, du) by the reference ops; None where not needed."""
-    if backend.xp is numpy:
-        return _backward_cpu(numpy.ascontiguousarray(g), a, u, needs)
-    s = sigmoid(a)
-    da = g * u * s * (1.0 + a * (1.0 - s)) if needs[0] else None
-    du = g * a * s if needs[1] else None
-    return da, du
-
+# --- on the CPU's cores ---------------------------------------------------------------------
 
 def _by_slices(work, a):
     """work(sl, s, t) for every SLICE of a's elements, s = sigmoid(a[sl]) in a scratch buffer and t
@@ -120,8 +97,18 @@ def _by_slices(work, a):
     parallel.run(parallel.slices(flat.size, SLICE), one)
 
 
-def _backward_cpu(g, a, u, needs):
-    """The two gradients of SwiGLU.backward's formulas, slice by slice."""
+def _product_blocked(a, u):
+    """SwiGLU.product slice by slice on every core, through scratch buffers in cache, with the
+    formula's operations in its order: the same bits as evaluating it whole."""
+    y = numpy.empty_like(a)
+    _by_slices(lambda sl, s, t: numpy.multiply(numpy.multiply(a.reshape(-1)[sl], s, out=t), u.reshape(-1)[sl],
+                                               out=y.reshape(-1)[sl]), a)
+    return y
+
+
+def _gradients_blocked(g, a, u, needs):
+    """SwiGLU.gradients slice by slice, likewise."""
+    g = numpy.ascontiguousarray(g)
     da = numpy.empty_like(a) if needs[0] else None
     du = numpy.empty_like(u) if needs[1] else None
     gf, af, uf = g.reshape(-1), a.reshape(-1), u.reshape(-1)
@@ -142,13 +129,55 @@ def _backward_cpu(g, a, u, needs):
     return da, du
 
 
+class SwiGLUBlocked(SwiGLU):
+    product, gradients = staticmethod(_product_blocked), staticmethod(_gradients_blocked)
+
+
+class SwiGLUPackedBlocked(SwiGLUPacked):
+    product, gradients = staticmethod(_product_blocked), staticmethod(_gradients_blocked)
+
+
+# --- on the GPU: kernels/swiglu.cu, the same math in one pass ----------------------------------
+
+class SwiGLUKernel(SwiGLU):
+    def forward(self, a, u):
+        self.save(a, u)
+        y = backend.xp.empty_like(a)
+        swiglu_kernels.forward(backend.launch, a, u, y)
+        return y
+
+    def backward(self, g):
+        a, u = self.saved
+        da, du = backend.xp.empty_like(a), backend.xp.empty_like(u)
+        swiglu_kernels.backward(backend.launch, backend.xp.ascontiguousarray(g), a, u, da, du)
+        return da, du
+
+
+class SwiGLUPackedKernel(SwiGLUPacked):
+    """a and u read in place (kernels/swiglu.cu's packed variants)."""
+
+    def forward(self, gu):
+        self.save(gu)
+        xp, I = backend.xp, gu.shape[-1] // 2
+        y = xp.empty(gu.shape[:-1] + (I,), dtype=gu.dtype)
+        swiglu_kernels.packed_forward(backend.launch, xp.ascontiguousarray(gu), y)
+        return y
+
+    def backward(self, g):
+        (gu,) = self.saved
+        xp = backend.xp
+        dgu = xp.empty_like(gu)
+        swiglu_kernels.packed_backward(backend.launch, xp.ascontiguousarray(g), xp.ascontiguousarray(gu), dgu)
+        return (dgu,)
+
+
 def silu(x):
     return SiLU.apply(x)
 
 
 def swiglu(a, u):
-    return SwiGLU.apply(a, u)
+    return backend.route((a, u), SwiGLU, blocked=SwiGLUBlocked, kernel=SwiGLUKernel).apply(a, u)
 
 
 def swiglu_packed(gu):
-    return SwiGLUPacked.apply(gu)
+    return backend.route((gu,), SwiGLUPacked, blocked=SwiGLUPackedBlocked, kernel=SwiGLUPackedKernel).apply(gu)

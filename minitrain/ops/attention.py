@@ -75,21 +75,11 @@ class Attention(Function):
     """
 
     def forward(self, q, k, v, starts=None):
+        starts = _checked(q, k, v, starts)
         B, T, nH, hd = q.shape
         nKV = k.shape[2]
-        if nH % nKV or k.shape != v.shape or k.shape[:2] + k.shape[3:] != (B, T, hd):
-            raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} are not (B, T, nH, hd) "
-                             "and (B, T, nKV, hd) with nH a multiple of nKV")
         g = nH // nKV
         xp = backend.xp
-        if starts is not None:
-            starts = xp.ascontiguousarray(xp.asarray(starts, dtype=numpy.int64))  # (B, T) first visible key of each query
-        if (launch := backend.kernels(q, k, v)) and hd in attention_kernels.FORWARD_ROWS:
-            q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))
-            o, lse = xp.empty_like(q), xp.empty((B, nH, T), dtype=xp.float32)
-            attention_kernels.forward(launch, q, k, v, o, lse, starts)
-            self.save(q, k, v, o, lse, None, starts)  # no scale: marks the kernel path
-            return o
         if q.dtype == backend.BF16:
             raise ValueError(f"attention: bf16 runs only on the kernel, which has head_dim "
                              f"{sorted(attention_kernels.FORWARD_ROWS)}; this model has {hd}")
@@ -119,13 +109,6 @@ class Attention(Function):
 
     def backward(self, g_out):
         qh, kh, vh, oh, lse, scale, starts = self.saved
-        if scale is None:  # the forward ran the kernel: q, k, v, o in (B, T, heads, hd)
-            xp = backend.xp
-            dq, dk, dv = xp.empty_like(qh), xp.empty_like(kh), xp.empty_like(vh)
-            D = xp.empty(lse.shape, dtype=xp.float32)
-            attention_kernels.backward(backend.launch, qh, kh, vh, oh, xp.ascontiguousarray(g_out), lse, dq, dk, dv, D,
-                                       starts)
-            return dq, dk, dv, None
         B, T, nH, hd = g_out.shape
         xp = backend.xp
         do = xp.ascontiguousarray(g_out.transpose(0, 2, 1, 3)).reshape(oh.shape)  # (B, nKV, g*T, hd)
@@ -160,5 +143,44 @@ class Attention(Function):
                 dv.transpose(0, 2, 1, 3), None)
 
 
+def _checked(q, k, v, starts):
+    """ValueError unless q (B, T, nH, hd) and k, v (B, T, nKV, hd) with nH a multiple of nKV;
+    -> starts as a contiguous (B, T) int64 array where the arrays live, or None."""
+    B, T, nH, hd = q.shape
+    nKV = k.shape[2]
+    if nH % nKV or k.shape != v.shape or k.shape[:2] + k.shape[3:] != (B, T, hd):
+        raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} are not (B, T, nH, hd) "
+                         "and (B, T, nKV, hd) with nH a multiple of nKV")
+    if starts is None:
+        return None
+    xp = backend.xp
+    return xp.ascontiguousarray(xp.asarray(starts, dtype=numpy.int64))  # (B, T) first visible key of each query
+
+
+class AttentionKernel(Attention):
+    """kernels/attention.cu and attention_mma.cu (bf16 on the tensor cores): q, k, v, o kept in
+    their (B, T, heads, hd) layout with the log-sum-exp (B, nH, T); the backward's D = rowsum(dO o)
+    by its own kernel."""
+
+    def forward(self, q, k, v, starts=None):
+        B, T, nH, hd = q.shape
+        xp = backend.xp
+        starts = _checked(q, k, v, starts)
+        q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))
+        o, lse = xp.empty_like(q), xp.empty((B, nH, T), dtype=xp.float32)
+        attention_kernels.forward(backend.launch, q, k, v, o, lse, starts)
+        self.save(q, k, v, o, lse, starts)
+        return o
+
+    def backward(self, g_out):
+        q, k, v, o, lse, starts = self.saved
+        xp = backend.xp
+        dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
+        D = xp.empty(lse.shape, dtype=xp.float32)
+        attention_kernels.backward(backend.launch, q, k, v, o, xp.ascontiguousarray(g_out), lse, dq, dk, dv, D, starts)
+        return dq, dk, dv, None
+
+
 def attention(q, k, v, starts=None):
-    return Attention.apply(q, k, v, starts)
+    kernel = AttentionKernel if q.shape[-1] in attention_kernels.FORWARD_ROWS else None
+    return backend.route((q, k, v), Attention, kernel=kernel).apply(q, k, v, starts)

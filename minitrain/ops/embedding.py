@@ -33,20 +33,29 @@ class Embedding(Function):
 
     def backward(self, g):
         ids, (V, H) = self.saved
-        xp = backend.xp
         used, slot = numpy.unique(ids.reshape(-1), return_inverse=True)  # each distinct token once
+        dy = g.reshape(-1, H)  # (N, H)
+        sums = backend.xp.zeros((used.size, H), dtype=g.dtype)
+        backend.xp.add.at(sums, backend.xp.asarray(slot.reshape(-1)), dy)  # repeated ids accumulate, in position order
+        return RowSparse(backend.xp.asarray(used), sums, (V, H)), None  # zero outside the batch's rows
+
+
+class EmbeddingKernel(Embedding):
+    """The backward by kernels/embedding.cu: one block per used row, summing its positions in
+    order (the host groups them), as add.at does."""
+
+    def backward(self, g):
+        ids, (V, H) = self.saved
+        xp = backend.xp
+        used, slot = numpy.unique(ids.reshape(-1), return_inverse=True)
         slot = slot.reshape(-1)
         dy = g.reshape(-1, H)  # (N, H)
-        if launch := backend.kernels(dy):
-            order = numpy.argsort(slot, kind="stable")  # positions grouped by token, each group in order
-            starts = numpy.searchsorted(slot[order], numpy.arange(used.size + 1))  # (U + 1,)
-            sums = xp.empty((used.size, H), dtype=dy.dtype)
-            embedding_kernels.backward(launch, xp.ascontiguousarray(dy), xp.asarray(order), xp.asarray(starts), sums)
-        else:
-            sums = xp.zeros((used.size, H), dtype=g.dtype)
-            xp.add.at(sums, xp.asarray(slot), dy)  # repeated ids accumulate, in position order
-        return RowSparse(xp.asarray(used), sums, (V, H)), None  # zero outside the batch's rows
+        order = numpy.argsort(slot, kind="stable")  # positions grouped by token, each group in order
+        starts = numpy.searchsorted(slot[order], numpy.arange(used.size + 1))  # (U + 1,)
+        sums = xp.empty((used.size, H), dtype=dy.dtype)
+        embedding_kernels.backward(backend.launch, xp.ascontiguousarray(dy), xp.asarray(order), xp.asarray(starts), sums)
+        return RowSparse(xp.asarray(used), sums, (V, H)), None
 
 
 def embedding(W, ids):
-    return Embedding.apply(W, ids)
+    return backend.route((W,), Embedding, kernel=EmbeddingKernel).apply(W, ids)

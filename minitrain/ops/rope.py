@@ -50,42 +50,36 @@ class RoPE(Function):
         dx2 = dy2 cos a - dy1 sin a
     `positions` (T,) defaults to 0..T-1 (every training window starts at position 0); (B, T)
     gives each row its own (a batch of left-padded prompts in the KV-cache decoder).
-    On the CPU the positions go a block at a time to every core, through the same operations in
-    the same order: the same bits as rotating x whole.
     """
 
     def forward(self, x, theta, positions=None):
         B, T, nH, hd = x.shape
         cos, sin = rope_tables(T, hd, theta, x.dtype, positions)  # (T, hd/2) or (B, T, hd/2) each
-        if launch := backend.kernels(x):  # kernels/rope.cu: per-row tables are (B*T, hd/2) rows
-            y = backend.xp.empty_like(x)
-            cos, sin = cos.reshape(-1, hd // 2), sin.reshape(-1, hd // 2)
-            fused.rope_forward(launch, backend.xp.ascontiguousarray(x), cos, sin, y)
-            self.save(cos, sin)
-            return y
         cos = cos.astype(x.dtype, copy=False)[..., None, :]  # (T, 1, hd/2) or (B, T, 1, hd/2): over heads
         sin = sin.astype(x.dtype, copy=False)[..., None, :]
         self.save(cos, sin)
-        return _rotate(x, cos, sin)
+        return self.rotate(x, cos, sin)
 
     def backward(self, g):
         cos, sin = self.saved
-        if launch := backend.kernels(g):
-            dx = backend.xp.empty(g.shape, dtype=g.dtype)
-            fused.rope_backward(launch, backend.xp.ascontiguousarray(g), cos, sin, dx)
-            return (dx,)
-        return (_rotate(g, cos, -sin),)
+        return (self.rotate(g, cos, -sin),)
 
-
-def _rotate(x, cos, sin):
-    """cos, sin: (T, 1, hd/2) or (B, T, 1, hd/2)."""
-    half = x.shape[-1] // 2
-    y = backend.xp.empty(x.shape, dtype=x.dtype)
-    if backend.xp is not numpy:
+    @staticmethod
+    def rotate(x, cos, sin):
+        """cos, sin: (T, 1, hd/2) or (B, T, 1, hd/2)."""
+        half = x.shape[-1] // 2
+        y = backend.xp.empty(x.shape, dtype=x.dtype)
         x1, x2 = x[..., :half], x[..., half:]  # (B, T, nH, hd/2) each
         y[..., :half] = x1 * cos - x2 * sin
         y[..., half:] = x2 * cos + x1 * sin
         return y
+
+
+def _rotate_blocked(x, cos, sin):
+    """RoPE.rotate on the CPU: the positions go a block at a time to every core, through the same
+    operations in the same order: the same bits as rotating x whole."""
+    half = x.shape[-1] // 2
+    y = numpy.empty(x.shape, dtype=x.dtype)
     B, T, nH = x.shape[:3]
     per_row = cos.ndim == 4  # (B, T, 1, hd/2)
     rows = max(1, BLOCK // (nH * 2 * half))  # positions per block
@@ -105,5 +99,28 @@ def _rotate(x, cos, sin):
     return y
 
 
+class RoPEBlocked(RoPE):
+    rotate = staticmethod(_rotate_blocked)
+
+
+class RoPEKernel(RoPE):
+    """kernels/rope.cu: per-row tables are (B*T, hd/2) rows."""
+
+    def forward(self, x, theta, positions=None):
+        B, T, nH, hd = x.shape
+        cos, sin = rope_tables(T, hd, theta, x.dtype, positions)
+        y = backend.xp.empty_like(x)
+        cos, sin = cos.reshape(-1, hd // 2), sin.reshape(-1, hd // 2)
+        fused.rope_forward(backend.launch, backend.xp.ascontiguousarray(x), cos, sin, y)
+        self.save(cos, sin)
+        return y
+
+    def backward(self, g):
+        cos, sin = self.saved
+        dx = backend.xp.empty(g.shape, dtype=g.dtype)
+        fused.rope_backward(backend.launch, backend.xp.ascontiguousarray(g), cos, sin, dx)
+        return (dx,)
+
+
 def rope(x, theta, positions=None):
-    return RoPE.apply(x, theta=theta, positions=positions)
+    return backend.route((x,), RoPE, blocked=RoPEBlocked, kernel=RoPEKernel).apply(x, theta=theta, positions=positions)
