@@ -106,49 +106,32 @@ def _build(cfg, resumed, log):
         raise InputError(f"--dtype bf16 on {cfg.device}: bf16 mixed precision runs on the CUDA kernels; "
                          "use --device cuda, or --dtype fp32 on the CPU")
     backend.set_dtype(cfg.dtype)
-    state = {"step": 0, "init_loss": None, "last_val_loss": None}
-    model = _model(cfg, resumed)
-    adapters = _lora(cfg, model, resumed and resumed[3], say) if cfg.lora else None
-    model.recompute = cfg.recompute
-    mc = model.config
-    if backend.bf16 and mc.head_dim not in attention_kernels.FORWARD_ROWS:
-        raise InputError(f"--dtype bf16: the bf16 attention kernel has head_dim "
-                         f"{' or '.join(map(str, sorted(attention_kernels.FORWARD_ROWS)))}; this model has "
-                         f"{mc.head_dim} (use --dtype fp32)")
-    if cfg.seq_len > mc.max_position_embeddings:
-        raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
-                         f"{mc.max_position_embeddings}")
-    tokenizer = sources.checked_tokenizer(cfg.tokenizer, mc) if cfg.tokenizer else None
+    state, model_arrays, optimizer_arrays, adapter_arrays = resumed or (None, None, None, None)
+    model = _model(cfg, state, model_arrays)
+    adapters = _lora(cfg, model, adapter_arrays, say) if cfg.lora else None
+    _check_fit(cfg, model)
+    tokenizer = sources.checked_tokenizer(cfg.tokenizer, model.config) if cfg.tokenizer else None
     chat_meta = _chat(cfg, tokenizer)  # what final.apr carries of a chat template
-    teacher = _teacher(cfg, mc, tokenizer, say) if cfg.teacher else None
+    teacher = _teacher(cfg, model.config, tokenizer, say) if cfg.teacher else None
     objective = Distillation(model, teacher, cfg.distill_weight, cfg.distill_temperature, cfg.teacher) if teacher \
         else NextToken(model)
-    data = _data(cfg, mc.vocab_size)
+    data = _data(cfg, model.config.vocab_size)
     trained = adapters.parameters() if adapters else model.parameters()
     shards = zero.Shards(group, trained) if cfg.zero else None
-    if cfg.optimizer == "sgd":
-        optimizer = SGD(trained, cfg.lr)
-    else:
-        optimizer = AdamW(trained, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay, cfg.decay_1d,
-                          pieces=shards and shards.mine)
-    if resumed:
-        try:
-            optimizer.load_state(resumed[0]["optimizer"], resumed[2])
-        except KeyError as e:  # state.json's config trains other tensors than the files hold
-            raise InputError(f"{cfg.resume}/optimizer.safetensors: no {e.args[0]} for a trained tensor; "
-                             "state.json's config does not match the checkpoint's files") from None
-        state = {k: resumed[0][k] for k in state}
+    optimizer = _optimizer(cfg, trained, shards, state, optimizer_arrays)
+    state = {k: state[k] for k in ("step", "init_loss", "last_val_loss")} if state else \
+        {"step": 0, "init_loss": None, "last_val_loss": None}
     estimate = None  # memory.Estimate, on the CPU
     gguf.close()  # --init's or --teacher's file and its parsed keys, if either was a GGUF
     if cfg.device == "cpu":  # what the run will hold, before anything is written
         held = sum(p.data.nbytes for m in (model, teacher) if m for p in m.parameters())
-        estimate = memory.preflight(mc, cfg, group, held, say, teacher and teacher.config, adapters and adapters.spec)
+        estimate = memory.preflight(model.config, cfg, group, held, say, teacher and teacher.config,
+                                    adapters and adapters.spec)
     files = RunFiles(cfg, group.rank == 0, say, tokenizer, chat_meta)
-    tokens_per_step = group.size * cfg.grad_accum * cfg.batch_size * cfg.seq_len
-    files.start({"config": asdict(cfg), "arch": arch_name(mc), "model_config": mc.as_dict(),
+    files.start({"config": asdict(cfg), "arch": arch_name(model.config), "model_config": model.config.as_dict(),
                  "params": model.num_parameters(), "trained_params": sum(p.data.size for p in trained),
                  "train_windows": data.n_train, "val_windows": len(data.val_ids) if data.val_source else 0,
-                 "ranks": group.size, "tokens_per_step": tokens_per_step,
+                 "ranks": group.size, "tokens_per_step": group.size * cfg.grad_accum * cfg.batch_size * cfg.seq_len,
                  "memory_estimate": estimate and {**asdict(estimate), "peak": estimate.peak}}, state["step"])
     return Run(cfg, Parts(group, model, adapters, trained, objective, data, optimizer, shards, files, state,
                           start_time), say)
@@ -168,11 +151,11 @@ def _device(name):
     return name
 
 
-def _model(cfg, resumed):
+def _model(cfg, state, arrays):
     """The model to train, its parameters in backend.dtype (fp32 master weights under bf16): a
-    resumed checkpoint's, --init's (strictly checked), or --arch's from scratch."""
-    if resumed:
-        state, arrays = resumed[0], resumed[1]
+    resumed checkpoint's (its state.json and model arrays), --init's (strictly checked), or
+    --arch's from scratch."""
+    if state:
         try:
             config = ModelConfig(**state["model_config"])
         except (TypeError, ValueError) as e:
@@ -185,6 +168,36 @@ def _model(cfg, resumed):
     except ValueError as e:
         raise InputError(f"--arch: {e}") from None
     return Model.from_scratch(config, seed=cfg.seed)
+
+
+def _check_fit(cfg, model):
+    """--recompute set on the model; the bf16 attention kernel's head dims, the model's positions."""
+    model.recompute = cfg.recompute
+    mc = model.config
+    if backend.bf16 and mc.head_dim not in attention_kernels.FORWARD_ROWS:
+        raise InputError(f"--dtype bf16: the bf16 attention kernel has head_dim "
+                         f"{' or '.join(map(str, sorted(attention_kernels.FORWARD_ROWS)))}; this model has "
+                         f"{mc.head_dim} (use --dtype fp32)")
+    if cfg.seq_len > mc.max_position_embeddings:
+        raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                         f"{mc.max_position_embeddings}")
+
+
+def _optimizer(cfg, trained, shards, state, arrays):
+    """SGD or AdamW over the trained tensors (under ZeRO-1, this rank's shard of the moments); a
+    resumed run's state loaded."""
+    if cfg.optimizer == "sgd":
+        optimizer = SGD(trained, cfg.lr)
+    else:
+        optimizer = AdamW(trained, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay, cfg.decay_1d,
+                          pieces=shards and shards.mine)
+    if state:
+        try:
+            optimizer.load_state(state["optimizer"], arrays)
+        except KeyError as e:  # state.json's config trains other tensors than the files hold
+            raise InputError(f"{cfg.resume}/optimizer.safetensors: no {e.args[0]} for a trained tensor; "
+                             "state.json's config does not match the checkpoint's files") from None
+    return optimizer
 
 
 def _lora(cfg, model, saved, say):

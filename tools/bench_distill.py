@@ -3,7 +3,7 @@ distillation from the full model, side by side in one process.
 
     python tools/bench_distill.py --preset smollm2-135m --student-layers 6 --seq-len 128 --batch-size 4
 
-The student is the preset with its first --student-layers layers (the README's demonstration
+The student is the preset with its first --student-layers layers (docs/fine-tuning.md's demonstration
 truncates the real SmolLM2-135M so), the teacher the whole preset; both are random-initialized
 (speed does not depend on the weights). A plain step is forward + backward + AdamW of the student
 with the fused CE head; a distillation step adds the teacher's forward (no graph) and the fused

@@ -76,7 +76,7 @@ def count_step(model_config, layers, dtype, batch_size, seq_len):
 
         saved = setup_run._device, setup_run._model, gemm._gemm_ex, backend.xp, backend.launch
         setup_run._device, gemm._gemm_ex = gpu, cupy_standin.gemm_ex
-        setup_run._model = lambda cfg, resumed: Model.from_scratch(config, seed=0)
+        setup_run._model = lambda cfg, state, arrays: Model.from_scratch(config, seed=0)
         cupy_standin.COUNT_ONLY = True
         try:
             run = setup_run.build(*setup_run.configure(options), log=open("/dev/null", "w"))
