@@ -2,13 +2,16 @@
 //
 //   g++ -std=c++20 -pthread -shared -fPIC -include kernels/cuda_emu.h -x c++ kernels/foo.cu
 //
-// Every CUDA thread of a block is a real std::thread, but only one runs at a time: a thread runs
-// until it reaches a sync point (__syncthreads, a warp shuffle or __syncwarp) or returns, then the
-// next runnable thread takes over, in thread-index order (or reverse order). A sync point releases
-// its waiters once every live participant (the block, or the warp's lanes) has arrived. Blocks run
-// one after another. This schedule is deterministic and adversarial on purpose: a missing
-// __syncthreads means a thread reads shared memory its neighbours have not written yet (or have
-// already overwritten), every time, so the kernel's output is wrong and a test catches it.
+// Every CUDA thread of a block is a fiber (a ucontext with its own stack) on the calling thread,
+// and only one runs at a time: a thread runs until it reaches a sync point (__syncthreads, a warp
+// shuffle or __syncwarp) or returns, then the next runnable thread takes over, in thread-index
+// order (or reverse order). A sync point releases its waiters once every live participant (the
+// block, or the warp's lanes) has arrived. Blocks run one after another. This schedule is
+// deterministic and adversarial on purpose: a missing __syncthreads means a thread reads shared
+// memory its neighbours have not written yet (or have already overwritten), every time, so the
+// kernel's output is wrong and a test catches it. (Fibers rather than OS threads: a hand-over is
+// a user-space context switch, not a wake-up through the kernel's scheduler; the schedule, and so
+// every result, is the same.)
 //
 // __shared__ variables become function statics: one copy per kernel, which is one per block since
 // blocks do not overlap. Shared memory must be static (no extern __shared__).
@@ -18,16 +21,15 @@
 // (__CUDACC__ / __CUDACC_RTC__ defined) the header is not used and EMU_EXPORT is empty.
 #pragma once
 
-#include <atomic>
+#include <ucontext.h>
+
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <mutex>
-#include <thread>
+#include <memory>
 #include <vector>
 
 #define __global__
@@ -50,11 +52,15 @@ namespace emu {
 
 constexpr int WARP = 32;
 
+constexpr size_t STACK = 256 << 10;  // bytes of each thread's stack (untouched pages cost nothing)
+
+inline uint3 thread_idx, block_idx;  // the running thread's: set at each hand-over
+inline int linear_id;
+inline dim3 block_dim, grid_dim;
+
 // The cooperative scheduler of one block.
 struct Block {
     enum State { RUNNABLE, AT_BLOCK_SYNC, AT_WARP_SYNC, DONE };
-    std::mutex m;
-    std::vector<std::condition_variable> wake;  // one per thread: a handover wakes only the next thread
     int n = 0, turn = -1;
     bool reverse = false;
     std::vector<State> state;
@@ -64,17 +70,32 @@ struct Block {
         float c[4];
     };
     std::vector<Fragments> mma;  // two slots per thread: a warp's consecutive mma alternate between them
+    std::vector<unsigned> mma_calls;  // per thread, its mma so far: which of its two slots is next
+    std::vector<ucontext_t> context;  // per thread
+    ucontext_t launcher;  // the caller's, resumed when every thread is done
+    const std::function<void()>* kernel = nullptr;
 
-    void start(int threads, bool rev) {
+    void start(int threads, bool rev, const std::function<void()>& k, std::vector<std::unique_ptr<char[]>>& stacks) {
         n = threads;
         reverse = rev;
+        kernel = &k;
         state.assign(n, RUNNABLE);
         lanes.assign(n, 0);
         mma.assign(2 * n, Fragments{});
-        wake = std::vector<std::condition_variable>(n);
+        mma_calls.assign(n, 0);
+        context.resize(n);
+        while (int(stacks.size()) < n) stacks.emplace_back(new char[STACK]);
+        for (int t = 0; t < n; t++) {
+            getcontext(&context[t]);
+            context[t].uc_stack.ss_sp = stacks[t].get();
+            context[t].uc_stack.ss_size = STACK;
+            context[t].uc_link = nullptr;  // a thread never returns: finish() hands over
+            makecontext(&context[t], (void (*)())run, 0);
+        }
         turn = reverse ? n - 1 : 0;
     }
-    // Release completed sync points, then hand the turn to the next runnable thread (lock held).
+    static void run();  // a thread's body: the kernel, then finish
+    // Release completed sync points, then give the turn to the next runnable thread (-1: none left).
     void schedule() {
         bool all_at_block = true, any_alive = false;
         for (int i = 0; i < n; i++) {
@@ -99,35 +120,42 @@ struct Block {
         }
         for (int k = 0; k < n; k++) {
             int i = reverse ? n - 1 - k : k;
-            if (state[i] == RUNNABLE) { turn = i; wake[i].notify_one(); return; }
+            if (state[i] == RUNNABLE) { turn = i; return; }
         }
         std::fprintf(stderr, "cuda_emu: deadlock: live threads wait at sync points that cannot complete "
                              "(a __syncthreads or shuffle inside divergent code?)\n");
         std::abort();
     }
-    void wait_turn(std::unique_lock<std::mutex>& lock, int me) {
-        wake[me].wait(lock, [&] { return turn == me; });
+    // Make thread `t` the running one (its ids), saving the caller's context into `from`.
+    void hand_over(ucontext_t* from, int t) {
+        linear_id = t;
+        thread_idx = {unsigned(t % block_dim.x), unsigned(t / block_dim.x % block_dim.y),
+                      unsigned(t / (block_dim.x * block_dim.y))};
+        swapcontext(from, &context[t]);
     }
     void sync(int me, State kind) {
-        std::unique_lock<std::mutex> lock(m);
         state[me] = kind;
         schedule();
-        wait_turn(lock, me);
+        if (turn != me) hand_over(&context[me], turn);  // returns when `me` has the turn again
     }
     void finish(int me) {
-        std::unique_lock<std::mutex> lock(m);
         state[me] = DONE;
         schedule();
+        if (turn < 0) setcontext(&launcher);
+        hand_over(&context[me], turn);  // never resumed
     }
 };
 
-inline thread_local uint3 thread_idx, block_idx;
-inline thread_local int linear_id;
-inline thread_local unsigned mma_calls;  // this thread's mma so far: which of its two slots is next
-inline dim3 block_dim, grid_dim;
 inline Block* block = nullptr;
 
+inline void Block::run() {
+    int me = linear_id;
+    (*block->kernel)();
+    block->finish(me);
+}
+
 inline void launch(dim3 grid, dim3 blk, bool reverse, const std::function<void()>& kernel) {
+    static std::vector<std::unique_ptr<char[]>> stacks;  // kept from launch to launch
     grid_dim = grid;
     block_dim = blk;
     int threads = int(blk.x * blk.y * blk.z);
@@ -135,24 +163,10 @@ inline void launch(dim3 grid, dim3 blk, bool reverse, const std::function<void()
         for (unsigned by = 0; by < grid.y; by++)
             for (unsigned bx = 0; bx < grid.x; bx++) {
                 Block b;
-                b.start(threads, reverse);
+                b.start(threads, reverse, kernel, stacks);
                 block = &b;
-                std::vector<std::thread> pool;
-                pool.reserve(threads);
-                for (int t = 0; t < threads; t++)
-                    pool.emplace_back([&, t] {
-                        thread_idx = {unsigned(t % blk.x), unsigned(t / blk.x % blk.y), unsigned(t / (blk.x * blk.y))};
-                        block_idx = {bx, by, bz};
-                        linear_id = t;
-                        mma_calls = 0;
-                        {
-                            std::unique_lock<std::mutex> lock(b.m);
-                            b.wait_turn(lock, t);
-                        }
-                        kernel();
-                        b.finish(t);
-                    });
-                for (auto& th : pool) th.join();
+                block_idx = {bx, by, bz};
+                b.hand_over(&b.launcher, b.turn);  // returns when every thread is done
                 block = nullptr;
             }
 }
@@ -227,7 +241,7 @@ inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); r
 // waits for all of them), so one sync point per mma suffices.
 inline void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
     int me = emu::linear_id, lane = me % emu::WARP, base = me - lane;
-    const int slots = (emu::mma_calls++ % 2) * emu::block->n;  // this call's half of the slots
+    const int slots = (emu::block->mma_calls[me]++ % 2) * emu::block->n;  // this call's half of the slots
     auto& mine = emu::block->mma[slots + me];
     std::memcpy(mine.a, a, sizeof mine.a);
     std::memcpy(mine.b, b, sizeof mine.b);

@@ -12,6 +12,7 @@ import pytest
 
 from minitrain import chat
 from minitrain.errors import InputError
+from minitrain.formats.sources import Template
 
 # A ChatML template in the manner of Qwen2.5's (a default system turn; turns end <|im_end|>\n)
 CHATML = ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
@@ -66,7 +67,7 @@ def hf_tokenizer(tokenizer, template):
 def ours(tokenizer, template, messages, bos=""):
     from minitrain.tokenize_chat import encode_conversation
 
-    return encode_conversation(tokenizer, chat.Template(template, "test"), {"bos_token": bos, "eos_token": "<|im_end|>"},
+    return encode_conversation(tokenizer, Template(template, "test"), {"bos_token": bos, "eos_token": "<|im_end|>"},
                                messages, "test")
 
 
@@ -135,10 +136,10 @@ def test_templates_are_found_where_models_keep_them(tmp_path, smollm2):
 
 def test_templates_render_in_a_sandbox_and_fail_in_one_line():
     with pytest.raises(InputError, match=r"the chat template of evil failed to render: .*unsafe|access"):
-        chat.render(chat.Template("{{ ''.__class__.__mro__[1].__subclasses__() }}", "evil"), [])
+        chat.render(Template("{{ ''.__class__.__mro__[1].__subclasses__() }}", "evil"), [])
     with pytest.raises(InputError, match="of t.jinja failed to render: no system turns"):
-        chat.render(chat.Template("{{ raise_exception('no system turns') }}", "t.jinja"), [])
-    shifting = chat.Template("{% for m in messages %}{{ m['content'] }}{% endfor %}{{ messages | length }}", "s.jinja")
+        chat.render(Template("{{ raise_exception('no system turns') }}", "t.jinja"), [])
+    shifting = Template("{% for m in messages %}{{ m['content'] }}{% endfor %}{{ messages | length }}", "s.jinja")
     with pytest.raises(InputError, match="conv 3: turn 2 \\(assistant\\): the template of s.jinja renders"):
         chat.assistant_spans(shifting, CONVERSATIONS[1], "conv 3")
 

@@ -101,13 +101,11 @@ def test_a_training_step_on_the_gpu_path_reads_two_values_from_the_device(case, 
     import cupy_standin
     from kernel_emu import launcher
 
-    from minitrain import backend, train
-    from minitrain.formats.apr import apr_tensors
-    from minitrain.formats.apr import write_apr
+    from minitrain import backend, setup_run
+    from minitrain.formats.apr import apr_tensors, write_apr
     from minitrain.formats.apr_meta import model_metadata
     from minitrain.gpu import gemm
     from minitrain.model import Model
-    from minitrain.setup_run import build, configure
 
     model = Model.from_scratch(SMALL, seed=0)
     write_apr(tmp_path / "small.apr", apr_tensors(SMALL, {n: t.data for n, t in model.params.items()}),
@@ -125,11 +123,11 @@ def test_a_training_step_on_the_gpu_path_reads_two_values_from_the_device(case, 
         monkeypatch.setattr(backend, "launch", launcher())
         return "cuda"
 
-    monkeypatch.setattr(train, "_device", gpu)
+    monkeypatch.setattr(setup_run, "_device", gpu)
     monkeypatch.setattr(gemm, "_gemm_ex", cupy_standin.gemm_ex)
     monkeypatch.setattr(backend, "dtype", backend.dtype)  # Run sets the precision: restored after the test
     monkeypatch.setattr(backend, "bf16", backend.bf16)
-    run = build(*configure(options))
+    run = setup_run.build(*setup_run.configure(options))
     assert isinstance(next(iter(run.trained)).data, cupy_standin.DeviceArray)
     cupy_standin.TRANSFERS.clear()
     loss = run.train_step(0)[0]  # the first step, one-time work included

@@ -24,6 +24,7 @@ from minitrain.autograd import Tensor
 from minitrain.formats import hf
 from minitrain.model import Model
 from minitrain.ops.linear import Linear
+from minitrain.ops.rope import RoPEBlocked
 from minitrain.optim import SGD, AdamW
 
 pytestmark = pytest.mark.numerics  # tools/avx2_leg.py runs this file again on the AVX2 code paths
@@ -205,7 +206,7 @@ def _untied_copy_of_embedding(self):
 
 
 PLANTED = {
-    "rope adjacent pairs": (importlib.import_module("minitrain.ops.rope"), "_rotate", _adjacent_pairs_rotate),
+    "rope adjacent pairs": (RoPEBlocked, "rotate", staticmethod(_adjacent_pairs_rotate)),  # the CPU's rotation
     "no causal mask": (importlib.import_module("minitrain.ops.attention"), "_causal",
                        lambda s, a, e, c, starts=None: s.__imul__(c)),  # every key column seen, none masked
     "q/k/v bias dropped": (ops, "linear", _linear_without_bias),

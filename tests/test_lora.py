@@ -240,7 +240,7 @@ def test_step_zero_is_the_base_model_bit_for_bit(base, tmp_path):
     full = build(*configure(run_options(directory, data, tmp_path / "full", lora_rank=None)))
     adapted = build(*configure(run_options(directory, data, tmp_path / "lora", lora_dropout=0.5)))
     assert adapted.evaluate() == full.evaluate()
-    inputs, targets = adapted.stream.batch(0, B)
+    inputs, targets = adapted.data.stream.batch(0, B)
     assert float(adapted.model.loss(inputs, targets).data) == float(full.model.loss(inputs, targets).data)
 
 
