@@ -122,7 +122,6 @@ def messages_of(record, where):
                      f"{', '.join(record) or 'none'})")
 
 
-
 def chat_setup(model, tokenizer, override=None):
     """(Template, special tokens) to render conversations for `model`: template_for's, an error
     without one; the special tokens as special_tokens gives them."""
@@ -138,9 +137,6 @@ def template_for(model, override=None):
     if override:
         return template_file(override)
     return None if model is None else model_template(model)
-
-
-
 
 
 def target_mask(offsets, spans):

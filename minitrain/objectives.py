@@ -42,7 +42,8 @@ class Distillation:
     terms = {"ce_loss": "ce", "kd_loss": "kd"}
 
     def __init__(self, model, teacher, weight, temperature, source):
-        self.model, self.teacher, self.weight, self.temperature, self.source = model, teacher, weight, temperature, source
+        self.model, self.teacher, self.source = model, teacher, source
+        self.weight, self.temperature = weight, temperature
 
     def loss(self, inputs, targets, positions):
         """-> (the loss, (mean CE, mean T^2 KL))."""

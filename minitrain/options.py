@@ -57,7 +57,8 @@ class Option:
             elif self.low is None:
                 bounds = f"{'below' if self.high_open else 'at most'} {self.high:g}"
             else:
-                bounds = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+                left, right = "([" [not self.low_open], ")]" [not self.high_open]
+                bounds = f"in {left}{self.low:g}, {self.high:g}{right}"
             raise InputError(f"{self.flag} must be {bounds}, got {value}")
 
 

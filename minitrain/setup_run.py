@@ -32,6 +32,7 @@ from minitrain.train import Parts, Run
 # The loop's data: the training stream, the validation source (None without one) and its window
 # ids, the training windows' count, and whether the windows carry loss masks.
 Data = namedtuple("Data", "stream val_source val_ids n_train masked")
+FRESH = {"step": 0, "init_loss": None, "last_val_loss": None}  # the loop's state before its first step
 
 
 def configure(options):
@@ -119,8 +120,7 @@ def _build(cfg, resumed, log):
     trained = adapters.parameters() if adapters else model.parameters()
     shards = zero.Shards(group, trained) if cfg.zero else None
     optimizer = _optimizer(cfg, trained, shards, state, optimizer_arrays)
-    state = {k: state[k] for k in ("step", "init_loss", "last_val_loss")} if state else \
-        {"step": 0, "init_loss": None, "last_val_loss": None}
+    state = {k: state[k] for k in FRESH} if state else dict(FRESH)
     estimate = None  # memory.Estimate, on the CPU
     gguf.close()  # --init's or --teacher's file and its parsed keys, if either was a GGUF
     if cfg.device == "cpu":  # what the run will hold, before anything is written
@@ -229,7 +229,8 @@ def _lora(cfg, model, saved, say):
     adapters.attach(model)
     trained, total = sum(p.data.size for p in adapters.parameters()), model.num_parameters()
     say(f"LoRA rank {spec.rank}, alpha {spec.alpha:g} (scale {spec.scale:g}), dropout {spec.dropout:g}, on "
-        f"{cfg.lora_targets}: {trained:,} trained parameters ({100 * trained / total:.2f}% of {total:,}; the base is frozen)")
+        f"{cfg.lora_targets}: {trained:,} trained parameters ({100 * trained / total:.2f}% of {total:,}; the base "
+        "is frozen)")
     return adapters
 
 
@@ -241,13 +242,10 @@ def _teacher(cfg, mc, tokenizer, say):
     if teacher.config.vocab_size != mc.vocab_size:
         raise InputError(f"--teacher {path}: its vocabulary has {teacher.config.vocab_size} tokens, the student's "
                          f"{mc.vocab_size}; distillation compares their logits token by token (the same tokenizer)")
-    if tokenizer is not None:
-        try:
-            theirs = sources.load_tokenizer(sources.model_tokenizer(path)).get_vocab(with_added_tokens=True)
-        except sources.NoTokenizer:
-            theirs = None
-        ours = tokenizer.get_vocab(with_added_tokens=True)
-        if theirs is not None and theirs != ours:
+    their_tokenizer = sources.own_tokenizer(path) if tokenizer is not None else None
+    if their_tokenizer is not None:
+        ours, theirs = (t.get_vocab(with_added_tokens=True) for t in (tokenizer, their_tokenizer))
+        if theirs != ours:
             differ = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[0]
             raise InputError(f"--teacher {path}: its tokenizer differs from --tokenizer {cfg.tokenizer} "
                              f"({len(theirs)} vs {len(ours)} entries; first difference: token {differ[0]!r} "
@@ -265,11 +263,8 @@ def _chat(cfg, tokenizer):
     template = chat.template_for(cfg.init, cfg.chat_template)
     if template is None or cfg.init is None:  # nothing, or no model to name the special tokens
         return chat_metadata(template, {})
-    try:
-        tokenizer = tokenizer or sources.load_tokenizer(sources.model_tokenizer(cfg.init))
-    except sources.NoTokenizer:
-        tokenizer = None
-    return chat_metadata(template, sources.special_tokens(cfg.init, tokenizer))
+    tokens = sources.special_tokens(cfg.init, tokenizer or sources.own_tokenizer(cfg.init))
+    return chat_metadata(template, tokens)
 
 
 def _data(cfg, vocab):

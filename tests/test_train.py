@@ -117,7 +117,8 @@ def test_sequential_step_uses_consecutive_windows(tokens):
 
 def test_separate_validation_data_is_used_whole(tokens, tmp_path):
     run = build(*configure(small(tokens, tmp_path / "out", val_data=str(tokens), eval_windows=5)))
-    assert run.data.n_train == 61 and run.data.val_ids == [0, 1, 2, 3, 4] and run.data.val_source is not run.data.stream.windows
+    assert run.data.n_train == 61 and run.data.val_ids == [0, 1, 2, 3, 4]
+    assert run.data.val_source is not run.data.stream.windows
 
 
 # --- schedule, clipping, accumulation ------------------------------------------------------

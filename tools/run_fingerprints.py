@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 
 CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|endoftext|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+          "'<|endoftext|>\\n' }}{%- endfor %}"
+          "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 TIMED = ("tokens_per_sec", "wall_s", "elapsed_seconds", "seconds", "peak_rss_bytes", "runtime", "peak")
 
 

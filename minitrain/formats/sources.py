@@ -48,11 +48,17 @@ class Template:
 
 # --- the three sources --------------------------------------------------------------------------
 
-class HFDirectory:
-    kind, label = "hf", "Hugging Face directory"
+class Source:
+    """A model source at `path`; each kind below reads its own places (see the table above)."""
+
+    kind = label = None
 
     def __init__(self, path):
         self.path = path
+
+
+class HFDirectory(Source):
+    kind, label = "hf", "Hugging Face directory"
 
     def weights(self, arch, rope_layout):
         return hf.load_dir(self.path)
@@ -60,7 +66,8 @@ class HFDirectory:
     def tokenizer_file(self):
         if (self.path / "tokenizer.json").is_file():
             return self.path / "tokenizer.json"
-        raise NoTokenizer(f"{self.path}: no tokenizer.json; give --tokenizer tokenizer.json (or the .gguf it came from)")
+        raise NoTokenizer(f"{self.path}: no tokenizer.json; give --tokenizer tokenizer.json (or the .gguf it came "
+                          "from)")
 
     def chat_template(self):
         if (self.path / "chat_template.jinja").is_file():
@@ -98,11 +105,8 @@ class HFDirectory:
         return {"format": "hf-safetensors", "metadata": hf.load_json(self.path / "config.json"), "tensors": tensors}
 
 
-class GGUFFile:
+class GGUFFile(Source):
     kind, label = "gguf", "GGUF file"
-
-    def __init__(self, path):
-        self.path = path
 
     def weights(self, arch, rope_layout):
         return gguf.load_gguf(self.path)
@@ -139,11 +143,8 @@ class GGUFFile:
         return gguf.fields(gguf.open_gguf(self.path))
 
 
-class APRFile:
+class APRFile(Source):
     kind, label = "apr", "APR file"
-
-    def __init__(self, path):
-        self.path = path
 
     def weights(self, arch, rope_layout):
         return load_apr(self.path, arch, rope_layout)
@@ -166,7 +167,8 @@ class APRFile:
     def special_tokens(self, tokenizer):
         """minitrain's keys chat_bos_token and chat_eos_token."""
         meta = read_apr(self.path).metadata
-        return {key: meta[f"chat_{key}"] for key in ("bos_token", "eos_token") if isinstance(meta.get(f"chat_{key}"), str)}
+        return {key: meta[f"chat_{key}"] for key in ("bos_token", "eos_token")
+                if isinstance(meta.get(f"chat_{key}"), str)}
 
     def describe(self):
         apr = read_apr(self.path)
@@ -248,6 +250,14 @@ def model_tokenizer(model_path):
     """The tokenizer file that comes with a model: an HF directory's tokenizer.json, a GGUF or
     APR file itself (load_tokenizer reads what it embeds); NoTokenizer where there is none."""
     return open_model(model_path).tokenizer_file()
+
+
+def own_tokenizer(model_path):
+    """The tokenizer a model carries (model_tokenizer's, loaded), or None where it carries none."""
+    try:
+        return load_tokenizer(model_tokenizer(model_path))
+    except NoTokenizer:
+        return None
 
 
 def checked_tokenizer(path, config):

@@ -53,7 +53,8 @@ class EmbeddingKernel(Embedding):
         order = numpy.argsort(slot, kind="stable")  # positions grouped by token, each group in order
         starts = numpy.searchsorted(slot[order], numpy.arange(used.size + 1))  # (U + 1,)
         sums = xp.empty((used.size, H), dtype=dy.dtype)
-        embedding_kernels.backward(backend.launch, xp.ascontiguousarray(dy), xp.asarray(order), xp.asarray(starts), sums)
+        embedding_kernels.backward(backend.launch, xp.ascontiguousarray(dy), xp.asarray(order), xp.asarray(starts),
+                                   sums)
         return RowSparse(xp.asarray(used), sums, (V, H)), None
 
 
