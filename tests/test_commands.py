@@ -121,3 +121,10 @@ def test_inspect_of_a_broken_file_is_exit_2(tmp_path):
     (tmp_path / "x.apr").write_bytes(b"APRN" + bytes(60))
     out = minitrain("inspect", str(tmp_path / "x.apr"))
     assert out.returncode == 2 and "APR v1 file" in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+def test_inspect_of_a_directory_names_its_broken_config_before_its_missing_weights(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama"')
+    out = minitrain("inspect", str(tmp_path / "hf"))
+    assert out.returncode == 2 and "config.json: not valid JSON" in out.stderr and len(out.stderr.splitlines()) == 1

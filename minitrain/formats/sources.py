@@ -96,13 +96,13 @@ class HFDirectory(Source):
         return tokens
 
     def describe(self):
-        tensors = []
+        metadata, tensors = hf.load_json(self.path / "config.json"), []
         for f in hf.shard_files(self.path):
             header = safetensors_io.read_header(f)[0]
             tensors += [{"name": n, "dtype": t["dtype"], "shape": t["shape"],
                          "nbytes": t["data_offsets"][1] - t["data_offsets"][0]} for n, t in header.items()]
         tensors.sort(key=lambda t: t["name"].encode())
-        return {"format": "hf-safetensors", "metadata": hf.load_json(self.path / "config.json"), "tensors": tensors}
+        return {"format": "hf-safetensors", "metadata": metadata, "tensors": tensors}
 
 
 class GGUFFile(Source):
