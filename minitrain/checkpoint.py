@@ -26,6 +26,7 @@ from pathlib import Path
 from minitrain import backend
 from minitrain.errors import InputError, write_failed
 from minitrain.formats import safetensors_io
+from minitrain.formats.json_file import load_json
 
 FORMAT = "minitrain-checkpoint-v1"
 # what a resumed run reads of state.json: field -> (the types it may have, what they are called, its least value)
@@ -78,8 +79,8 @@ def completed(out):
     for path in Path(out).glob("step-*"):
         match = re.fullmatch(r"step-(\d+)", path.name)
         try:
-            complete = match and json.loads((path / "state.json").read_text()).get("format") == FORMAT
-        except (OSError, ValueError):
+            complete = match and load_json(path / "state.json").get("format") == FORMAT
+        except (OSError, InputError):
             complete = False
         if complete:
             found.append((int(match[1]), path))
@@ -108,13 +109,9 @@ def load(directory):
     state_file = directory / "state.json"
     if not state_file.exists():
         raise InputError(f"{directory}: not a complete checkpoint (no state.json)")
-    try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{state_file}: not valid JSON ({e})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise InputError(f"{state_file}: format {found!r}, expected {FORMAT!r}")
+    state = load_json(state_file)
+    if state.get("format") != FORMAT:
+        raise InputError(f"{state_file}: format {state.get('format')!r}, expected {FORMAT!r}")
     for key, (kinds, expected, least) in STATE_FIELDS.items():
         if key not in state:
             raise InputError(f"{state_file}: no {key}")

@@ -343,7 +343,9 @@ entry point's def (its imports and helpers), then the tests. valid_python: the w
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.95, show_default=True,
               help="Sample only from the most likely tokens whose probability reaches P.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1),
+              help=f"Default {he.RAW_MAX_NEW_TOKENS} raw; with --chat {he.CHAT_MAX_NEW_TOKENS}, EvalPlus's limit (a chat "
+                   "reply explains, then writes the code block).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="CPU seconds each program may use (wall clock: twice that).")
 @click.option("--out", "out_path", metavar="FILE.jsonl",
@@ -370,10 +372,12 @@ def humaneval(init_path, arch, rope_layout, tokenizer_path, chat, chat_template,
     out = he.open_records(out_path) if out_path else None
     if temperature is None:
         temperature = 0.0 if samples == 1 else 0.8
+    if max_new_tokens is None:
+        max_new_tokens = he.CHAT_MAX_NEW_TOKENS if chat else he.RAW_MAX_NEW_TOKENS
     report, records = he.evaluate(model, tokenizer, stop_ids, mode, problems, samples,
                                   Sampling(temperature, 0, top_p, seed), max_new_tokens,
                                   Limits(cpu_s=timeout, wall_s=2 * timeout))
-    report = {**report, **how, "temperature": temperature, "top_p": top_p}
+    report = {**report, **how, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
     if out:
         he.write_records(out, records)
     if as_json:

@@ -58,6 +58,8 @@ RESPONSE = ("Below is a Python script with a self-contained function that solves
 CHAT_STOP = ("\n```", "\nif __name__", "\ndef main(", "\nprint(")
 REPLY_STARTS = "<<minitrain: the reply starts here>>"  # cut point of the rendered assistant turn
 BATCH_ROWS = 8  # prompts decoded together (problems x samples, in order)
+RAW_MAX_NEW_TOKENS = 300  # a completion of the function's body
+CHAT_MAX_NEW_TOKENS = 768  # EvalPlus's limit for chat models: a reply explains, then writes the whole script
 
 
 def load_problems(limit=None):

@@ -43,6 +43,14 @@ from minitrain.ops.cross_entropy import LinearCrossEntropy
 GB = 1e9
 
 
+def size(n):
+    """Bytes in the unit that shows them: 1.7 MB, not 0.00 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "GB" else f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} bytes"
+
+
 def attention_elements(c, T):
     """Per token, the elements layer's attention block keeps from its forward to its backward,
     besides its output (the CPU path, fp32 or fp64), in model._attention's order. A transpose
@@ -247,11 +255,11 @@ def preflight(c, cfg, group, held, say, teacher=None, lora=None):
         + (f"; {available / GB:.2f} GB available" if available is not None else ""))
     ckpt, final = checkpoint_bytes(c, cfg, lora)
     disk = free_disk(cfg.out)
-    say(f"disk: a checkpoint {ckpt / GB:.2f} GB, final.apr {final / GB:.2f} GB; {disk / GB:.2f} GB free for {cfg.out}")
+    say(f"disk: a checkpoint {size(ckpt)}, final.apr {size(final)}; {size(disk)} free for {cfg.out}")
     first = ckpt if cfg.save_every and cfg.save_every <= cfg.steps else final
     if first > disk:
-        raise InputError(f"--out {cfg.out}: the run's first save needs {first / GB:.2f} GB "
-                         f"({'a checkpoint' if first == ckpt else 'final.apr'}) and {disk / GB:.2f} GB is free there; "
+        raise InputError(f"--out {cfg.out}: the run's first save needs {size(first)} "
+                         f"({'a checkpoint' if first == ckpt else 'final.apr'}) and {size(disk)} is free there; "
                          "free some space or give --out on a larger disk")
     if free >= 0 and needed > free:
         ranks = f"{len(mine)} ranks on this machine" if len(mine) > 1 else "this run"

@@ -207,9 +207,13 @@ def _pack(config, params):
 
 
 def check_tensors(config, found, source):
-    """Compare name -> shape against the architecture's tensor table (check_table)."""
-    check_table(tensor_table(config), found, source, f"for a {config.family} model with "
-                f"{config.num_hidden_layers} layers, hidden {config.hidden_size}")
+    """Compare name -> shape against the architecture's tensor table (check_table). A layer count
+    the tensors cannot hold (each layer has 9 or more) is refused before the table is built: a
+    corrupt count of 2^32 layers would take hours to list."""
+    context = f"for a {config.family} model with {config.num_hidden_layers:,} layers, hidden {config.hidden_size:,}"
+    if config.num_hidden_layers > len(found):
+        raise InputError(f"{source}: {len(found):,} tensors cannot hold {config.num_hidden_layers:,} layers ({context})")
+    check_table(tensor_table(config), found, source, context)
 
 
 def check_table(expected, found, source, context):

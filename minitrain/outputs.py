@@ -17,7 +17,7 @@ from pathlib import Path
 
 from minitrain import backend, checkpoint
 from minitrain.convert import apr_tensors
-from minitrain.errors import writing
+from minitrain.errors import InputError, writing
 from minitrain.formats import peft
 from minitrain.formats.apr import write_apr
 from minitrain.formats.apr_meta import model_metadata
@@ -41,10 +41,10 @@ class RunFiles:
             path = self.out / "metrics.jsonl"
             kept = []
             if self.cfg.resume and path.exists():
-                kept = [line for line in path.read_text().splitlines()
-                        if line and json.loads(line)["step"] <= resumed_step]
+                kept = [line for n, line in enumerate(path.read_bytes().splitlines(), 1)
+                        if line and _step(path, n, line) <= resumed_step]
             self.metrics = path.open("w")
-            self.metrics.writelines(line + "\n" for line in kept)
+            self.metrics.writelines(line.decode() + "\n" for line in kept)
             self.metrics.flush()
             (self.out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
 
@@ -85,3 +85,16 @@ class RunFiles:
             return {}
         return {"adapter": str(self.out / "adapter"),
                 "adapter_bytes": (self.out / "adapter" / peft.WEIGHTS).stat().st_size if self.lead else None}
+
+
+def _step(path, n, line):
+    """The step of line n of a resumed run's metrics.jsonl (bytes); InputError naming the line
+    when it is not a record of one."""
+    try:
+        record = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        record = e
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
+        raise InputError(f"{path}: line {n} is not a metrics record with an integer step ({str(record)[:80]}); "
+                         "remove the line (or the file) to resume")
+    return record["step"]

@@ -14,12 +14,13 @@ import shutil
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy
 import pytest
 
 CHILD = r'''
-import contextlib, io, json, resource, signal, sys, traceback
+import contextlib, io, json, os, resource, signal, sys, traceback
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 from minitrain.cli import main
 from minitrain.errors import InputError
@@ -39,9 +40,10 @@ def call(case):
 
 
 signal.signal(signal.SIGALRM, timeout)
-results = []
+results, home = [], os.getcwd()
 for case in json.load(open(sys.argv[1])):
     err = io.StringIO()
+    os.chdir(case.get("cwd", home))
     signal.alarm(20)
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -74,7 +76,8 @@ JSON_VALUES = [None, True, -1, 0, 1.5, 2 ** 62, -(2 ** 40), "", "x", [], [1, -2]
 def run_cases(tmp_path, cases):
     """Run the cases in one child process -> their results, each checked: exit 0 or 2, and a 2
     in one line that names the file (`names`: the path, or the words the line must hold)."""
-    (tmp_path / "cases.json").write_text(json.dumps([{k: v for k, v in c.items() if k != "names"} for c in cases]))
+    (tmp_path / "cases.json").write_text(json.dumps([{k: v for k, v in c.items() if k not in ("names", "what")}
+                                                      for c in cases]))
     out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "cases.json")], capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -351,3 +354,45 @@ def test_checkpoint_directories(run_dir, tmp_path):
         cases.append({"call": "resume", "path": str(d), "out": str(tmp_path / f"{k}"), "names": str(d.parent),
                       "what": f"{name} {what}"})
     run_cases(tmp_path, cases)
+
+
+# --- the coverage-guided fuzzer's findings (tools/fuzz.py), replayed through the commands ----------
+
+FINDINGS = Path(__file__).parent / "fuzz_findings"
+
+
+def finding_commands(target, path, seeds, out):
+    """The commands that read a finding of `target` at `path` (seeds: tools/fuzz.py's seeds)."""
+    model = ["--prompt", "def", "--max-new-tokens", "1"]
+    run = ["--data", str(seeds / "data"), "--seq-len", "8", "--batch-size", "2", "--steps", "1", "--eval-every", "0",
+           "--val-windows", "2", "--out", str(out)]
+    tokenizer = ["tokenize", "--tokenizer", str(seeds / "single" / "tokenizer.json"), "--out"]
+    return {"peft": [["pretrain", "--init", str(seeds / "m.apr"), "--lora-from", path, *run]],
+            "shards": [["eval", "--init", str(seeds / "m.apr"), "--data", path, "--seq-len", "8", "--batch-size", "1"]],
+            "checkpoint": [["pretrain", "--resume", f"{path}/step-2", "--out", path]],
+            "jsonl": [[*tokenizer, str(out / "plain"), path],
+                      [*tokenizer, str(out / "chat"), "--chat", "--pack", "--seq-len", "8", path]],
+            }.get(target, [["inspect", path], ["generate", "--init", path, *model]])  # gguf, apr, hf
+
+
+def test_fuzz_findings_replay_through_the_commands(tmp_path):
+    """Every crash tools/fuzz.py found, kept under tests/fuzz_findings/TARGET/ (a file, or for a
+    directory target the files that differ from its seed's), read by the commands that read it:
+    each ends in exit 0 or 2 with one line naming the input, and at least one refuses it."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
+    import fuzz
+
+    seeds = tmp_path / "seeds"
+    fuzz.make_seeds(seeds)
+    cases, found = [], sorted(p for p in FINDINGS.glob("*/*") if not p.name.startswith("."))
+    assert found, "no findings kept"
+    for k, finding in enumerate(found):
+        target = finding.parent.name
+        case = fuzz.Case(target, seeds, tmp_path / f"{k}")
+        path = str(case.finding(finding))
+        for argv in finding_commands(target, path, seeds, tmp_path / f"{k}" / "out"):
+            cases.append({"argv": argv, "names": path, "what": f"{finding.relative_to(FINDINGS)}: {argv[0]}",
+                          "finding": k, "cwd": str(seeds)})
+    results = run_cases(tmp_path, cases)
+    refused = {c["finding"] for c, r in zip(cases, results) if r["code"] == 2}
+    assert refused == set(range(len(found))), [str(found[k]) for k in range(len(found)) if k not in refused]

@@ -191,10 +191,15 @@ def test_memory_of_every_rank_on_a_machine_counts(monkeypatch):
     memory.preflight(c, cfg, Single(), 0, lambda line: None)  # one rank fits
 
 
+def test_sizes_are_shown_in_the_unit_that_shows_them():
+    assert [memory.size(n) for n in (512, 1_700, 1_734_210, 5.93e9)] == ["512 bytes", "1.7 kB", "1.7 MB", "5.93 GB"]
+
+
 def test_a_disk_that_cannot_take_the_first_save_is_refused(tokens, tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "free_disk", lambda path: 10**6)
-    with pytest.raises(InputError, match=r"--out .*refused: the run's first save needs 0.0\d GB \(a checkpoint\)"):
+    with pytest.raises(InputError, match=r"--out .*refused: the run's first save needs \d+\.\d MB \(a checkpoint\) "
+                                         r"and 1\.0 MB is free there"):
         build(*configure(run_options(tokens, tmp_path / "refused", save_every=1)))
-    with pytest.raises(InputError, match=r"first save needs 0.0\d GB \(final.apr\)"):
+    with pytest.raises(InputError, match=r"first save needs \d+\.\d MB \(final.apr\)"):
         build(*configure(run_options(tokens, tmp_path / "refused")))
     assert not (tmp_path / "refused").exists()

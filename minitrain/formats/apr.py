@@ -280,13 +280,17 @@ def _read_index(path, data, header, n):
 
     for i in range(header["tensor_count"]):
         raw_name = take(*struct.unpack("<H", take(2, "name length")), "name")
-        name = raw_name.decode(errors="replace")
+        try:
+            name = raw_name.decode()
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: tensor index entry {i}: its name is not UTF-8 ({e.reason} at its byte "
+                             f"{e.start})") from None
         code, ndim = take(2, "dtype and ndim")
         shape = struct.unpack(f"<{ndim}Q", take(8 * ndim, "shape"))
         offset, size = struct.unpack("<QQ", take(16, "offset and size"))
         if previous is not None and raw_name <= previous:
             problem = "duplicate tensor name" if raw_name == previous else "tensor index not sorted"
-            raise InputError(f"{path}: {problem}: {name!r} after {previous.decode(errors='replace')!r}")
+            raise InputError(f"{path}: {problem}: {name!r} after {previous.decode()!r}")
         previous = raw_name
         if code in apr_quant.NOT_WEIGHTS:
             raise InputError(f"{path}: tensor {name}: dtype {code} ({apr_quant.NOT_WEIGHTS[code]}) is not a "

@@ -27,7 +27,7 @@ import numpy
 
 from minitrain.config import ModelConfig, tensor_table
 from minitrain.errors import InputError
-from minitrain.formats import gguf_vocab
+from minitrain.formats import gguf_check, gguf_vocab
 from minitrain.formats.rope_layout import hf_to_interleaved, interleaved_to_hf, permute_qk
 from minitrain.model import check_tensors
 
@@ -69,7 +69,7 @@ def _gguf():
 
 
 def open_gguf(path):
-    """A gguf.GGUFReader over `path`; InputError if it is not a whole GGUF file."""
+    """A gguf.GGUFReader over `path`; InputError unless it is a whole GGUF file (gguf_check.py)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file")
@@ -78,20 +78,14 @@ def open_gguf(path):
     if magic != b"GGUF":
         raise InputError(f"{p}: not a GGUF file (magic {magic.hex() or 'none: empty file'}, expected 47475546 \"GGUF\")")
     stat = p.stat()
-    try:
-        reader = _reader(str(p.resolve()), stat.st_mtime_ns, stat.st_size)
-    except (ValueError, IndexError, OSError) as e:  # gguf-py reads past the end as a failed reshape/view
-        raise InputError(f"{p}: truncated or corrupt GGUF file ({e})") from None
-    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if end > stat.st_size:
-        raise InputError(f"{p}: truncated: its tensors end at byte {end:,}, the file has {stat.st_size:,}")
-    return reader
+    return _reader(str(p.resolve()), stat.st_mtime_ns, stat.st_size, str(p))
 
 
 @functools.lru_cache(maxsize=1)
-def _reader(path, mtime_ns, size):
+def _reader(path, mtime_ns, size, shown):
     """The last file opened stays open: a command that reads a model and then its tokenizer
     parses the keys (a 49 152-token vocabulary takes seconds in gguf-py) once."""
+    gguf_check.check(shown)
     return _gguf().GGUFReader(path)
 
 
@@ -119,7 +113,7 @@ def hf_name(name, source):
 
 def config_from_fields(values, shapes, tied, source):
     """The ModelConfig of a GGUF file from its keys, checked against its tensor shapes (HF names)."""
-    arch = values.get("general.architecture")
+    arch = gguf_check.typed(values, "general.architecture", str, source)
     if arch is None:
         raise InputError(f"{source}: GGUF key general.architecture is missing")
     if arch not in FAMILIES:
@@ -130,9 +124,12 @@ def config_from_fields(values, shapes, tied, source):
 
     def need(field):
         key = f"{arch}.{HPARAMS[field]}"
-        if values.get(key) is None:
+        value = gguf_check.typed(values, key, float if field in FLOAT_HPARAMS else int, source)
+        if value is None:
             raise InputError(f"{source}: GGUF key {key} is missing ({field}); it has no safe default")
-        return float(str(numpy.float32(values[key]))) if field in FLOAT_HPARAMS else values[key]
+        if field not in FLOAT_HPARAMS and value < 1:
+            raise InputError(f"{source}: GGUF key {key} ({field}) is {value}; expected a positive integer")
+        return float(str(numpy.float32(value))) if field in FLOAT_HPARAMS else value
 
     hp = {f: need(f) for f in HPARAMS}
     heads = hp["num_attention_heads"]

@@ -27,6 +27,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from minitrain.errors import InputError
 from minitrain.formats.apr_meta import BOS_NAMES, merge_strings
+from minitrain.formats.gguf_check import typed
 from minitrain.formats.vocab import find_eos
 
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
@@ -54,27 +55,35 @@ PRE_TOKENIZERS = {
 
 def tokenizer_from_fields(fields, source):
     """A tokenizers.Tokenizer from a GGUF file's tokenizer.ggml.* values (key -> value)."""
-    def need(key):
-        if fields.get(key) is None:
+    def need(key, kind):
+        value = typed(fields, key, kind, source)
+        if value is None:
             raise InputError(f"{source}: GGUF key {key} is missing (no tokenizer to read)")
-        return fields[key]
+        return value
 
-    kind = need("tokenizer.ggml.model")
+    kind = need("tokenizer.ggml.model", str)
     if kind != "gpt2":
         raise InputError(f"{source}: tokenizer.ggml.model {kind!r} is not supported; minitrain reads byte-level "
                          "BPE tokenizers ('gpt2')")
-    pre = need("tokenizer.ggml.pre")
+    pre = need("tokenizer.ggml.pre", str)
     if pre not in PRE_TOKENIZERS:
         raise InputError(f"{source}: tokenizer.ggml.pre {pre!r} is not supported; supported: "
                          f"{', '.join(PRE_TOKENIZERS)}")
-    tokens, merges = need("tokenizer.ggml.tokens"), need("tokenizer.ggml.merges")
-    kinds = fields.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    tokens, merges = need("tokenizer.ggml.tokens", "strings"), need("tokenizer.ggml.merges", "strings")
+    kinds = typed(fields, "tokenizer.ggml.token_type", "ints", source) or [NORMAL] * len(tokens)
+    if len(kinds) != len(tokens):
+        raise InputError(f"{source}: tokenizer.ggml.token_type has {len(kinds):,} entries for "
+                         f"{len(tokens):,} tokens")
     pairs = [tuple(m.split(" ")) for m in merges]
     bad = next((m for m, p in zip(merges, pairs) if len(p) != 2), None)
     if bad is not None:
         raise InputError(f"{source}: tokenizer.ggml.merges holds {bad!r}, not two tokens separated by one space")
     make_pre, ignore_merges = PRE_TOKENIZERS[pre]
-    tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, pairs, ignore_merges=ignore_merges))
+    try:
+        model = models.BPE({t: i for i, t in enumerate(tokens)}, pairs, ignore_merges=ignore_merges)
+    except Exception as e:  # the library raises a bare Exception: a merge of tokens outside the vocabulary
+        raise InputError(f"{source}: tokenizer.ggml.tokens and .merges make no BPE tokenizer ({e})") from None
+    tokenizer = Tokenizer(model)
     tokenizer.pre_tokenizer = make_pre()
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)

@@ -14,24 +14,12 @@ import numpy
 from minitrain.config import FAMILIES, ModelConfig
 from minitrain.errors import InputError
 from minitrain.formats import safetensors_io
+from minitrain.formats.json_file import load_json
 from minitrain.model import check_tensors
 
 ENCODERS = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",
             "t5", "mt5", "bart", "mbart", "modernbert"}
 INDEX = "model.safetensors.index.json"
-
-
-def load_json(path):
-    """A JSON file that holds one object (config.json, an index, adapter_config.json, ...)."""
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise InputError(f"{path}: expected a JSON object of fields, found {type(value).__name__}")
-    return value
 
 
 def config_from_hf(d, source):

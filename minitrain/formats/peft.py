@@ -18,7 +18,7 @@ import numpy
 
 from minitrain.errors import InputError
 from minitrain.formats import safetensors_io
-from minitrain.formats.hf import load_json
+from minitrain.formats.json_file import load_json
 from minitrain.lora import TARGETS, LoRASpec
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"

@@ -28,6 +28,7 @@ from minitrain.formats import gguf, hf, safetensors_io
 from minitrain.formats.apr import FLAG_NAMES, read_apr
 from minitrain.formats.apr_meta import TOKENIZER_JSON
 from minitrain.formats.apr_model import load_apr
+from minitrain.formats.json_file import load_json
 from minitrain.formats.vocab import find_eos
 from minitrain.model import Model
 
@@ -96,7 +97,7 @@ class HFDirectory(Source):
         return tokens
 
     def describe(self):
-        metadata, tensors = hf.load_json(self.path / "config.json"), []
+        metadata, tensors = load_json(self.path / "config.json"), []
         for f in hf.shard_files(self.path):
             header = safetensors_io.read_header(f)[0]
             tensors += [{"name": n, "dtype": t["dtype"], "shape": t["shape"],
@@ -126,7 +127,7 @@ class GGUFFile(Source):
         values, tokens = self._keys(), {}
         for key, names in (("bos_token", ["tokenizer.ggml.bos_token_id"]),
                            ("eos_token", ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eos_token_id"])):
-            ids = [values[f] for f in names if isinstance(values.get(f), int)]
+            ids = [values[f] for f in names if isinstance(values.get(f), int) and values[f] >= 0]
             if tokenizer is not None and ids and tokenizer.id_to_token(ids[0]) is not None:
                 tokens[key] = tokenizer.id_to_token(ids[0])
         return tokens
