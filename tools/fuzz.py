@@ -11,7 +11,8 @@ tokenizer, a 2-step LoRA run of it) and runs on every input what a command reads
     hf           one file of a Hugging Face directory (single or sharded safetensors), read as above
     peft         one file of a peft adapter directory: read_adapter, then the adapters on the model
     shards       one file of a token directory (shards, masks, positions): eval's windows
-    checkpoint   one file of a LoRA run's step directory: --resume's configure and build
+    checkpoint   one file of a LoRA run's step directory, or its metrics.jsonl: --resume's search,
+                 configure and build
     jsonl        a JSON Lines corpus: tokenize's documents, and tokenize --chat's conversations
 
 A directory target's input is one byte choosing the file (TARGET.files) and then its bytes; the
@@ -146,6 +147,7 @@ class Target:
     suffix: str = ""  # a file target's suffix
     more_seeds: tuple = ()  # a file target's other seed files
     fresh: bool = False  # the readers write into the directory: a fresh copy of the seed for each case
+    reader: str = "model"  # Case.read_<reader> reads an input
     fixup: object = None  # input -> the bytes written (checksums made to fit)
 
 
@@ -159,17 +161,18 @@ TARGETS = {
                        "single/tokenizer_config.json", "single/chat_template.jinja",
                        "sharded/model.safetensors.index.json", "sharded/model-00001-of-00002.safetensors",
                        "sharded/model-00002-of-00002.safetensors"),
-                 ("formats/hf.py", "formats/safetensors_io.py", *MODEL_READERS)),
+                 ("formats/hf.py", "formats/json_file.py", "formats/safetensors_io.py", *MODEL_READERS)),
     "peft": Target("run/adapter", ("adapter_config.json", "adapter_model.safetensors"),
-                   ("formats/peft.py", "formats/safetensors_io.py", "lora.py")),
+                   ("formats/peft.py", "formats/json_file.py", "formats/safetensors_io.py", "lora.py"), reader="peft"),
     "shards": Target("data", ("shard-00000.bin", "shard-00000.mask", "shard-00000.pos", "shard-00001.bin",
-                              "shard-00001.mask", "shard-00001.pos"), ("data.py",)),
+                              "shard-00001.mask", "shard-00001.pos"), ("data.py",), reader="shards"),
     "checkpoint": Target("run", ("step-2/state.json", "step-2/model.safetensors", "step-2/optimizer.safetensors",
                                  "step-2/adapter.safetensors", "metrics.jsonl"),
-                         ("checkpoint.py", "setup_run.py", "options.py", "formats/safetensors_io.py", "lora.py",
-                          "optim.py", "outputs.py"), fresh=True),
+                         ("checkpoint.py", "setup_run.py", "options.py", "formats/json_file.py",
+                          "formats/safetensors_io.py", "lora.py", "optim.py", "outputs.py"), fresh=True,
+                         reader="checkpoint"),
     "jsonl": Target("corpus.jsonl", (), ("corpus.py", "tokenize.py", "tokenize_chat.py", "chat.py"), ".jsonl",
-                    ("chat.jsonl",)),
+                    ("chat.jsonl",), reader="jsonl"),
 }
 
 
@@ -219,10 +222,9 @@ class Case:
 
     def run(self, data):
         """Read the input as the commands do (see the module's docstring)."""
-        path = self.write(data)
-        getattr(self, f"_read_{self.name if self.name in ('peft', 'shards', 'checkpoint', 'jsonl') else 'model'}")(path)
+        getattr(self, f"read_{self.target.reader}")(self.write(data))
 
-    def _read_model(self, path):
+    def read_model(self, path):
         from minitrain.formats import gguf
         from minitrain.formats.sources import load_model, load_tokenizer, model_tokenizer, special_tokens
         from minitrain.inspect_model import inspect, render
@@ -234,14 +236,14 @@ class Case:
         special_tokens(path, tokenizer)
         tokenizer.decode(tokenizer.encode("def f(x): return 1<|im_end|>").ids)
 
-    def _read_peft(self, path):
+    def read_peft(self, path):
         from minitrain import lora
         from minitrain.formats import peft
 
         spec, arrays = peft.read_adapter(path)
         lora.Adapters(spec, micro_config(), arrays, str(path))
 
-    def _read_shards(self, path):
+    def read_shards(self, path):
         from minitrain.data import TokenWindows
 
         windows = TokenWindows(path, 8, micro_config().vocab_size)
@@ -249,7 +251,7 @@ class Case:
             windows.batch([k])
             windows.positions([k])
 
-    def _read_checkpoint(self, path):
+    def read_checkpoint(self, path):
         from minitrain.checkpoint import newest
         from minitrain.setup_run import build, configure
 
@@ -261,7 +263,7 @@ class Case:
         finally:
             os.chdir(cwd)
 
-    def _read_jsonl(self, path):
+    def read_jsonl(self, path):
         from minitrain.errors import InputError
         from minitrain.tokenize import tokenize_to_shards
         from minitrain.tokenize_chat import tokenize_chat_to_shards
