@@ -300,8 +300,10 @@ def _read_index(path, data, header, n):
                              f"30 BF16, 12 Q4_K, 14 Q6_K, 128/8 APR Q4, 129/9 APR Q8)")
         sizes = apr_quant.expected_sizes(code, shape)
         if size not in sizes:
-            raise InputError(f"{path}: tensor {name}: {apr_quant.NAMES[code]} {list(shape)} needs "
-                             f"{' or '.join(map(str, sizes))} bytes, the index says {size}")
+            shown = list(shape) if len(shape) <= 4 else f"of {len(shape)} dimensions {list(shape[:3])}..."
+            needs = " or ".join(f"{s:,}" if s < 10**18 else "over 10^18" for s in sizes)
+            raise InputError(f"{path}: tensor {name}: {apr_quant.NAMES[code]} {shown} needs {needs} bytes, the index "
+                             f"says {size:,}")
         tensors[name] = TensorInfo(name, code, apr_quant.NAMES[code], shape, offset, size)
     return tensors
 

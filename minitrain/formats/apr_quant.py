@@ -46,9 +46,9 @@ def expected_sizes(code, shape):
     if code not in _BLOCKED:
         return [{F32: 4 * n, F16: 2 * n, BF16: 2 * n, APR_Q8: 4 + n}[code]]
     block, per, _ = _BLOCKED[code]
-    sizes = [math.ceil(n / per) * block.itemsize]
+    sizes = [-(-n // per) * block.itemsize]  # whole blocks, in integers (dims of 2^64 overflow a float)
     if code != APR_Q4 and len(shape) >= 2:
-        aligned = math.prod(shape[:-1]) * math.ceil(shape[-1] / per) * block.itemsize
+        aligned = math.prod(shape[:-1]) * -(-shape[-1] // per) * block.itemsize
         sizes += [aligned] if aligned != sizes[0] else []
     return sizes
 
