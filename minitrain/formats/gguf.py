@@ -73,12 +73,16 @@ def open_gguf(path):
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file")
-    with open(p, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise InputError(f"{p}: not a GGUF file (magic {magic.hex() or 'none: empty file'}, expected 47475546 \"GGUF\")")
-    stat = p.stat()
-    return _reader(str(p.resolve()), stat.st_mtime_ns, stat.st_size, str(p))
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise InputError(f"{p}: not a GGUF file (magic {magic.hex() or 'none: empty file'}, expected 47475546 "
+                             "\"GGUF\")")
+        stat = p.stat()
+        return _reader(str(p.resolve()), stat.st_mtime_ns, stat.st_size, str(p))
+    except OSError as e:
+        raise InputError(f"{p}: cannot read it ({e.strerror})") from None
 
 
 @functools.lru_cache(maxsize=1)
