@@ -156,6 +156,7 @@ def test_humaneval_end_to_end_on_the_real_model(smollm2, tmp_path, mode):
     assert report["problems"] == 3 and report["samples"] == 1 and report["temperature"] == 0.0
     assert 0 <= report["pass@1"] <= 1 and 0 <= report["valid_python"] <= 1 and report["tokens_per_sec"] > 0
     assert report["mode"] == mode and (mode == "raw") == ("chat_template" not in report)
+    assert report["max_new_tokens"] == 128
     records = [json.loads(line) for line in (tmp_path / "new" / "samples.jsonl").read_text().splitlines()]
     assert [r["task_id"] for r in records] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
     assert all(r["status"] in ("passed", "failed", "timed out") for r in records), records
@@ -190,6 +191,24 @@ def test_humaneval_chat_refuses_what_cannot_be_asked(smollm2, tmp_path, monkeypa
     assert exit.value.code == 2
     assert capsys.readouterr().err == f"minitrain: error: {message.format(**names)}\n"
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@needs_sandbox
+def test_a_chat_reply_may_run_to_evalplus_s_768_tokens_a_raw_completion_to_300(smollm2, monkeypatch, capsys):
+    """The default --max-new-tokens by mode (a chat reply explains, then writes the whole script;
+    EvalPlus allows it 768), given to the generation and written in the report."""
+    from minitrain.cli import main
+
+    given = []
+    monkeypatch.setattr(he, "evaluate", lambda *args: (given.append(args[7]), ({}, []))[1])
+    for mode in ([], ["--chat"], ["--chat", "--max-new-tokens", "64"]):
+        monkeypatch.setattr(sys, "argv", ["minitrain", "humaneval", "--init", str(smollm2), "--limit", "1", "--json",
+                                          *mode])
+        with pytest.raises(SystemExit) as exit:
+            main()
+        assert exit.value.code == 0
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["max_new_tokens"] == given[-1]
+    assert given == [300, 768, 64]
 
 
 def test_humaneval_refuses_without_a_sandbox(monkeypatch, tmp_path, capsys):
