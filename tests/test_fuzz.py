@@ -5,6 +5,8 @@ file alone). Each case must end in exit 0 or 2, and a 2 in one line naming the f
 traceback or an "unexpected error", never a hang (20 s a case), never an allocation sized by a
 corrupt field before it is checked against the file's size (the cases run in a child process
 whose address space is capped at 3 GiB: such an allocation fails there, as an unexpected error).
+Last, every crash the coverage-guided fuzzer (tools/fuzz.py) found, kept in tests/fuzz_findings/,
+replayed through the commands that read it.
 """
 
 import json
