@@ -196,16 +196,20 @@ def test_humaneval_chat_refuses_what_cannot_be_asked(smollm2, tmp_path, monkeypa
 @needs_sandbox
 def test_a_chat_reply_may_run_to_evalplus_s_768_tokens_a_raw_completion_to_300(smollm2, monkeypatch, capsys):
     """The default --max-new-tokens by mode (a chat reply explains, then writes the whole script;
-    EvalPlus allows it 768), given to the generation and written in the report."""
-    from minitrain.cli import main
+    EvalPlus allows it 768), given to the generation and written in the report (the model's
+    weights and the generation stand aside: only the tokenizer and the template are read)."""
+    from minitrain import cli
+    from minitrain.formats.sources import load_tokenizer
+    from minitrain.formats.vocab import find_eos
 
-    given = []
+    given, tokenizer = [], load_tokenizer(smollm2)
+    monkeypatch.setattr(cli, "model_and_tokenizer", lambda *args: (None, tokenizer, find_eos(tokenizer, "")))
     monkeypatch.setattr(he, "evaluate", lambda *args: (given.append(args[7]), ({}, []))[1])
     for mode in ([], ["--chat"], ["--chat", "--max-new-tokens", "64"]):
         monkeypatch.setattr(sys, "argv", ["minitrain", "humaneval", "--init", str(smollm2), "--limit", "1", "--json",
                                           *mode])
         with pytest.raises(SystemExit) as exit:
-            main()
+            cli.main()
         assert exit.value.code == 0
         assert json.loads(capsys.readouterr().out.splitlines()[-1])["max_new_tokens"] == given[-1]
     assert given == [300, 768, 64]
