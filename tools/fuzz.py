@@ -208,7 +208,7 @@ class Case:
             shutil.copyfile(self.seeds / t.seed / self.changed, self.place / self.changed)
         self.changed = t.files[data[0] % len(t.files)] if data else t.files[0]
         (self.place / self.changed).write_bytes(data[1:])
-        return self.place / self.changed.split("/")[0] if self.name == "hf" else self.place
+        return self.given(Path(self.changed))
 
     def finding(self, found):
         """A finding kept under tests/ (a file; for a directory target, a directory of the files
@@ -218,7 +218,12 @@ class Case:
         files = [f.relative_to(found) for f in Path(found).rglob("*") if f.is_file()]
         for f in files:
             shutil.copyfile(Path(found) / f, self.place / f)
-        return self.place / files[0].parts[0] if self.name == "hf" else self.place
+        return self.given(files[0])
+
+    def given(self, changed):
+        """What the readers are given when the file `changed` (relative to the seed) is replaced:
+        the directory, or for hf the layout's directory that holds it (single/ or sharded/)."""
+        return self.place / changed.parts[0] if self.name == "hf" else self.place
 
     def run(self, data):
         """Read the input as the commands do (see the module's docstring)."""

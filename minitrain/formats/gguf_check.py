@@ -20,6 +20,7 @@ Counts are checked against the bytes left before anything is looped over (a 2^40
 in a 20 kB file is refused at once, not read element by element).
 """
 
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -66,6 +67,7 @@ class _Walk:
             self.fail(f"{what} at byte {start:,} is not UTF-8 ({e.reason} at its byte {e.start})")
 
     def value(self, kind, what):
+        """A scalar's or a string's value; an array is walked, not kept."""
         if kind in SCALARS:
             return self.take(SCALARS[kind], what)
         if kind == STRING:
@@ -79,15 +81,24 @@ class _Walk:
         smallest = 8 if element == STRING else struct.calcsize("<" + SCALARS[element])
         if count * smallest > self.left():
             self.fail(f"{what} claims {count:,} elements, more than the {self.left():,} bytes left hold")
-        if element != STRING:  # whole, since it fits
+        if element == STRING:
+            for i in range(count):
+                self.text(f"{what}[{i}]")
+        else:  # whole, since it fits
             self.at += count * smallest
-            return None
-        return [self.text(f"{what}[{i}]") for i in range(count)]
+
+    def unique(self, seen, what, label):
+        """A string (text's) that must not be among `seen`, which it joins."""
+        name = self.text(what)
+        if name in seen:
+            self.fail(f"{label} {name} appears twice")
+        seen.add(name)
+        return name
 
 
 def check(path):
-    """InputError unless `path` is a GGUF file whose every key, string and tensor is whole (see
-    the module's docstring); returns nothing."""
+    """InputError unless `path`, whose "GGUF" magic open_gguf has read, is a file whose every key,
+    string and tensor is whole (see the module's docstring); returns nothing."""
     path = Path(path)
     with open(path, "rb") as f:
         size = f.seek(0, 2)
@@ -98,10 +109,10 @@ def check(path):
 
 
 def _check(w, size):
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf import GGML_QUANT_SIZES
 
-    if w.take("4s", "the magic") != b"GGUF":
-        w.fail("not a GGUF file (magic is not \"GGUF\")")
+    types = {kind.value: kind for kind in GGML_QUANT_SIZES}  # ggml type code -> the types gguf-py reads
+    w.take("4s", "the magic")  # "GGUF": open_gguf has read it
     version = w.take("I", "the version")
     if version not in VERSIONS:
         w.fail(f"GGUF version {version} (read little-endian); minitrain reads versions "
@@ -112,10 +123,7 @@ def _check(w, size):
                f"{size:,} bytes hold")
     keys, alignment = set(), DEFAULT_ALIGNMENT
     for k in range(key_count):
-        key = w.text(f"key #{k}")
-        if key in keys:
-            w.fail(f"key {key} appears twice")
-        keys.add(key)
+        key = w.unique(keys, f"key #{k}", "key")
         kind = w.take("I", f"the value type of key {key}")
         value = w.value(kind, f"key {key}")
         if key == "general.alignment":
@@ -124,10 +132,7 @@ def _check(w, size):
             alignment = value
     tensors, names = [], set()
     for t in range(tensor_count):
-        name = w.text(f"the name of tensor #{t}")
-        if name in names:
-            w.fail(f"tensor {name} appears twice")
-        names.add(name)
+        name = w.unique(names, f"the name of tensor #{t}", "tensor")
         n_dims = w.take("I", f"the dimension count of tensor {name}")
         if not 1 <= n_dims <= MAX_DIMS:
             w.fail(f"tensor {name} has {n_dims} dimensions; GGUF tensors have 1 to {MAX_DIMS}")
@@ -135,18 +140,15 @@ def _check(w, size):
         if min(dims) < 1:
             w.fail(f"tensor {name} has a zero dimension (shape {dims} in ggml's order)")
         code = w.take("I", f"the type of tensor {name}")
-        if code not in GGMLQuantizationType._value2member_map_ or GGMLQuantizationType(code) not in GGML_QUANT_SIZES:
+        kind = types.get(code)
+        if kind is None:
             w.fail(f"tensor {name} has ggml type {code}, which gguf-py does not know")
-        kind = GGMLQuantizationType(code)
         block, type_size = GGML_QUANT_SIZES[kind]
         if dims[0] % block:
             w.fail(f"tensor {name} is {kind.name}, whose rows are blocks of {block} values, but its rows have "
                    f"{dims[0]:,}")
         offset = w.take("Q", f"the data offset of tensor {name}")
-        count = 1
-        for d in dims:
-            count *= d
-        tensors.append((name, offset, count // block * type_size))
+        tensors.append((name, offset, math.prod(dims) // block * type_size))
     start = -(-w.at // alignment) * alignment
     for name, offset, nbytes in tensors:
         if offset % alignment:

@@ -121,7 +121,7 @@ def shard_files(directory):
         weight_map = load_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise InputError(f"{index}: no weight_map")
-        bad = next(((n, f) for n, f in weight_map.items() if not isinstance(f, str) or f in ("", ".", "..")
+        bad = next(((n, f) for n, f in weight_map.items() if not isinstance(f, str) or f in ("", "..")
                     or Path(f).name != f), None)
         if bad is not None:
             raise InputError(f"{index}: weight_map[{bad[0]!r}] is {json.dumps(bad[1])[:80]}; expected the name of a "
