@@ -71,12 +71,14 @@ class Tensor:
             self.bf16 = backend.to_bf16(self.data)
         return self.bf16
 
-    def backward(self, grad=None):
+    def backward(self, grad=None, watch=None):
         """Accumulate d(self)/d(leaf) * grad into every leaf's `.grad`.
 
         `grad` defaults to 1 for a scalar. Leaf gradients ADD to what `.grad` already holds
         (this is how gradient accumulation over micro-batches works; call `zero_grad` between
-        optimizer steps).
+        optimizer steps). `watch(t, g)`, if given, sees every named tensor's gradient in this pass
+        (an intermediate named by trace.py, a parameter) at the moment it is complete, in the
+        order the pass completes them; g may be a RowSparse (an embedding's) and must not be kept.
         """
         if grad is None:
             if self.data.size != 1:
@@ -93,6 +95,8 @@ class Tensor:
                 continue
             mine = id(g) in owned  # nothing but t's gradient is this array
             owned.discard(id(g))
+            if watch is not None and t.name is not None:
+                watch(t, g)
             fn = t.ctx
             if fn is None:
                 _accumulate_leaf(t, g, handed_out, mine)

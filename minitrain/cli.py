@@ -517,6 +517,63 @@ def convert(src, dst, arch, rope_layout, dtype, tokenizer_path, chat_template):
     click.echo(run(src, dst, dtype, tokenizer_path, arch, rope_layout, chat_template))
 
 
+@cli.command()
+@click.option("--init", "init_path", required=True, metavar="PATH",
+              help="A model: .apr or .gguf file, or Hugging Face directory.")
+@model_options
+@click.option("--data", "data_path", required=True, metavar="PATH",
+              help="A .bin file or a directory of .bin shards; the step trains on its first BATCH-SIZE windows.")
+@click.option("--seq-len", type=click.IntRange(min=1), required=True)
+@click.option("--batch-size", type=click.IntRange(min=1), required=True)
+@click.option("--dtype", type=click.Choice(["fp64", "fp32", "bf16"]), default="fp64", show_default=True,
+              help="fp64: the truth to compare against; fp32; bf16 (mixed precision, --device cuda).")
+@click.option("--device", type=click.Choice(BY_NAME["device"].choices), default="cpu", show_default=True)
+@click.option("--optimizer", type=click.Choice(BY_NAME["optimizer"].choices), default="adamw", show_default=True,
+              help="The step's optimizer, with pretrain's defaults (betas, eps, weight decay).")
+@click.option("--lr", type=click.FloatRange(min=0), help="The step's learning rate, as it is (no schedule; default "
+                                                           "pretrain's for fine-tuning, 5e-5).")
+@click.option("--layers", metavar="LIST", help="Only these layers' tensors, e.g. 0,1,22-23 (the embedding, final "
+                                               "norm, head, logits and loss always).")
+@click.option("--out", "out_path", required=True, metavar="FILE.safetensors")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
+def trace(init_path, arch, rope_layout, data_path, seq_len, batch_size, dtype, device, optimizer, lr, layers, out_path,
+          as_json):
+    """One training step on the first batch, every named tensor written in execution order to a
+    safetensors file: the forward's intermediates, the gradient of each and of every parameter,
+    the optimizer's update (docs/auditing.md names them). Compare two traces with `minitrain diff`.
+    JSON: tensors, bytes, loss, grad_norm, out."""
+    from minitrain.trace import trace as run
+
+    report = run(init_path, data_path, seq_len, batch_size, out_path, dtype, device, optimizer, lr, layers, arch,
+                 rope_layout, say=lambda line: click.echo(line, err=True))
+    if as_json:
+        click.echo(json.dumps(report))
+
+
+@cli.command(name="diff")
+@click.argument("trace_a", metavar="A")
+@click.argument("trace_b", metavar="B")
+@click.option("--rtol", type=click.FloatRange(min=0), help="Judge every tensor by |a - b| <= atol + rtol max|a| "
+                                                             "instead of the derived bounds (docs/auditing.md).")
+@click.option("--atol", type=click.FloatRange(min=0), help="See --rtol (default 0 when --rtol is given).")
+@click.option("--map", "map_path", metavar="FILE.json", help="Rename B's tensors: a JSON object {B's name: A's name}.")
+@click.option("--assume-dtype", type=click.Choice(["fp64", "fp32", "bf16"]), default="fp32", show_default=True,
+              help="The precision of a file without a trace manifest (your trainer's), for the derived bounds.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
+def diff_command(trace_a, trace_b, rtol, atol, map_path, assume_dtype, as_json):
+    """Compare two traces tensor by tensor in A's execution order (A: the truth, e.g. a float64
+    `minitrain trace`); name the first tensor beyond tolerance, where the two implementations part.
+    Exit 0 when every common tensor is within, 1 when one is not. JSON: compared, beyond,
+    first_divergence, missing_in_a, missing_in_b, rows (name, max_abs, max_rel, within, ...)."""
+    from minitrain.trace_diff import as_json as to_json
+    from minitrain.trace_diff import diff, render
+
+    report = diff(trace_a, trace_b, rtol, atol, map_path, assume_dtype)
+    click.echo(to_json(report) if as_json else "\n".join(render(report, trace_a, trace_b)))
+    if report["first_divergence"] is not None:
+        sys.exit(1)
+
+
 # MPI's Abort kills every rank at once; mpiexec may not yet have read the lost-rank line from this
 # rank's stderr pipe (seen: 1 run in 6), so the rank waits this long between the line and the abort.
 ABORT_GRACE_S = 0.5

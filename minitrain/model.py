@@ -21,6 +21,8 @@ names and values; on the CPU every linear stays its own GEMM (and its own bits).
 With `model.recompute` (--recompute) set to attention, mlp or layer, that block of every layer
 keeps only its input and output for the backward, which runs its forward again
 (ops/recompute.py): less memory, the same bits.
+With `model.tracer` set (`minitrain trace`, trace.py), each intermediate named in docs/auditing.md
+is handed to it as it is made (`_tap`); every linear then runs on its own.
 """
 
 import numpy
@@ -45,6 +47,7 @@ class Model:
         self.params = {name: params[name] for name in tensor_table(config)}
         self.adapters = None  # lora.Adapters, or None: every linear is plain
         self.recompute = "none"  # or attention, mlp, layer: the blocks whose activations the backward recomputes
+        self.tracer = None  # trace.Tracer: sees each named intermediate (minitrain trace)
         self.packed = _pack(config, self.params) if backend.launch is not None else {}
 
     @classmethod
@@ -110,50 +113,54 @@ class Model:
         x = ops.embedding(P["model.embed_tokens.weight"], ids)  # (B, T, H)
         if backend.bf16:  # mixed precision: activations in bf16 from here on, parameters stay fp32
             x = ops.cast(x, "bf16")
+        x = self._tap("embed", x)
         where = (positions, starts, cache)
         for i in range(c.num_hidden_layers):
             x = self._recomputed("layer", self._layer, x, i, where)  # (B, T, H)
         if cache is not None:
             cache.advance(T)
-        return ops.rmsnorm(x, P["model.norm.weight"], c.rms_norm_eps)  # (B, T, H)
+        return self._tap("norm", ops.rmsnorm(x, P["model.norm.weight"], c.rms_norm_eps))  # (B, T, H)
 
     def _layer(self, x, i, where):
         """Layer i: x (B, T, H) -> x + attention, then + MLP (pre-norm residual blocks)."""
         x = x + self._recomputed("attention", self._attention, x, i, where)  # (B, T, H)
-        return x + self._recomputed("mlp", self._mlp, x, i, where)  # (B, T, H)
+        x = self._tap(f"layers.{i}.attn_residual", x)
+        return self._tap(f"layers.{i}.mlp_residual", x + self._recomputed("mlp", self._mlp, x, i, where))
 
     def _attention(self, x, i, where):
         """Layer i's attention block, x (B, T, H) -> its output before the residual sum (B, T, H).
         `where`: (positions, starts, cache), see hidden."""
-        c, P, p = self.config, self.params, f"model.layers.{i}."
+        c, P, p, n = self.config, self.params, f"model.layers.{i}.", f"layers.{i}."  # parameter, trace names
         (B, T, _), (positions, starts, cache) = x.shape, where
         nH, nKV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        h = ops.rmsnorm(x, P[p + "input_layernorm.weight"], c.rms_norm_eps)  # (B, T, H)
+        h = self._tap(n + "attn_norm", ops.rmsnorm(x, P[p + "input_layernorm.weight"], c.rms_norm_eps))  # (B, T, H)
         if self._fused():  # one GEMM over [Wq; Wk; Wv], its output split
             bias = self.packed.get(p + "qkv.bias")
             q, k, v = ops.linear_split(h, self.packed[p + "qkv"].tensor(), bias and bias.tensor(),
                                        (nH * hd, nKV * hd, nKV * hd))
         else:
-            q = self._linear(h, p + "self_attn.q_proj")  # (B, T, nH*hd)
-            k = self._linear(h, p + "self_attn.k_proj")  # (B, T, nKV*hd)
-            v = self._linear(h, p + "self_attn.v_proj")  # (B, T, nKV*hd)
-        q = ops.rope(q.reshape(B, T, nH, hd), c.rope_theta, positions)  # (B, T, nH, hd)
-        k = ops.rope(k.reshape(B, T, nKV, hd), c.rope_theta, positions)  # (B, T, nKV, hd)
+            q = self._tap(n + "q", self._linear(h, p + "self_attn.q_proj"))  # (B, T, nH*hd)
+            k = self._tap(n + "k", self._linear(h, p + "self_attn.k_proj"))  # (B, T, nKV*hd)
+            v = self._tap(n + "v", self._linear(h, p + "self_attn.v_proj"))  # (B, T, nKV*hd)
+        q = self._tap(n + "q_rope", ops.rope(q.reshape(B, T, nH, hd), c.rope_theta, positions))  # (B, T, nH, hd)
+        k = self._tap(n + "k_rope", ops.rope(k.reshape(B, T, nKV, hd), c.rope_theta, positions))  # (B, T, nKV, hd)
         v = v.reshape(B, T, nKV, hd)
         a = ops.attention(q, k, v, starts) if cache is None else cache.attend(i, q, k, v)  # (B, T, nH, hd)
-        return self._linear(a.reshape(B, T, nH * hd), p + "self_attn.o_proj")  # (B, T, H)
+        a = self._tap(n + "attn", a)
+        return self._tap(n + "o_proj", self._linear(a.reshape(B, T, nH * hd), p + "self_attn.o_proj"))  # (B, T, H)
 
     def _mlp(self, x, i, where):
         """Layer i's MLP block, x (B, T, H) -> its output before the residual sum (B, T, H)."""
-        c, p = self.config, f"model.layers.{i}."
-        h = ops.rmsnorm(x, self.params[p + "post_attention_layernorm.weight"], c.rms_norm_eps)  # (B, T, H)
+        c, p, n = self.config, f"model.layers.{i}.", f"layers.{i}."  # parameter, trace names
+        h = self._tap(n + "mlp_norm", ops.rmsnorm(x, self.params[p + "post_attention_layernorm.weight"],
+                                                  c.rms_norm_eps))  # (B, T, H)
         if self._fused():  # one GEMM over [Wgate; Wup]: (B, T, 2I), SwiGLU reads its two halves
             m = ops.swiglu_packed(ops.linear(h, self.packed[p + "gate_up"].tensor()))  # (B, T, I)
         else:
-            gate = self._linear(h, p + "mlp.gate_proj")  # (B, T, I)
-            up = self._linear(h, p + "mlp.up_proj")  # (B, T, I)
-            m = ops.swiglu(gate, up)  # (B, T, I)
-        return self._linear(m, p + "mlp.down_proj")  # (B, T, H)
+            gate = self._tap(n + "gate", self._linear(h, p + "mlp.gate_proj"))  # (B, T, I)
+            up = self._tap(n + "up", self._linear(h, p + "mlp.up_proj"))  # (B, T, I)
+            m = self._tap(n + "act", ops.swiglu(gate, up))  # (B, T, I)
+        return self._tap(n + "down", self._linear(m, p + "mlp.down_proj"))  # (B, T, H)
 
     def _recomputed(self, part, block, x, i, where):
         """block(x, i, where); when `part` is what --recompute names, its activations are not kept
@@ -171,8 +178,12 @@ class Model:
 
     def _fused(self):
         """Whether the projections run packed: on the kernel path, without LoRA adapters (whose
-        linears are per module)."""
-        return bool(self.packed) and self.adapters is None
+        linears are per module) and without a tracer (which names each linear's output)."""
+        return bool(self.packed) and self.adapters is None and self.tracer is None
+
+    def _tap(self, name, x):
+        """x, named `name` and shown to the tracer when there is one (docs/auditing.md's names)."""
+        return x if self.tracer is None else self.tracer.forward(name, x)
 
     def _linear(self, x, module):
         """x Wᵀ (+ b) for the linear `module` (its tensors' name prefix), through its LoRA

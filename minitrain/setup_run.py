@@ -96,21 +96,20 @@ def build(cfg, resumed=None, log=None):
 
 def _build(cfg, resumed, log):
     start_time = time.perf_counter()
-    cfg.device = _device(cfg.device)
+    cfg.device = use_device(cfg.device)
     group = dist.world(cfg.dist_timeout, cfg.device)
 
     def say(text):  # the lead rank writes every file and every line
         if group.rank == 0:
             print(text, file=log or sys.stderr, flush=True)
 
-    if cfg.dtype == "bf16" and cfg.device != "cuda":
-        raise InputError(f"--dtype bf16 on {cfg.device}: bf16 mixed precision runs on the CUDA kernels; "
-                         "use --device cuda, or --dtype fp32 on the CPU")
+    check_dtype(cfg.dtype, cfg.device)
     backend.set_dtype(cfg.dtype)
     state, model_arrays, optimizer_arrays, adapter_arrays = resumed or (None, None, None, None)
     model = _model(cfg, state, model_arrays)
     adapters = _lora(cfg, model, adapter_arrays, say) if cfg.lora else None
-    _check_fit(cfg, model)
+    model.recompute = cfg.recompute
+    check_fit(model, cfg.seq_len)
     tokenizer = sources.checked_tokenizer(cfg.tokenizer, model.config) if cfg.tokenizer else None
     chat_meta = _chat(cfg, tokenizer)  # what final.apr carries of a chat template
     teacher = _teacher(cfg, model.config, tokenizer, say) if cfg.teacher else None
@@ -137,7 +136,8 @@ def _build(cfg, resumed, log):
                           start_time), say)
 
 
-def _device(name):
+def use_device(name):
+    """Switch the backend to --device `name` (auto: cuda where there is one); -> the device used."""
     if name == "auto":
         try:
             backend.use("cuda")
@@ -170,16 +170,22 @@ def _model(cfg, state, arrays):
     return Model.from_scratch(config, seed=cfg.seed)
 
 
-def _check_fit(cfg, model):
-    """--recompute set on the model; the bf16 attention kernel's head dims, the model's positions."""
-    model.recompute = cfg.recompute
+def check_dtype(dtype, device):
+    """--dtype bf16 runs on the kernels only."""
+    if dtype == "bf16" and device != "cuda":
+        raise InputError(f"--dtype bf16 on {device}: bf16 mixed precision runs on the CUDA kernels; "
+                         "use --device cuda, or --dtype fp32 on the CPU")
+
+
+def check_fit(model, seq_len):
+    """The bf16 attention kernel's head dims; the model's positions."""
     mc = model.config
     if backend.bf16 and mc.head_dim not in attention_kernels.FORWARD_ROWS:
         raise InputError(f"--dtype bf16: the bf16 attention kernel has head_dim "
                          f"{' or '.join(map(str, sorted(attention_kernels.FORWARD_ROWS)))}; this model has "
                          f"{mc.head_dim} (use --dtype fp32)")
-    if cfg.seq_len > mc.max_position_embeddings:
-        raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+    if seq_len > mc.max_position_embeddings:
+        raise InputError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
                          f"{mc.max_position_embeddings}")
 
 

@@ -3,8 +3,9 @@
 The truth: transformers' model in float64 -- with its RoPE tables and RMSNorm computed in
 float64 too. transformers casts both to float32 even in a float64 model (the rotary embedding
 takes `.float()` of the positions and inverse frequencies; RMSNorm does `.to(torch.float32)`),
-which caps a "float64" comparison at ~1e-7. `float64_model` replaces those two forwards on the
-instance with the same formulas in the model's own dtype.
+which caps a "float64" comparison at ~1e-7. `float64_model` (tools/hf_trace.py, which traces the
+same truth for `minitrain diff`) replaces those two forwards on the instance with the same
+formulas in the model's own dtype.
 
 Error model (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., 2.2 and 3.1). In
 a precision with unit roundoff u (2^-24 for fp32, 2^-53 for fp64) every operation is exact up to
@@ -36,10 +37,15 @@ Two computations are compared by the sum of their bounds (the float64 truth has 
 """
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from hf_trace import float64_model, rms_normalized  # noqa: E402,F401  (the float64 truth, shared with the tool)
 
 UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "fp64": 2.0 ** -53}
 
@@ -87,31 +93,6 @@ def build_hf(spec, seed):
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
             p.copy_(1 + 0.3 * noise if name.endswith("norm.weight") else (0.3 if name.endswith("bias") else 0.25) * noise)
-    return model
-
-
-def rms_normalized(x, eps):
-    """x / sqrt(mean(x^2) + eps) over the last axis, in x's dtype: RMSNorm without its weight."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def float64_model(directory, gguf_file=None):
-    """transformers' model of an HF checkpoint directory (or of the GGUF file `gguf_file` in it,
-    through transformers' own GGUF loader), in float64 throughout."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float64)
-    cfg = model.config
-    base, dim = cfg.rope_parameters["rope_theta"], getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-
-    def rotary(x, position_ids):
-        freqs = position_ids[..., None].to(torch.float64) * inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-
-    model.model.rotary_emb.forward = rotary
-    for m in model.modules():
-        if type(m).__name__.endswith("RMSNorm"):
-            m.forward = lambda x, m=m: m.weight * rms_normalized(x, m.variance_epsilon)
     return model
 
 
