@@ -34,7 +34,8 @@ def read_header(path):
             raise InputError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
         n = int.from_bytes(head, "little")
         if 8 + n > size:
-            raise InputError(f"{path}: truncated safetensors header ({n} header bytes announced, file has {size})")
+            raise InputError(f"{path}: truncated safetensors header, or not a safetensors file ({n} header bytes "
+                             f"announced, the file has {size})")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
