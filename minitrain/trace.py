@@ -95,7 +95,7 @@ def host(a):
     return backend.to_numpy(a)
 
 
-def trace(init, data, seq_len, batch_size, out, dtype="fp32", device="cpu", optimizer="adamw", lr=None,
+def trace(init, data, seq_len, batch_size, out, dtype="fp64", device="cpu", optimizer="adamw", lr=None,
           layers=None, arch=None, rope_layout=None, say=print):
     """Write the trace of one step to `out`; -> the command's report (tensors, bytes, loss, ...)."""
     device = use_device(device)

@@ -296,7 +296,7 @@ def test_the_commands_are_found():
     readme = shown_commands((ROOT / "README.md").read_text())
     subcommands = {args[0] for _, args, _ in readme if args}
     assert {"pretrain", "tokenize", "eval", "generate", "humaneval", "inspect", "convert", "shapes",
-            "gradcheck", "plot"} <= subcommands
+            "gradcheck", "plot", "trace", "diff"} <= subcommands
     every = [c for path in PAGES for c in shown_commands(path.read_text())]
     assert len(every) > 60
     assert any(args[:2] == ["pretrain", "--init"] and "--teacher" in args for _, args, _ in every)
@@ -330,8 +330,8 @@ def test_a_stale_option_is_caught():
         "page:4: `minitrain pretrain` has no option --no-such-option",
         "page:8: `minitrain pretrain` has no option --stale-in-a-variable",
         "page:11: `minitrain pretrain` has no option --gone",
-        ("page:12: no subcommand 'frobnicate' (there are: convert, eval, generate, gradcheck, humaneval, inspect, "
-         "plot, pretrain, shapes, tokenize)"),
+        ("page:12: no subcommand 'frobnicate' (there are: convert, diff, eval, generate, gradcheck, humaneval, "
+         "inspect, plot, pretrain, shapes, tokenize, trace)"),
         "page:16: `minitrain plot` has no option --dpi",
         "page:19: `minitrain convert` has no option --no-such-flag",
     ], problems
