@@ -38,21 +38,29 @@ _LAYER = (("attn_norm", None, ("H",), 1), ("q", "attn_norm", ("H",), 1), ("k", "
           ("act", "gate", (2,), 1), ("down", "act", ("I",), 1), ("mlp_residual", "down", (1,), 1))
 
 
-def chains(model, batch, seq):
-    """({forward trace name: (n, k)}, the gradients' (n, k)) for a model config dict and a batch."""
-    size = {"H": model["hidden_size"], "I": model["intermediate_size"], "hd": model["head_dim"], "2T": 2 * seq,
-            "nH*hd": model["num_attention_heads"] * model["head_dim"]}
-    depth, at = {"embed": (0, 1)}, (0, 1)
-    for i in range(model["num_hidden_layers"]):
-        start = at
-        for name, source, sums, stores in _LAYER:
-            n, k = start if source is None else depth[f"layers.{i}.{source}"]
-            at = depth[f"layers.{i}.{name}"] = (n + sum(size.get(s, s) for s in sums), k + stores)
-    H, V = model["hidden_size"], model["vocab_size"]
-    depth["norm"] = (at[0] + H, at[1] + 1)
-    depth["logits"] = (at[0] + 2 * H, at[1] + 2)
-    depth["loss"] = (at[0] + 2 * H + V + batch * seq, at[1] + 2)
-    n, k = depth["loss"]
+def chains(m, batch, seq):
+    """({forward trace name: (n, k)}, the gradients' (n, k)) for a ModelConfig and a batch. Every
+    layer adds the same to the chain, so a name's is found without walking the layers."""
+    size = {"H": m.hidden_size, "I": m.intermediate_size, "hd": m.head_dim, "2T": 2 * seq,
+            "nH*hd": m.num_attention_heads * m.head_dim}
+    within = {}  # a layer's tensors, from its input
+    for name, source, sums, stores in _LAYER:
+        n, k = (0, 0) if source is None else within[source]
+        within[name] = (n + sum(size.get(s, s) for s in sums), k + stores)
+    step, L = within["mlp_residual"], m.num_hidden_layers
+    out = (L * step[0], 1 + L * step[1])  # the last layer's output: the embedding's rounding, then L layers
+    H, V = m.hidden_size, m.vocab_size
+    top = {"embed": (0, 1), "norm": (out[0] + H, out[1] + 1), "logits": (out[0] + 2 * H, out[1] + 2),
+           "loss": (out[0] + 2 * H + V + batch * seq, out[1] + 2)}
+
+    def depth(name):
+        parts = name.split(".")
+        if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit() and parts[2] in within:
+            i, (n, k) = int(parts[1]), within[parts[2]]
+            return i * step[0] + n, 1 + i * step[1] + k
+        return top.get(name)
+
+    n, k = top["loss"]
     return depth, (2 * n + batch * seq, 2 * k)
 
 
@@ -68,7 +76,7 @@ class Bounds:
     def __init__(self, a, precisions):
         m = a.manifest
         self.a, self.precisions = a, precisions
-        self.model, self.optimizer = m["model"], m.get("optimizer")
+        self.model, self.optimizer = a.config, m.get("optimizer")
         self.depth, self.grad_chain = chains(self.model, m["batch_size"], m["seq_len"])
         self.cache = {}
 
@@ -84,7 +92,7 @@ class Bounds:
             return relative(self.grad_chain, self.precisions) * self.terms(name[5:], a)
         if name.startswith("step."):
             return self.step(name, a)
-        chain = self.depth.get(name)
+        chain = self.depth(name)
         if chain is None:  # a tensor this model does not name: judged as a gradient is
             chain = self.grad_chain
         return relative(chain, self.precisions) * _largest(a)
@@ -105,10 +113,10 @@ class Bounds:
             return float(abs(arrays[0]).reshape(-1, arrays[0].shape[-1]).sum(0).max())
         if kind == "norm":
             dy, x = arrays
-            xhat = x / numpy.sqrt((x * x).mean(-1, keepdims=True) + self.model["rms_norm_eps"])
+            xhat = x / numpy.sqrt((x * x).mean(-1, keepdims=True) + self.model.rms_norm_eps)
             return float(abs(dy * xhat).reshape(-1, x.shape[-1]).sum(0).max())
         ids, dx, *head = arrays  # an embedding: its rows' gathered |dX|, and a tied or untied head's |dZ|^T |h|
-        rows = numpy.zeros((self.model["vocab_size"], dx.shape[-1]))
+        rows = numpy.zeros((self.model.vocab_size, dx.shape[-1]))
         numpy.add.at(rows, ids.reshape(-1), abs(dx).reshape(-1, dx.shape[-1]))
         if head:
             dz, h = (abs(v).reshape(-1, v.shape[-1]) for v in head)
@@ -143,12 +151,12 @@ def _terms_spec(target, model):
     """(kind, A's tensors behind the gradient of parameter `target`) or None (an activation)."""
     parts = target.split(".")
     if target == "model.embed_tokens.weight":
-        tied = model["tie_word_embeddings"]
+        tied = model.tie_word_embeddings
         return "embedding", ["input_ids", "grad.embed"] + (["grad.logits", "norm"] if tied else [])
     if target == "lm_head.weight":
         return "linear", ["grad.logits", "norm"]
     if target == "model.norm.weight":
-        return "norm", ["grad.norm", f"layers.{model['num_hidden_layers'] - 1}.mlp_residual"]
+        return "norm", ["grad.norm", f"layers.{model.num_hidden_layers - 1}.mlp_residual"]
     if len(parts) < 5 or parts[:2] != ["model", "layers"]:
         return None
     i, module, leaf = int(parts[2]), ".".join(parts[3:-1]), parts[-1]

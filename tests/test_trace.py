@@ -19,7 +19,7 @@ from minitrain import backend
 from minitrain import trace as tracing
 from minitrain.config import ModelConfig
 from minitrain.formats import hf
-from minitrain.formats.trace_file import Trace
+from minitrain.formats.trace_file import Trace, TraceWriter
 from minitrain.model import Model
 from minitrain.trace_diff import diff
 
@@ -181,6 +181,12 @@ def test_what_cannot_be_compared_is_exit_2_with_one_line(case, tmp_path):
     safetensors.numpy.save_file({"unrelated": np.zeros(3)}, tmp_path / "unrelated.safetensors")
     safetensors.numpy.save_file({"embed": np.zeros(3)}, tmp_path / "shape.safetensors")
     (tmp_path / "bad_map.json").write_text("[1]")
+    truth = Trace(ours)
+    for name, manifest, shape in (("forged.safetensors", truth.manifest, (3,)),
+                                  ("no-model.safetensors", {**truth.manifest, "model": {"hidden_size": "56"}}, None)):
+        writer = TraceWriter(tmp_path / name)
+        writer.add("embed", np.zeros(shape or truth.shape("embed")))
+        writer.close(manifest)
     cases = {
         "other.safetensors": "trace different steps: model",
         "batch.safetensors": "trace different batches: input_ids differ",
@@ -188,6 +194,8 @@ def test_what_cannot_be_compared_is_exit_2_with_one_line(case, tmp_path):
         "unrelated.safetensors": "no tensor named as in",
         "shape.safetensors": "tensor embed: ",
         "missing.safetensors": "no such file",
+        "forged.safetensors": "tensor embed has shape [3]; a trace of its manifest's model and batch has",
+        "no-model.safetensors": "manifest model: expected a model configuration",
     }
     for name, expected in cases.items():
         out = run("diff", str(ours), str(tmp_path / name))

@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing of minitrain's readers, in-process, with atheris (libFuzzer's engine).
 
-    python tools/fuzz.py --target gguf|apr|hf|peft|shards|checkpoint|jsonl [--minutes N] [--work DIR]
+    python tools/fuzz.py --target gguf|apr|hf|peft|shards|checkpoint|jsonl|trace [--minutes N] [--work DIR]
     python tools/fuzz.py --target T --minimize CRASH --into FILE   (shrink one crash, same signature)
 
 Each target makes its own small valid seeds (a one-layer model of 16 wide, a 60-token BPE
@@ -14,6 +14,8 @@ tokenizer, a 2-step LoRA run of it) and runs on every input what a command reads
     checkpoint   one file of a LoRA run's step directory, or its metrics.jsonl: --resume's search,
                  configure and build
     jsonl        a JSON Lines corpus: tokenize's documents, and tokenize --chat's conversations
+    trace        a trace (seeds: minitrain trace's, a trainer's file without a manifest): diff of
+                 it against the seed trace both ways, and against itself, its report rendered
 
 A directory target's input is one byte choosing the file (TARGET.files) and then its bytes; the
 rest of the directory is the seed's. A case ends cleanly, or in InputError (the project's own
@@ -71,7 +73,7 @@ def micro_config():
 def make_seeds(root):
     """The seed files and directories of every target under `root` (made once; deterministic)."""
     if (root / "done").exists():
-        return
+        return trace_seeds(root)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     import numpy
@@ -125,7 +127,25 @@ def make_seeds(root):
                          capture_output=True, text=True)
     if run.returncode:
         sys.exit(f"the seed run failed: {run.stderr[-2000:]}")
+    trace_seeds(root)
     (root / "done").write_text("")
+
+
+def trace_seeds(root):
+    """A float64 trace of the micro model on the packed data, and a trainer's file: a few of its
+    tensors under other names, in float32, no manifest."""
+    if (root / "t.safetensors").exists():
+        return
+    import numpy
+
+    from minitrain.formats.safetensors_io import save
+    from minitrain.formats.trace_file import Trace
+    from minitrain.trace import trace
+
+    trace(root / "single", root / "data", 8, 2, root / "t.safetensors", say=lambda line: None)
+    t = Trace(root / "t.safetensors")
+    save(root / "u.safetensors", {"embed": t.array("embed").astype(numpy.float32),
+                                  "grad.logits": t.array("grad.logits").astype(numpy.float32)})
 
 
 # --- targets ------------------------------------------------------------------------------------
@@ -171,6 +191,8 @@ TARGETS = {
                          ("checkpoint.py", "setup_run.py", "options.py", "formats/json_file.py",
                           "formats/safetensors_io.py", "lora.py", "optim.py", "outputs.py"), fresh=True,
                          reader="checkpoint"),
+    "trace": Target("t.safetensors", (), ("formats/trace_file.py", "formats/safetensors_io.py", "trace_diff.py",
+                                          "trace_bounds.py"), ".safetensors", ("u.safetensors",), reader="trace"),
     "jsonl": Target("corpus.jsonl", (), ("corpus.py", "tokenize.py", "tokenize_chat.py", "chat.py"), ".jsonl",
                     ("chat.jsonl",), reader="jsonl"),
 }
@@ -267,6 +289,15 @@ class Case:
             build(*configure({"resume": str(path / "step-2"), "out": str(path)}))
         finally:
             os.chdir(cwd)
+
+    def read_trace(self, path):
+        from minitrain.trace_diff import as_json, diff, render
+
+        seed = self.seeds / self.target.seed
+        for a, b, rtol in ((seed, path, None), (path, seed, None), (path, path, 0.1)):
+            report = diff(a, b, rtol=rtol)
+            render(report, a, b)
+            as_json(report)
 
     def read_jsonl(self, path):
         from minitrain.errors import InputError

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy
 
+from minitrain.config import ModelConfig
 from minitrain.errors import InputError, writing
 from minitrain.formats.safetensors_io import bf16_to_f32, read_header
 
@@ -44,7 +45,8 @@ class TraceWriter:
         """Write `array` (float64, float32 or int64) under `name` (once per name)."""
         if name in self.entries:
             raise ValueError(f"trace tensor {name} written twice")
-        a = numpy.ascontiguousarray(array)
+        a = numpy.asarray(array)
+        a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray would make a scalar 1-D)
         with writing(self.spool_path):
             self.spool.write(memoryview(a).cast("B"))
         self.entries[name] = {"dtype": _CODES[a.dtype], "shape": list(a.shape),
@@ -75,13 +77,15 @@ class TraceWriter:
 
 
 class Trace:
-    """A trace read back: `names` in execution order, `manifest` (None for a file without one),
-    `shape(name)`, `array(name)` as float64 (integers as int64)."""
+    """A trace read back: `names` in execution order, `manifest` (None for a file without one)
+    and its model's `config`, `shape(name)`, `array(name)` as float64 (integers as int64). A
+    manifest's fields and the shapes of the tensors it names are checked here: what reads a
+    Trace may trust them."""
 
     def __init__(self, path):
         self.path = str(path)
         header, self.base, _ = read_header(self.path)
-        self.header = header
+        self.header, self.config = header, None
         self.manifest = _manifest(self.path)
         order = self.manifest.get("order") if self.manifest else None
         by_offset = sorted(header, key=lambda n: (header[n]["data_offsets"][0], n))
@@ -97,6 +101,27 @@ class Trace:
                 raise InputError(f"{self.path}: tensor {name} {dtype}{header[name]['shape']} needs {need} bytes, "
                                  f"its data_offsets give {end - begin} (truncated or corrupt)")
         self.data = numpy.memmap(self.path, dtype=numpy.uint8, mode="r") if header else None
+        if self.manifest:
+            self.config = _checked(self.manifest, self.path)
+            self._check_tensors()
+
+    def _check_tensors(self):
+        """Each tensor the manifest's model names has its shape; the batch's ids are in range."""
+        m, B, T = self.config, self.manifest["batch_size"], self.manifest["seq_len"]
+        for name in self.names:
+            want = expected_shape(name, m, B, T)
+            if want is not None and self.shape(name) != want:
+                raise InputError(f"{self.path}: tensor {name} has shape {list(self.shape(name))}; a trace of its "
+                                 f"manifest's model and batch has {list(want)}")
+        for name, low in (("input_ids", 0), ("targets", -100)):
+            if name in self.header and not self.is_integer(name):
+                raise InputError(f"{self.path}: tensor {name} is {self.header[name]['dtype']}, not integers")
+            ids = self.array(name) if name in self.header else numpy.zeros(0, numpy.int64)
+            bad = (ids < 0) & (ids != low) | (ids >= m.vocab_size)
+            if bad.any():
+                at = tuple(int(i) for i in numpy.argwhere(bad)[0])
+                raise InputError(f"{self.path}: {name}{list(at)} is {ids[at]}, outside the vocabulary of "
+                                 f"{m.vocab_size:,}")
 
     def shape(self, name):
         return tuple(self.header[name]["shape"])
@@ -111,6 +136,71 @@ class Trace:
         if info["dtype"] == "BF16":
             raw = bf16_to_f32(raw)
         return raw.astype(numpy.int64 if self.is_integer(name) else numpy.float64)
+
+
+# The shape of each name, by its last part (docs/auditing.md's table); B, T, H, ... as there.
+_SHAPES = {"embed": "BTH", "attn_norm": "BTH", "q": "BTq", "k": "BTk", "v": "BTk", "q_rope": "BTNd", "k_rope": "BTKd",
+           "attn": "BTNd", "o_proj": "BTH", "attn_residual": "BTH", "mlp_norm": "BTH", "gate": "BTI", "up": "BTI",
+           "act": "BTI", "down": "BTH", "mlp_residual": "BTH", "norm": "BTH", "logits": "BTV", "loss": "",
+           "input_ids": "BT", "targets": "BT", "positions": "BT"}
+TOP = ("input_ids", "targets", "positions", "embed", "norm", "logits", "loss")  # the names outside the layers
+_PARAMS = {"embed_tokens.weight": "VH", "lm_head.weight": "VH", "norm.weight": "H", "layernorm.weight": "H",
+           "q_proj.weight": "qH", "k_proj.weight": "kH", "v_proj.weight": "kH", "o_proj.weight": "Hq",
+           "q_proj.bias": "q", "k_proj.bias": "k", "v_proj.bias": "k", "gate_proj.weight": "IH",
+           "up_proj.weight": "IH", "down_proj.weight": "HI"}
+
+
+def expected_shape(name, m, B, T):
+    """The shape a trace of model config `m` at batch (B, T) gives tensor `name` (a forward
+    name, a parameter's, or either under grad. or step.*.); None for a name it does not know."""
+    base = name.split(".", 2)[2] if name.startswith("step.") else name.removeprefix("grad.")
+    size = {"B": B, "T": T, "H": m.hidden_size, "I": m.intermediate_size, "V": m.vocab_size, "d": m.head_dim,
+            "N": m.num_attention_heads, "K": m.num_key_value_heads, "q": m.num_attention_heads * m.head_dim,
+            "k": m.num_key_value_heads * m.head_dim}
+    parts = base.split(".")
+    if parts[0] in ("model", "lm_head"):  # a parameter: model.layers.3.self_attn.q_proj.weight, ...
+        dims = next((d for suffix, d in _PARAMS.items() if base.endswith(suffix)), None)
+    elif len(parts) == 3 and parts[0] == "layers":  # layers.3.q
+        dims = _SHAPES.get(parts[2])
+    else:
+        dims = _SHAPES.get(base) if base in TOP else None
+    return None if dims is None else tuple(size[c] for c in dims)
+
+
+_MODEL_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "intermediate_size", "vocab_size", "max_position_embeddings")
+
+
+def _checked(manifest, path):
+    """The manifest's fields that diff reads, each of the right type -> its ModelConfig."""
+    def bad(field, expected):
+        return InputError(f"{path}: manifest {field}: expected {expected}, found {json.dumps(manifest.get(field))[:80]}")
+
+    def count(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and numpy.isfinite(value) and value >= 0
+
+    model = manifest.get("model")
+    if not isinstance(model, dict) or not all(count(model.get(k)) for k in _MODEL_INTS) \
+            or not all(number(model.get(k)) for k in ("rope_theta", "rms_norm_eps")) \
+            or not isinstance(model.get("tie_word_embeddings"), bool):
+        raise bad("model", "a model configuration (positive integer sizes, numbers, tie_word_embeddings true or false)")
+    for field in ("batch_size", "seq_len"):
+        if not count(manifest.get(field)):
+            raise bad(field, "a positive integer")
+    if manifest.get("dtype") not in ("fp64", "fp32", "bf16"):
+        raise bad("dtype", "fp64, fp32 or bf16")
+    opt = manifest.get("optimizer")
+    if opt is not None and not (isinstance(opt, dict) and opt.get("name") in ("adamw", "sgd") and number(opt.get("lr"))
+                                and (opt["name"] == "sgd" or all(number(opt.get(k)) and opt[k] < 1
+                                                                 for k in ("beta1", "beta2", "eps")))):
+        raise bad("optimizer", "{name: adamw or sgd, lr, and AdamW's beta1, beta2, eps}")
+    try:
+        return ModelConfig(**model)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path}: manifest model: {e}") from None
 
 
 def _manifest(path):
