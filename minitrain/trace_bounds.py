@@ -116,7 +116,7 @@ class Bounds:
             xhat = x / numpy.sqrt((x * x).mean(-1, keepdims=True) + self.model.rms_norm_eps)
             return float(abs(dy * xhat).reshape(-1, x.shape[-1]).sum(0).max())
         ids, dx, *head = arrays  # an embedding: its rows' gathered |dX|, and a tied or untied head's |dZ|^T |h|
-        rows = numpy.zeros((self.model.vocab_size, dx.shape[-1]))
+        rows = numpy.zeros(g.shape)  # (V, H), as the trace holds it
         numpy.add.at(rows, ids.reshape(-1), abs(dx).reshape(-1, dx.shape[-1]))
         if head:
             dz, h = (abs(v).reshape(-1, v.shape[-1]) for v in head)

@@ -41,7 +41,13 @@ class Row:
 
 
 def diff(path_a, path_b, rtol=None, atol=None, map_path=None, assume="fp32"):
-    """-> the report of `minitrain diff --json` (rows as dicts)."""
+    """-> the report of `minitrain diff --json` (rows as dicts). A trace may hold infinities and
+    NaNs (a diverged step): they are compared, silently."""
+    with numpy.errstate(all="ignore"):
+        return _diff(path_a, path_b, rtol, atol, map_path, assume)
+
+
+def _diff(path_a, path_b, rtol, atol, map_path, assume):
     a, b = Trace(path_a), Trace(path_b)
     rename = _mapping(map_path) if map_path else {}
     names_b = {rename.get(n, n): n for n in b.names}
@@ -84,8 +90,7 @@ def _row(name, x, y, limit):
     both_nan = numpy.isnan(x) & numpy.isnan(y)
     err = numpy.where(both_nan | (x == y), 0.0, numpy.where(numpy.isnan(err), numpy.inf, err))
     limit = numpy.broadcast_to(numpy.asarray(limit, dtype=numpy.float64), x.shape)
-    with numpy.errstate(divide="ignore", invalid="ignore"):
-        ratio = numpy.where(err == 0, 0.0, err / limit)
+    ratio = numpy.where(err == 0, 0.0, err / limit)
     flat = int(numpy.argmax(ratio)) if ratio.size else 0
     at = tuple(int(i) for i in numpy.unravel_index(flat, x.shape)) if x.size else ()
     scale = float(numpy.max(abs(x), initial=0.0))

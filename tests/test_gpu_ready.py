@@ -123,7 +123,7 @@ def test_a_training_step_on_the_gpu_path_reads_two_values_from_the_device(case, 
         monkeypatch.setattr(backend, "launch", launcher())
         return "cuda"
 
-    monkeypatch.setattr(setup_run, "_device", gpu)
+    monkeypatch.setattr(setup_run, "use_device", gpu)
     monkeypatch.setattr(gemm, "_gemm_ex", cupy_standin.gemm_ex)
     monkeypatch.setattr(backend, "dtype", backend.dtype)  # Run sets the precision: restored after the test
     monkeypatch.setattr(backend, "bf16", backend.bf16)

@@ -5,6 +5,7 @@ a bf16 trace (the kernel path, through the CPU emulation) stays within the bound
 one; what cannot be compared is exit 2 with one line."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -209,3 +210,14 @@ def test_what_cannot_be_compared_is_exit_2_with_one_line(case, tmp_path):
               "--layers", "0,7", "--out", str(tmp_path / "x.safetensors"))
     assert out.returncode == 2 and "--layers '0,7': 7 is not within the model's layers 0-1" in out.stderr
     assert not list(tmp_path.glob("x.safetensors*"))
+
+
+def test_the_documented_names_are_the_traced_ones(case):
+    """docs/auditing.md's table names every forward tensor a trace holds, and no other."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "auditing.md").read_text()
+    table = text[text.index("| name | shape |"):].split("\n\n")[0]
+    documented = set()
+    for row in table.splitlines()[2:]:
+        documented |= {n.replace(".i.", ".0.") for n in re.findall(r"`([a-z_.]+)`", row.split("|")[1])}
+    traced = {n for n in Trace(case[3]).names if not n.startswith(("grad.", "step.")) and not n.startswith("layers.1.")}
+    assert documented - {"positions"} == traced, documented ^ traced

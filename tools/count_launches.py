@@ -74,8 +74,8 @@ def count_step(model_config, layers, dtype, batch_size, seq_len):
             backend.xp, backend.launch = xp, cupy_standin.counting(None)
             return "cuda"
 
-        saved = setup_run._device, setup_run._model, gemm._gemm_ex, backend.xp, backend.launch
-        setup_run._device, gemm._gemm_ex = gpu, cupy_standin.gemm_ex
+        saved = setup_run.use_device, setup_run._model, gemm._gemm_ex, backend.xp, backend.launch
+        setup_run.use_device, gemm._gemm_ex = gpu, cupy_standin.gemm_ex
         setup_run._model = lambda cfg, state, arrays: Model.from_scratch(config, seed=0)
         cupy_standin.COUNT_ONLY = True
         try:
@@ -86,7 +86,7 @@ def count_step(model_config, layers, dtype, batch_size, seq_len):
             return list(cupy_standin.LAUNCHES)
         finally:
             cupy_standin.COUNT_ONLY = False
-            setup_run._device, setup_run._model, gemm._gemm_ex, backend.xp, backend.launch = saved
+            setup_run.use_device, setup_run._model, gemm._gemm_ex, backend.xp, backend.launch = saved
             backend.set_dtype("fp32")
 
 

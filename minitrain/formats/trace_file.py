@@ -1,8 +1,8 @@
 """Trace files (`minitrain trace`, tools/hf_trace.py): safetensors, tensors in execution order.
 
 A trace is a plain safetensors file any reader opens; what makes it a trace is the manifest in
-its header's `__metadata__` under "minitrain.trace" (a JSON string): the tensors' execution
-order, what computed them (source, dtype), the model's configuration and the batch's shape, the
+its header's `__metadata__` under "minitrain.trace" (a JSON string): the tensors in execution
+order with their shapes and dtypes, what computed them (source, dtype), the model's configuration and the batch's shape, the
 optimizer's settings, the loss. docs/auditing.md lists the tensors' names. Tensors are written
 as they come: each goes to a spool file beside the output at once (nothing is held), and `close`
 writes the header and then the spooled data after it.
@@ -56,7 +56,8 @@ class TraceWriter:
     def close(self, manifest):
         """Write the file: the header (the entries, then the manifest with `order`) and the data."""
         header = dict(self.entries)
-        header["__metadata__"] = {MANIFEST: json.dumps({**manifest, "order": list(self.entries)})}
+        listed = [[name, e["shape"], e["dtype"]] for name, e in self.entries.items()]  # in the order written
+        header["__metadata__"] = {MANIFEST: json.dumps({**manifest, "tensors": listed})}
         raw = json.dumps(header).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors writer pads
         partial = self.path.with_name(self.path.name + ".partial")
@@ -87,9 +88,11 @@ class Trace:
         header, self.base, _ = read_header(self.path)
         self.header, self.config = header, None
         self.manifest = _manifest(self.path)
-        order = self.manifest.get("order") if self.manifest else None
+        listed = self.manifest.get("tensors") if self.manifest else None
+        order = [t[0] for t in listed if isinstance(t, list) and t] if isinstance(listed, list) else None
         by_offset = sorted(header, key=lambda n: (header[n]["data_offsets"][0], n))
-        self.names = order if isinstance(order, list) and sorted(order) == sorted(header) else by_offset
+        named = order and all(isinstance(n, str) for n in order) and sorted(order) == sorted(header)
+        self.names = order if named else by_offset
         for name in self.names:
             dtype = header[name]["dtype"]
             if dtype not in _READ:
@@ -100,7 +103,6 @@ class Trace:
             if end - begin != need:
                 raise InputError(f"{self.path}: tensor {name} {dtype}{header[name]['shape']} needs {need} bytes, "
                                  f"its data_offsets give {end - begin} (truncated or corrupt)")
-        self.data = numpy.memmap(self.path, dtype=numpy.uint8, mode="r") if header else None
         if self.manifest:
             self.config = _checked(self.manifest, self.path)
             self._check_tensors()
@@ -131,8 +133,10 @@ class Trace:
 
     def array(self, name):
         info = self.header[name]
+        dtype = numpy.dtype(_READ[info["dtype"]])
         begin, end = info["data_offsets"]
-        raw = self.data[self.base + begin: self.base + end].view(_READ[info["dtype"]]).reshape(info["shape"])
+        raw = numpy.fromfile(self.path, dtype, (end - begin) // dtype.itemsize, offset=self.base + begin)
+        raw = raw.reshape(info["shape"])
         if info["dtype"] == "BF16":
             raw = bf16_to_f32(raw)
         return raw.astype(numpy.int64 if self.is_integer(name) else numpy.float64)
