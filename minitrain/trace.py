@@ -24,7 +24,7 @@ from minitrain.config import arch_name
 from minitrain.data import TokenWindows, target_count
 from minitrain.errors import InputError
 from minitrain.formats.sources import load_model
-from minitrain.formats.trace_file import TraceWriter
+from minitrain.formats.trace_file import TraceWriter, base_name
 from minitrain.optim import SGD, AdamW, global_grad_norm
 from minitrain.options import BY_NAME, MODE_DEFAULTS
 from minitrain.setup_run import check_dtype, check_fit, use_device
@@ -52,9 +52,13 @@ def parse_layers(text, count):
 
 def layer_of(name):
     """The layer a trace name or parameter name belongs to, or None (embedding, norm, head...)."""
-    base = name.split(".", 2)[2] if name.startswith("step.") else name.removeprefix("grad.")  # step.m.NAME, ...
-    m = _LAYER.match(base)
+    m = _LAYER.match(base_name(name))
     return None if m is None else int(m[1])
+
+
+def wanted(name, layers):
+    """Whether a trace with `--layers` (a set of indices, or None: all) keeps tensor `name`."""
+    return layers is None or layer_of(name) in (None, *layers)
 
 
 class Tracer:
@@ -65,7 +69,7 @@ class Tracer:
         self.params = {id(t): name for name, t in params.items()}
 
     def wanted(self, name):
-        return self.layers is None or layer_of(name) in (None, *self.layers)
+        return wanted(name, self.layers)
 
     def record(self, name, array):
         if self.wanted(name):

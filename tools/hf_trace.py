@@ -34,7 +34,7 @@ from minitrain.data import TokenWindows, target_count  # noqa: E402
 from minitrain.errors import InputError  # noqa: E402
 from minitrain.formats.hf import load_dir  # noqa: E402
 from minitrain.formats.trace_file import TraceWriter  # noqa: E402
-from minitrain.trace import ADAMW, DEFAULT_LR, layer_of, parse_layers  # noqa: E402
+from minitrain.trace import ADAMW, DEFAULT_LR, parse_layers, wanted  # noqa: E402
 
 PLANTS = ("rope-offset", "norm-eps", "no-scale", "no-bias", "adamw-no-bias-correction")
 _LINEARS = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o_proj",
@@ -75,7 +75,7 @@ class Recorder:
         self.writer, self.layers = writer, layers
 
     def wanted(self, name):
-        return self.layers is None or layer_of(name) in (None, *self.layers)
+        return wanted(name, self.layers)
 
     def record(self, name, x):
         if self.wanted(name):

@@ -154,10 +154,15 @@ _PARAMS = {"embed_tokens.weight": "VH", "lm_head.weight": "VH", "norm.weight": "
            "up_proj.weight": "IH", "down_proj.weight": "HI"}
 
 
+def base_name(name):
+    """The forward or parameter name under a gradient's or a step's: grad.X, step.m.X -> X."""
+    return name.split(".", 2)[2] if name.startswith("step.") else name.removeprefix("grad.")
+
+
 def expected_shape(name, m, B, T):
     """The shape a trace of model config `m` at batch (B, T) gives tensor `name` (a forward
     name, a parameter's, or either under grad. or step.*.); None for a name it does not know."""
-    base = name.split(".", 2)[2] if name.startswith("step.") else name.removeprefix("grad.")
+    base = base_name(name)
     size = {"B": B, "T": T, "H": m.hidden_size, "I": m.intermediate_size, "V": m.vocab_size, "d": m.head_dim,
             "N": m.num_attention_heads, "K": m.num_key_value_heads, "q": m.num_attention_heads * m.head_dim,
             "k": m.num_key_value_heads * m.head_dim}
