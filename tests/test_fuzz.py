@@ -75,9 +75,10 @@ INTERESTING = [0, 1, 2, 3, 7, 0x7F, 0x80, 0xFF, 0x100, 0xFFFF, 0x7FFFFFFF, 0x800
 JSON_VALUES = [None, True, -1, 0, 1.5, 2 ** 62, -(2 ** 40), "", "x", [], [1, -2], {}, {"a": 1}, 1e308]
 
 
-def run_cases(tmp_path, cases):
-    """Run the cases in one child process -> their results, each checked: exit 0 or 2, and a 2
-    in one line that names the file (`names`: the path, or the words the line must hold)."""
+def run_cases(tmp_path, cases, codes=(0, 2)):
+    """Run the cases in one child process -> their results, each checked: exit 0 or 2 (`codes`),
+    and a 2 in one line that names the file (`names`: the path, or the words the line must hold);
+    any other exit without an error line."""
     (tmp_path / "cases.json").write_text(json.dumps([{k: v for k, v in c.items() if k not in ("names", "what")}
                                                       for c in cases]))
     out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "cases.json")], capture_output=True, text=True,
@@ -88,7 +89,8 @@ def run_cases(tmp_path, cases):
     for case, r in zip(cases, results):
         lines = r["stderr"].strip().splitlines()
         errors = [line for line in lines if line.startswith("minitrain:")]
-        if r["code"] not in (0, 2) or (r["code"] == 2 and (len(errors) != 1 or case["names"] not in errors[0])):
+        if r["code"] not in codes or (r["code"] == 2 and (len(errors) != 1 or case["names"] not in errors[0])) \
+                or (r["code"] != 2 and errors):  # an exit 1 is a verdict (diff's), never an unexpected error
             bad.append((case.get("what"), r["code"], r["stderr"][-1500:]))
     kinds = {}
     for what, code, err in bad:
@@ -276,6 +278,39 @@ def test_hugging_face_directories(sources, tmp_path):
         for argv in (["inspect", str(d)], ["convert", str(d), str(tmp_path / f"out{k}.apr")]):
             cases.append({"argv": argv, "names": str(d), "what": f"{name} {what}: {argv[0]}"})
     run_cases(tmp_path, cases)
+
+
+def test_trace_files(tmp_path):
+    """A trace's safetensors header and its manifest, each read by `minitrain diff` on either side
+    of the valid trace: exit 0 or 1 (the comparison's verdict), or 2 in one line."""
+    from minitrain.config import ModelConfig
+    from minitrain.formats.hf import save_dir
+    from minitrain.formats.trace_file import MANIFEST
+    from minitrain.model import Model
+    from minitrain.trace import trace
+
+    cfg = ModelConfig(family="qwen2", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=8, intermediate_size=24, vocab_size=40, max_position_embeddings=16, rope_theta=1e4,
+                      rms_norm_eps=1e-6, tie_word_embeddings=True)  # a trace of 20 kB
+    save_dir(tmp_path / "hf", cfg, {n: t.data for n, t in Model.from_scratch(cfg, seed=0).params.items()})
+    numpy.random.default_rng(0).integers(0, 40, 40).astype("<u4").tofile(tmp_path / "tokens.bin")
+    seed = tmp_path / "seed.safetensors"
+    trace(tmp_path / "hf", tmp_path / "tokens.bin", 8, 2, seed, say=lambda line: None)
+    data = seed.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    manifest = json.loads(header["__metadata__"][MANIFEST])
+    mutants = safetensors_mutants(data, random.Random(5), 30)
+    for what, changed in json_mutants(manifest, random.Random(6), 30):
+        header["__metadata__"][MANIFEST] = changed.decode()
+        text = json.dumps(header).encode()
+        mutants.append((f"manifest {what}", len(text).to_bytes(8, "little") + text + data[8 + size:]))
+    cases = []
+    for k, (what, changed) in enumerate(mutants):
+        path = str(write_mutant(tmp_path / f"{k}.safetensors", changed))
+        for argv in (["diff", str(seed), path], ["diff", path, str(seed)]):
+            cases.append({"argv": argv, "names": path, "what": f"trace {what}: {argv[1] == path and 'as A' or 'as B'}"})
+    run_cases(tmp_path, cases, codes=(0, 1, 2))
 
 
 # --- adapters, token shards, checkpoints -------------------------------------------------------
