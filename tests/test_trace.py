@@ -27,7 +27,6 @@ from minitrain.trace_diff import diff
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import hf_trace  # noqa: E402
 
-pytestmark = pytest.mark.numerics  # tools/avx2_leg.py runs this file again on the AVX2 code paths
 
 FAMILIES = {  # a biased, tied GQA Qwen2 and an untied Llama
     "qwen2": dict(family="qwen2", hidden_size=56, num_attention_heads=7, num_key_value_heads=1, intermediate_size=40,
@@ -60,6 +59,7 @@ def case(request, tmp_path_factory):
     return request.param, d / "hf", data, d / "ours.safetensors", d / "hf.safetensors"
 
 
+@pytest.mark.numerics  # tools/avx2_leg.py runs it again on the AVX2 code paths
 def test_float64_traces_of_minitrain_and_transformers_agree_on_every_tensor(case):
     family, directory, _, ours, theirs = case
     report = diff(ours, theirs)
@@ -83,6 +83,7 @@ PLANTS = {"rope-offset": "layers.0.q_rope", "norm-eps": "layers.0.attn_norm", "n
           "no-bias": "layers.0.q", "adamw-no-bias-correction": "step.update.model.embed_tokens.weight"}
 
 
+@pytest.mark.numerics  # tools/avx2_leg.py runs it again on the AVX2 code paths
 @pytest.mark.parametrize("plant", list(PLANTS))
 def test_each_planted_defect_is_named_where_it_first_shows(case, plant, tmp_path):
     """Everything before the named tensor agrees; the named one does not."""
@@ -137,6 +138,7 @@ def test_layers_selects_a_subset(case, tmp_path):
     assert diff(ours, tmp_path / "one.safetensors")["first_divergence"] is None
 
 
+@pytest.mark.numerics  # tools/avx2_leg.py runs it again on the AVX2 code paths
 def test_a_bf16_trace_stays_within_the_derived_bounds_of_the_float64_one(tmp_path, monkeypatch):
     """Mixed precision on the kernel path (the CUDA kernels through the CPU emulation): the bf16
     activations' rounding, carried along the chain, bounds every difference; an fp32 trace too."""
