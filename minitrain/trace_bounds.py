@@ -78,7 +78,7 @@ class Bounds:
         self.a, self.precisions = a, precisions
         self.model, self.optimizer = a.config, m.get("optimizer")
         self.depth, self.grad_chain = chains(self.model, m["batch_size"], m["seq_len"])
-        self.cache = {}
+        self.cache, self.scales = {}, {}  # A's tensors read, S by gradient
 
     def get(self, name):
         """A's tensor `name` (float64), or None where A lacks it."""
@@ -98,7 +98,13 @@ class Bounds:
         return relative(chain, self.precisions) * _largest(a)
 
     def terms(self, target, g):
-        """S for the gradient of `target` (a parameter, or an activation: its largest magnitude)."""
+        """S for the gradient of `target` (a parameter, or an activation: its largest magnitude),
+        `g` that gradient in A; computed once per target (a parameter's step tensors ask again)."""
+        if target not in self.scales:
+            self.scales[target] = self._terms(target, g)
+        return self.scales[target]
+
+    def _terms(self, target, g):
         spec = _terms_spec(target, self.model)
         if spec is None:
             return _largest(g)

@@ -17,7 +17,7 @@ import safetensors.numpy
 
 from minitrain.errors import InputError
 
-_DTYPES = {"F32": numpy.float32, "F16": numpy.float16, "BF16": numpy.uint16, "F64": numpy.float64}
+DTYPES = {"F32": numpy.float32, "F16": numpy.float16, "BF16": numpy.uint16, "F64": numpy.float64}
 
 
 def bf16_to_f32(raw_u16):
@@ -25,6 +25,13 @@ def bf16_to_f32(raw_u16):
 
 
 def read_header(path):
+    """(tensor name -> its checked header entry, the data's first byte, the file's size)."""
+    header, _, base, size = read_header_and_metadata(path)
+    return header, base, size
+
+
+def read_header_and_metadata(path):
+    """read_header's, with the header's `__metadata__` (None where there is none) second."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     size = os.path.getsize(path)
@@ -42,10 +49,10 @@ def read_header(path):
             raise InputError(f"{path}: safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
     for name, info in header.items():
         _check_entry(path, name, info, size - 8 - n)
-    return header, 8 + n, size
+    return header, metadata, 8 + n, size
 
 
 def _check_entry(path, name, info, data_bytes):
@@ -64,6 +71,15 @@ def _check_entry(path, name, info, data_bytes):
                          f"{data_bytes} data bytes (truncated or corrupt)")
 
 
+def check_size(path, name, info, dtype, data_bytes):
+    """InputError unless a header entry's data_offsets span exactly its shape's bytes in `dtype`."""
+    begin, end = info["data_offsets"]
+    nbytes = math.prod(info["shape"]) * numpy.dtype(dtype).itemsize
+    if end - begin != nbytes:
+        raise InputError(f"{path}: tensor {name} {info['dtype']}{list(info['shape'])} needs {nbytes} bytes at "
+                         f"[{begin}, {end}), the file has {data_bytes} data bytes (truncated or corrupt)")
+
+
 def load(path, names=None):
     """name -> float32 array (float64 for F64) for every tensor in the file (or those in `names`);
     F32 and F64 tensors are read-only views of the memory-mapped file, not copies."""
@@ -74,14 +90,11 @@ def load(path, names=None):
         if names is not None and name not in names:
             continue
         dtype, shape = info.get("dtype"), tuple(info.get("shape", ()))
-        if dtype not in _DTYPES:
+        if dtype not in DTYPES:
             raise InputError(f"{path}: tensor {name} has dtype {dtype}; supported: F32, F16, BF16, F64")
+        check_size(path, name, info, DTYPES[dtype], size - base)
         begin, end = info["data_offsets"]
-        nbytes = math.prod(shape) * numpy.dtype(_DTYPES[dtype]).itemsize
-        if end - begin != nbytes:
-            raise InputError(f"{path}: tensor {name} {dtype}{list(shape)} needs {nbytes} bytes at "
-                             f"[{begin}, {end}), the file has {size - base} data bytes (truncated or corrupt)")
-        raw = data[base + begin: base + end].view(_DTYPES[dtype]).reshape(shape)
+        raw = data[base + begin: base + end].view(DTYPES[dtype]).reshape(shape)
         if dtype == "BF16":
             out[name] = bf16_to_f32(raw)
         else:  # F32 and F64 as read-only views of the file (a float64 run resumes exactly); F16 widened

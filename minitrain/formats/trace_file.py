@@ -20,12 +20,12 @@ import numpy
 
 from minitrain.config import ModelConfig
 from minitrain.errors import InputError, writing
-from minitrain.formats.safetensors_io import bf16_to_f32, read_header
+from minitrain.formats import safetensors_io
+from minitrain.formats.safetensors_io import bf16_to_f32, check_size, read_header_and_metadata
 
 MANIFEST = "minitrain.trace"  # the __metadata__ key of the manifest
 _CODES = {numpy.dtype(numpy.float64): "F64", numpy.dtype(numpy.float32): "F32", numpy.dtype(numpy.int64): "I64"}
-_READ = {"F64": numpy.float64, "F32": numpy.float32, "F16": numpy.float16, "BF16": numpy.uint16,
-         "I64": numpy.int64, "I32": numpy.int32}
+_READ = {**safetensors_io.DTYPES, "I64": numpy.int64, "I32": numpy.int32}  # a model file's dtypes, and the batch's
 
 
 class TraceWriter:
@@ -85,9 +85,9 @@ class Trace:
 
     def __init__(self, path):
         self.path = str(path)
-        header, self.base, _ = read_header(self.path)
+        header, metadata, self.base, size = read_header_and_metadata(self.path)
         self.header, self.config = header, None
-        self.manifest = _manifest(self.path)
+        self.manifest = _manifest(metadata, self.path)
         listed = self.manifest.get("tensors") if self.manifest else None
         order = [t[0] for t in listed if isinstance(t, list) and t] if isinstance(listed, list) else None
         by_offset = sorted(header, key=lambda n: (header[n]["data_offsets"][0], n))
@@ -98,11 +98,7 @@ class Trace:
             if dtype not in _READ:
                 raise InputError(f"{self.path}: tensor {name} has dtype {dtype}; a trace holds "
                                  f"{', '.join(_READ)}")
-            begin, end = header[name]["data_offsets"]
-            need = int(numpy.prod(header[name]["shape"], dtype=numpy.int64)) * numpy.dtype(_READ[dtype]).itemsize
-            if end - begin != need:
-                raise InputError(f"{self.path}: tensor {name} {dtype}{header[name]['shape']} needs {need} bytes, "
-                                 f"its data_offsets give {end - begin} (truncated or corrupt)")
+            check_size(self.path, name, header[name], _READ[dtype], size - self.base)
         if self.manifest:
             self.config = _checked(self.manifest, self.path)
             self._check_tensors()
@@ -212,11 +208,8 @@ def _checked(manifest, path):
         raise InputError(f"{path}: manifest model: {e}") from None
 
 
-def _manifest(path):
-    """The manifest of a trace file, or None (a safetensors file without one)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        meta = json.loads(f.read(n)).get("__metadata__")
+def _manifest(meta, path):
+    """The manifest in a trace file's header metadata, or None (a safetensors file without one)."""
     text = meta.get(MANIFEST) if isinstance(meta, dict) else None
     if text is None:
         return None
