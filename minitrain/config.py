@@ -10,8 +10,31 @@ from dataclasses import asdict, dataclass, fields
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.x's RoPE frequency scaling (Hugging Face rope_type "llama3"; ops/rope.py derives it):
+    wavelengths longer than original_max_position_embeddings / low_freq_factor are stretched by
+    `factor`, those shorter than original_max_position_embeddings / high_freq_factor are kept, and
+    the band between is interpolated."""
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = int if f.type is int else (int, float)
+            if not isinstance(value, kind) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ValueError(f"rope_scaling {f.name} must be a positive {f.type.__name__}, got {value!r}")
+        if self.factor < 1 or self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"rope_scaling needs factor >= 1 and high_freq_factor > low_freq_factor, got factor "
+                             f"{self.factor}, low_freq_factor {self.low_freq_factor}, high_freq_factor "
+                             f"{self.high_freq_factor}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    family: str  # "llama" or "qwen2" (the Hugging Face model_type)
+    family: str  # "llama", "qwen2" or "qwen3" (the Hugging Face model_type)
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
@@ -23,8 +46,17 @@ class ModelConfig:
     rope_theta: float
     rms_norm_eps: float
     tie_word_embeddings: bool
+    rope_scaling: RopeScaling = None  # Llama 3.x; None: plain RoPE (and absent from as_dict)
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):  # from JSON (run.json, a trace's manifest)
+            try:
+                object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+            except TypeError:
+                raise ValueError(f"rope_scaling must have the fields {', '.join(f.name for f in fields(RopeScaling))}, "
+                                 f"got {', '.join(self.rope_scaling) or 'none'}") from None
+        if not (self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling)):
+            raise ValueError(f"rope_scaling must be an object of Llama 3's four fields or null, got {self.rope_scaling!r}")
         if self.family not in FAMILIES:
             raise ValueError(f"unknown family {self.family!r}: expected one of {sorted(FAMILIES)}")
         for f in fields(self):
@@ -43,14 +75,24 @@ class ModelConfig:
         return self.family == "qwen2"
 
     @property
+    def qk_norm(self):
+        """Qwen3 normalizes each head of q and of k (RMSNorm over head_dim, its own weight) before RoPE."""
+        return self.family == "qwen3"
+
+    @property
     def hf_class(self):
         return FAMILIES[self.family]
 
     def as_dict(self):
-        return asdict(self)
+        """The fields as JSON-ready values; rope_scaling only where there is one, so that the configs
+        of plain-RoPE models (and the run.json and state.json bytes of their runs) are unchanged."""
+        d = asdict(self)
+        if self.rope_scaling is None:
+            del d["rope_scaling"]
+        return d
 
 
-FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 PRESETS = {
     "llama-370m": ModelConfig(
@@ -61,6 +103,16 @@ PRESETS = {
         family="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
         head_dim=64, intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768,
         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "qwen3-0.6b": ModelConfig(
+        family="qwen3", hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=128, intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "llama-3.2-1b": ModelConfig(
+        family="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=64, intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192)),
     # Small members of each family: the same structure and GQA ratio (4:1 and 7:1), for demos
     # and tests. The vocabulary fits the demo's byte-level BPE tokenizer.
     "tiny-llama": ModelConfig(
@@ -71,6 +123,18 @@ PRESETS = {
         family="qwen2", hidden_size=224, num_hidden_layers=4, num_attention_heads=7, num_key_value_heads=1,
         head_dim=32, intermediate_size=608, vocab_size=8192, max_position_embeddings=1024,
         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    # ... and of the two newer ones: Qwen3's q/k norms with head_dim apart from hidden/heads (q is
+    # 512 wide on a hidden size of 256, as Qwen3-0.6B's is 2048 on 1024); Llama 3.2's RoPE scaling
+    "tiny-qwen3": ModelConfig(
+        family="qwen3", hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+        head_dim=64, intermediate_size=768, vocab_size=8192, max_position_embeddings=1024,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "tiny-llama3": ModelConfig(
+        family="llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+        head_dim=32, intermediate_size=688, vocab_size=8192, max_position_embeddings=131072,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192)),
 }
 
 
@@ -102,6 +166,9 @@ def tensor_table(cfg):
             table[p + "self_attn.k_proj.bias"] = (kv_out,)
             table[p + "self_attn.v_proj.bias"] = (kv_out,)
         table[p + "self_attn.o_proj.weight"] = (H, q_out)
+        if cfg.qk_norm:
+            table[p + "self_attn.q_norm.weight"] = (hd,)
+            table[p + "self_attn.k_norm.weight"] = (hd,)
         table[p + "post_attention_layernorm.weight"] = (H,)
         table[p + "mlp.gate_proj.weight"] = (I, H)
         table[p + "mlp.up_proj.weight"] = (I, H)

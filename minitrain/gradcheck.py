@@ -21,7 +21,7 @@ import numpy
 
 from minitrain import backend, ops
 from minitrain.autograd import Tensor, no_grad
-from minitrain.config import ModelConfig, tensor_table
+from minitrain.config import ModelConfig, RopeScaling, tensor_table
 from minitrain.model import Model, _pack
 from minitrain.ops.activations import SiLU, SwiGLU, SwiGLUPacked
 from minitrain.ops.attention import Attention
@@ -40,6 +40,9 @@ EPS, ATOL, RTOL = 1e-3, 1e-5, 1e-4
 FROZEN_W = numpy.random.default_rng(7).standard_normal((5, 6))  # a constant, not an input: no dW
 TEACHER = numpy.random.default_rng(8)
 TEACHER_X, TEACHER_W = TEACHER.standard_normal((1, 5, 4)), 2 * TEACHER.standard_normal((9, 4))  # constants: no gradient
+# Llama 3 scaling at hd 16, theta 1e4: wavelengths 6.3 and 20 kept (< 256/8), 63 and 199
+# interpolated, 628 and longer stretched 4x (> 256/1)
+LLAMA3 = RopeScaling(factor=4.0, low_freq_factor=1.0, high_freq_factor=8.0, original_max_position_embeddings=256)
 PACKED_STARTS = numpy.array([[0, 0, 0, 3, 3, 3, 3], [0, 0, 2, 2, 4, 4, 4]])  # each query's first key
 ELEMENTWISE_MAX = 3000  # differentiable elements up to which the element-by-element check runs
 
@@ -206,11 +209,16 @@ def cases():
           lambda r: {"x": _normal(r, 2, 3, 8), "w": 1 + _normal(r, 8, scale=0.5)}, (RMSNorm,), "eps=1e-6"),
         C("rmsnorm", lambda x, w: ops.rmsnorm(x, w, 1e-5),
           lambda r: {"x": _normal(r, 1, 1, 5), "w": _normal(r, 5)}, (RMSNorm,), "T=1, eps=1e-5"),
+        C("rmsnorm", lambda x, w: ops.rmsnorm(x, w, 1e-6),
+          lambda r: {"x": _normal(r, 2, 3, 4, 6), "w": 1 + _normal(r, 6, scale=0.5)}, (RMSNorm,),
+          "per head (Qwen3's q/k norm)"),
         # RoPE: rotate_half layout, both thetas, explicit positions
         C("rope", lambda x: ops.rope(x, 10000.0), lambda r: {"x": _normal(r, 2, 5, 3, 8)}, (RoPE,), "theta=1e4"),
         C("rope", lambda x: ops.rope(x, 1e6), lambda r: {"x": _normal(r, 1, 1, 2, 4)}, (RoPE,), "theta=1e6, T=1"),
         C("rope", lambda x: ops.rope(x, 10000.0, positions=numpy.array([3, 7, 8, 100])),
           lambda r: {"x": _normal(r, 1, 4, 2, 6)}, (RoPE,), "positions 3,7,8,100"),
+        C("rope", lambda x: ops.rope(x, 10000.0, positions=numpy.array([0, 5, 90, 400]), scaling=LLAMA3),
+          lambda r: {"x": _normal(r, 1, 4, 2, 16)}, (RoPE,), "llama3 scaling, every band"),
         # causal GQA attention: ratios 1:1, 4:1, 7:1, batch > 1, T = 1 (only the masked corner)
         C("attention", ops.attention, lambda r: _qkv(r, B=2, T=5, nH=2, nKV=2, hd=4), (Attention,), "GQA 1:1"),
         C("attention", ops.attention, lambda r: _qkv(r, B=2, T=5, nH=8, nKV=2, hd=4), (Attention,), "GQA 4:1"),
@@ -277,6 +285,14 @@ def cases():
                                 num_key_value_heads=1, head_dim=4, intermediate_size=6, vocab_size=11,
                                 max_position_embeddings=16, rope_theta=1000000.0, rms_norm_eps=1e-6,
                                 tie_word_embeddings=True), "qwen2, projections packed", packed=True),
+        _model_case(ModelConfig(family="qwen3", hidden_size=8, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=4, intermediate_size=6, vocab_size=11,
+                                max_position_embeddings=16, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                tie_word_embeddings=True), "qwen3 q/k norms, head_dim apart, tied"),
+        _model_case(ModelConfig(family="llama", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=1, head_dim=16, intermediate_size=6, vocab_size=11,
+                                max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
+                                tie_word_embeddings=False, rope_scaling=LLAMA3), "llama3 scaling, untied"),
         # the same models with blocks recomputed in the backward
         *(_model_case(ModelConfig(family="llama", hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=1, head_dim=4, intermediate_size=12, vocab_size=13,

@@ -1,15 +1,19 @@
-"""The decoder of the Llama and Qwen2 families, written out explicitly.
+"""The decoder of the Llama, Qwen2 and Qwen3 families, written out explicitly.
 
-Both are decoder-only and pre-norm. For token ids (B, T):
+All three are decoder-only and pre-norm. For token ids (B, T):
 
     x = embed[ids]                                                  (B, T, H)
     per layer:
         h = rmsnorm(x) ;  q, k, v = h Wq^T (+bq), h Wk^T (+bk), h Wv^T (+bv)   biases: Qwen2 only
+        q, k = rmsnorm(q), rmsnorm(k)    over each head's hd         Qwen3 only (weights (hd,))
         q, k = rope(q), rope(k)                                     (B, T, nH|nKV, hd)
         x = x + attention(q, k, v) Wo^T                             causal, GQA (or over a KV cache)
         h = rmsnorm(x)
         x = x + (silu(h Wgate^T) * (h Wup^T)) Wdown^T               SwiGLU MLP
     logits = rmsnorm(x) Whead^T                                     Whead = embed when tied
+
+RoPE's frequencies are Llama 3-scaled where the config has rope_scaling (ops/rope.py). Qwen3's
+head_dim is its own (Qwen3-0.6B: 16 heads of 128 on a hidden size of 1024, so q is 2048 wide).
 
 Parameters live in one dict keyed by Hugging Face tensor names; the expected names and shapes
 come from `config.tensor_table`, and the constructor checks the dict against it. With LoRA
@@ -142,8 +146,12 @@ class Model:
             q = self._tap(n + "q", self._linear(h, p + "self_attn.q_proj"))  # (B, T, nH*hd)
             k = self._tap(n + "k", self._linear(h, p + "self_attn.k_proj"))  # (B, T, nKV*hd)
             v = self._tap(n + "v", self._linear(h, p + "self_attn.v_proj"))  # (B, T, nKV*hd)
-        q = self._tap(n + "q_rope", ops.rope(q.reshape(B, T, nH, hd), c.rope_theta, positions))  # (B, T, nH, hd)
-        k = self._tap(n + "k_rope", ops.rope(k.reshape(B, T, nKV, hd), c.rope_theta, positions))  # (B, T, nKV, hd)
+        q, k = q.reshape(B, T, nH, hd), k.reshape(B, T, nKV, hd)
+        if c.qk_norm:  # Qwen3: each head of q and of k RMS-normalized over hd, one weight (hd,) per layer
+            q = self._tap(n + "q_norm", ops.rmsnorm(q, P[p + "self_attn.q_norm.weight"], c.rms_norm_eps))
+            k = self._tap(n + "k_norm", ops.rmsnorm(k, P[p + "self_attn.k_norm.weight"], c.rms_norm_eps))
+        q = self._tap(n + "q_rope", ops.rope(q, c.rope_theta, positions, c.rope_scaling))  # (B, T, nH, hd)
+        k = self._tap(n + "k_rope", ops.rope(k, c.rope_theta, positions, c.rope_scaling))  # (B, T, nKV, hd)
         v = v.reshape(B, T, nKV, hd)
         a = ops.attention(q, k, v, starts) if cache is None else cache.attend(i, q, k, v)  # (B, T, nH, hd)
         a = self._tap(n + "attn", a)

@@ -45,7 +45,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from hf_trace import float64_model, rms_normalized  # noqa: E402,F401  (the float64 truth, shared with the tool)
+from hf_trace import float64_inv_freq, float64_model, rms_normalized  # noqa: E402,F401  (the float64 truth, shared with the tool)
 
 UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "fp64": 2.0 ** -53}
 
@@ -60,6 +60,7 @@ def depth(cfg, batch, seq, rank=0):
              + H  # q/k/v projections
              + hd  # scores q.k
              + 2 * seq  # softmax sum, P V
+             + (hd if cfg.qk_norm else 0)  # Qwen3's RMSNorm of each q and k head
              + nH * hd  # o_proj
              + H  # RMSNorm
              + H  # gate/up projections
@@ -78,15 +79,18 @@ def adam_ratio_bound(t, beta1, beta2):
     return math.sqrt(sum(ci * ci / di for ci, di in zip(c, d)))
 
 
+FAMILY_CLASSES = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                  "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                  "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}
+
+
 def build_hf(spec, seed):
-    """A transformers model of a tiny spec (family plus config fields, 2 layers, head_dim 8) with
-    non-trivial weights: std 0.25 matrices, biases and norm weights moved away from 0 and 1, so
-    that a skipped term shows."""
+    """A transformers model of a tiny spec (family plus config fields; by default 2 layers, head_dim
+    8) with non-trivial weights: std 0.25 matrices, biases and norm weights moved away from 0 and 1,
+    so that a skipped term shows."""
     spec = dict(spec)
-    family = spec.pop("family")
-    config_cls, model_cls = ((transformers.LlamaConfig, transformers.LlamaForCausalLM) if family == "llama"
-                             else (transformers.Qwen2Config, transformers.Qwen2ForCausalLM))
-    config = config_cls(num_hidden_layers=2, max_position_embeddings=64, head_dim=8, **spec)
+    config_cls, model_cls = FAMILY_CLASSES[spec.pop("family")]
+    config = config_cls(**{"num_hidden_layers": 2, "max_position_embeddings": 64, "head_dim": 8, **spec})
     model = model_cls(config).float()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -477,9 +477,11 @@ def test_shown_outputs_are_real():
 
 
 def test_a_stale_output_is_caught():
+    from minitrain.config import PRESETS
+
     text = ("```text\n$ minitrain shapes --arch qwen2.5-0.5b | tail -1\n"
             "total parameters: 494,032,769 (tied: lm_head is model.embed_tokens.weight, counted once; "
-            "presets: llama-370m, qwen2.5-0.5b, tiny-llama, tiny-qwen2)\n```\n")
+            f"presets: {', '.join(PRESETS)})\n```\n")
     assert output_problems(text) == ["page:2: `minitrain shapes --arch qwen2.5-0.5b` shows output it does not print"]
     assert output_problems(text.replace("494,032,769", "494,032,768")) == []
 

@@ -6,6 +6,7 @@ round-trip; and bad files are refused in one line."""
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import gguf as gguf_py
@@ -22,6 +23,7 @@ from minitrain.formats import gguf
 from minitrain.formats.gguf_vocab import PRE_TOKENIZERS, gguf_fields, pre_tokenizer_name, tokenizer_from_fields
 from minitrain.formats.sources import load_model
 from minitrain.model import Model
+from minitrain.ops.rope import inv_freq
 from minitrain.demo import train_bpe
 from minitrain.formats.sources import load_tokenizer
 
@@ -52,13 +54,17 @@ def tokenizer(tmp_path_factory):
 
 def random_model(name, seed=0):
     """A from-scratch model whose norms and biases are not all 1 and 0 (so a mixed-up tensor shows)."""
-    model = Model.from_scratch(preset(name), seed=seed)
+    return preset(name), random_arrays(preset(name), seed)
+
+
+def random_arrays(cfg, seed=0):
+    model = Model.from_scratch(cfg, seed=seed)
     rng = numpy.random.default_rng(seed)
     arrays = {n: backend.to_numpy(t.data).astype(numpy.float32) for n, t in model.params.items()}
     for n, a in arrays.items():
         if a.ndim == 1:
             arrays[n] = (a + rng.normal(0, 0.1, a.shape)).astype(numpy.float32)
-    return model.config, arrays
+    return arrays
 
 
 def float64_transformers_logits(path, ids):
@@ -142,10 +148,47 @@ def test_every_tensor_type_minitrain_reads_lands_where_transformers_puts_it(toke
     assert numpy.abs(ours - theirs).max() <= 1e-12 * numpy.abs(theirs).max()
 
 
-def test_hf_to_gguf_to_hf_and_apr_to_gguf_to_apr_are_exact(tokenizer, tmp_path):
+@pytest.mark.numerics
+def test_transformers_reads_a_qwen3_minitrain_writes_to_the_same_logits(tokenizer, tmp_path):
+    """llama.cpp's qwen3: attn_q_norm / attn_k_norm, q/k rows in Hugging Face order. At head_dim
+    128: transformers' GGUF loader takes Qwen3's head_dim from its config default (128), not from
+    qwen3.attention.key_length, so at tiny-qwen3's 64 it builds the wrong shapes."""
+    cfg = replace(preset("tiny-qwen3"), head_dim=128)
+    arrays = random_arrays(cfg)
+    path = tmp_path / "m.gguf"
+    gguf.write_gguf(path, cfg, arrays, Tokenizer.from_file(str(tokenizer)), "f32")
+    ours, theirs = minitrain_logits(path, IDS), float64_transformers_logits(path, IDS)
+    assert numpy.abs(ours - theirs).max() <= 1e-12 * numpy.abs(theirs).max()
+
+
+def test_llama3_scaling_is_llama_cpps_rope_freqs_tensor(tokenizer, tmp_path, monkeypatch):
+    """The divisors f_i / f'_i in rope_freqs.weight, as llama.cpp's converter writes them: our
+    scaled frequencies times them give back the plain ones (to float32 rounding); a file without
+    minitrain's keys (as llama.cpp's converter writes it) reads as Meta's bands; a rope_freqs that
+    is not those bands' is refused."""
+    cfg, arrays = random_model("tiny-llama3")
+    path = tmp_path / "m.gguf"
+    gguf.write_gguf(path, cfg, arrays, Tokenizer.from_file(str(tokenizer)), "f32")
+    divisors = next(t for t in gguf.open_gguf(path).tensors if t.name == "rope_freqs.weight").data
+    f = inv_freq(numpy, cfg.head_dim, cfg.rope_theta, None, numpy.dtype(numpy.float64))
+    scaled = inv_freq(numpy, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, numpy.dtype(numpy.float64))
+    numpy.testing.assert_allclose(f / divisors, scaled, rtol=4 * 2.0 ** -24)  # fp32 frequencies, fp32 divisors
+    assert set(divisors.tolist()) > {1.0, 32.0}  # every band is there: kept, stretched, interpolated
+    monkeypatch.setattr(gguf, "SCALING_KEYS", "elsewhere.")  # written where the reader does not look
+    gguf.write_gguf(tmp_path / "bare.gguf", cfg, arrays, Tokenizer.from_file(str(tokenizer)), "f32")
+    other = replace(cfg, rope_scaling=replace(cfg.rope_scaling, high_freq_factor=8.0))
+    gguf.write_gguf(tmp_path / "other.gguf", other, arrays, Tokenizer.from_file(str(tokenizer)), "f32")
+    monkeypatch.undo()
+    assert gguf.load_gguf(tmp_path / "bare.gguf")[0] == cfg
+    refused(run("convert", str(tmp_path / "other.gguf"), str(tmp_path / "other.apr")), "rope_freqs.weight is not the llama3 scaling",
+            "Meta's Llama 3 bands", "element")
+
+
+@pytest.mark.parametrize("family", ["tiny-qwen2", "tiny-qwen3", "tiny-llama3"])
+def test_hf_to_gguf_to_hf_and_apr_to_gguf_to_apr_are_exact(tokenizer, tmp_path, family):
     from minitrain.formats import hf
 
-    cfg, arrays = random_model("tiny-qwen2", seed=5)
+    cfg, arrays = random_model(family, seed=5)
     hf.save_dir(tmp_path / "hf", cfg, arrays)
     Tokenizer.from_file(str(tokenizer)).save(str(tmp_path / "hf" / "tokenizer.json"))
     assert run("convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf")).returncode == 0

@@ -105,18 +105,21 @@ def test_missing_num_key_value_heads_means_multi_head_attention():
 
 @pytest.mark.parametrize("changes, words", [
     ({"rope_theta": None}, ["rope_theta is missing"]),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, ["'llama3'", "not supported"]),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     ["llama3 rope scaling without low_freq_factor, high_freq_factor, original_max_position_embeddings"]),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+                       "original_max_position_embeddings": 8192}}, ["high_freq_factor > low_freq_factor"]),
     ({"rope_theta": None, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
      ["'yarn'", "not supported"]),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "rope_scaling": {"type": "yarn"}},
      ["rope_scaling", "'yarn'", "not supported"]),
     ({"hidden_size": None}, ["hidden_size is missing"]),
     ({"model_type": "bert"}, ["'bert'", "encoder"]),
-    ({"model_type": "qwen3"}, ["qwen3", "not supported"]),
+    ({"model_type": "qwen3", "attention_bias": True}, ["attention_bias", "qwen3", "not supported"]),
     ({"model_type": "mistral"}, ["'mistral'", "not supported"]),
     ({"use_sliding_window": True}, ["use_sliding_window"]),
     ({"hidden_act": "gelu"}, ["'gelu'", "not supported"]),
-], ids=["no-rope-theta", "rope-llama3", "rope-yarn", "scaling-beside-default-parameters", "no-hidden-size", "bert", "qwen3", "mistral",
+], ids=["no-rope-theta", "llama3-incomplete", "llama3-bands-reversed", "rope-yarn", "scaling-beside-default-parameters", "no-hidden-size", "bert", "qwen3-bias", "mistral",
         "sliding-window", "gelu"])
 def test_a_config_we_cannot_honour_exactly_is_an_error_naming_the_field(tmp_path, changes, words):
     message = load_error(write(tmp_path, QWEN2, **changes))

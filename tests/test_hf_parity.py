@@ -27,6 +27,8 @@ from minitrain.ops.linear import Linear
 from minitrain.ops.rope import RoPEBlocked
 from minitrain.optim import SGD, AdamW
 
+rope_module = importlib.import_module("minitrain.ops.rope")  # ops.rope is the function
+
 pytestmark = pytest.mark.numerics  # tools/avx2_leg.py runs this file again on the AVX2 code paths
 
 torch.manual_seed(0)
@@ -45,6 +47,18 @@ CONFIGS = {
     "qwen2-mha-untied": dict(family="qwen2", hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
                              intermediate_size=24, vocab_size=43, rope_theta=1e6, rms_norm_eps=1e-6,
                              tie_word_embeddings=False),
+    # Qwen3: q/k norms, head_dim its own (4 heads of 16 on a hidden size of 32: q is 64 wide)
+    "qwen3-gqa2:1-hd16-tied": dict(family="qwen3", hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                   head_dim=16, intermediate_size=40, vocab_size=47, rope_theta=1e6,
+                                   rms_norm_eps=1e-6, tie_word_embeddings=True),
+    # Llama 3 RoPE scaling with every band populated: wavelengths 6.3 and 20 kept (< 256/8), 63 and
+    # 199 interpolated, 628 and longer stretched 4x (> 256/1)
+    "llama3-scaled-gqa4:1-untied": dict(family="llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                                        head_dim=16, intermediate_size=48, vocab_size=53, rms_norm_eps=1e-5,
+                                        tie_word_embeddings=False, max_position_embeddings=1024,
+                                        rope_parameters=dict(rope_type="llama3", rope_theta=1e4, factor=4.0,
+                                                             low_freq_factor=1.0, high_freq_factor=8.0,
+                                                             original_max_position_embeddings=256)),
 }
 B, T = 2, 12
 U64 = UNIT_ROUNDOFF["fp64"]
@@ -66,7 +80,7 @@ def pair(request, tmp_path_factory):
     hf_model = hf_oracle.build_hf(CONFIGS[request.param], seed=len(request.param))
     directory = tmp_path_factory.mktemp(request.param.replace(":", "-"))
     hf_model.save_pretrained(directory)
-    assert hf.load_dir(directory)[0].rope_theta == CONFIGS[request.param]["rope_theta"]
+    assert hf.load_dir(directory)[0].rope_theta == hf_model.config.rope_parameters["rope_theta"]
     return hf_model, directory, hf_oracle.float64_model(directory)
 
 
@@ -237,6 +251,75 @@ def test_a_subtle_bug_shows_in_float64(pair, monkeypatch):
     rmsnorm = ops.rmsnorm
     monkeypatch.setattr(ops, "rmsnorm", lambda x, w, eps: rmsnorm(x, w, eps * 1.1))
     assert max(compare_forward_backward(truth, ours(directory, "fp64"), "fp64").values()) > 1
+
+
+def _qk_norm_after_rope(monkeypatch):
+    """Qwen3's q/k norms applied after RoPE instead of before: each 4-d (per-head) RMSNorm passes its
+    input on and leaves its weight to the next rotation, which normalizes what it rotated."""
+    rmsnorm, rope, pending = ops.rmsnorm, ops.rope, []
+
+    def deferred(x, w, eps):
+        if x.ndim == 4:
+            pending.append((w, eps))
+            return x
+        return rmsnorm(x, w, eps)
+
+    monkeypatch.setattr(ops, "rmsnorm", deferred)
+    monkeypatch.setattr(ops, "rope", lambda x, *a: rmsnorm(rope(x, *a), *pending.pop(0)) if pending else rope(x, *a))
+
+
+def _llama3_band(monkeypatch, wrong):
+    """Llama 3's frequencies with one band wrong; RoPE's cached tables dropped before and after."""
+    monkeypatch.setattr(rope_module, "llama3_inv_freq", wrong)
+    rope_module._tables.cache_clear()
+
+
+def _interpolated_band_stretched(xp, f, scaling):
+    w, L = 2 * np.pi / f, scaling.original_max_position_embeddings
+    return xp.where(w < L / scaling.high_freq_factor, f, f / scaling.factor)
+
+
+def _low_band_kept(xp, f, scaling):
+    w, L = 2 * np.pi / f, scaling.original_max_position_embeddings
+    scaled = LLAMA3_INV_FREQ(xp, f, scaling)
+    return xp.where(w > L / scaling.low_freq_factor, f, scaled)
+
+
+LLAMA3_INV_FREQ = rope_module.llama3_inv_freq
+NEW_OP_PLANTS = {  # bug -> (the config property it needs, the precision it must show in, plant)
+    "q/k norm after RoPE": ("qk_norm", "fp32", _qk_norm_after_rope),
+    "q/k norm eps 10x": ("qk_norm", "fp64", lambda mp: mp.setattr(
+        ops, "rmsnorm", lambda x, w, eps, f=ops.rmsnorm: f(x, w, eps * 10 if x.ndim == 4 else eps))),
+    "llama3 interpolated band stretched": ("rope_scaling", "fp32",
+                                           lambda mp: _llama3_band(mp, _interpolated_band_stretched)),
+    "llama3 low band not stretched": ("rope_scaling", "fp32", lambda mp: _llama3_band(mp, _low_band_kept)),
+}
+
+
+@pytest.mark.parametrize("bug", list(NEW_OP_PLANTS))
+def test_planted_bug_in_qwen3_or_llama3_breaks_parity(pair, bug, monkeypatch):
+    _, directory, truth = pair
+    needs, precision, plant = NEW_OP_PLANTS[bug]
+    model = ours(directory, precision)
+    if not getattr(model.config, needs):
+        pytest.skip(f"the model has no {needs}")
+    assert max(compare_forward_backward(truth, model, precision).values()) <= 1
+    plant(monkeypatch)
+    try:
+        assert max(compare_forward_backward(truth, model, precision).values()) > 1
+    finally:
+        rope_module._tables.cache_clear()
+
+
+def test_the_frequencies_are_transformers_own(pair):
+    """Our fp32 frequencies are transformers' inv_freq buffer bit for bit (the same formula in the
+    same order, computed in fp32 as it does), and the float64 truth's to float64 rounding."""
+    hf_model, directory, truth = pair
+    cfg = hf.load_dir(directory)[0]
+    ours32 = rope_module.inv_freq(np, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, np.dtype(np.float32))
+    np.testing.assert_array_equal(ours32, hf_model.model.rotary_emb.inv_freq.numpy())
+    ours64 = rope_module.inv_freq(np, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, np.dtype(np.float64))
+    np.testing.assert_allclose(ours64, hf_oracle.float64_inv_freq(truth.config).numpy(), rtol=8 * U64, atol=0)
 
 
 def test_packed_masked_batches_match_each_conversation_alone_in_torch(pair):

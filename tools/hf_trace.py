@@ -21,6 +21,7 @@ float32 even in a float64 model, replaced by the same formulas in float64 (`floa
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -52,9 +53,7 @@ def float64_model(directory, gguf_file=None):
     RMSNorm forwards, which cast to float32, replaced on the instance by the same formulas in
     float64."""
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float64)
-    cfg = model.config
-    base, dim = cfg.rope_parameters["rope_theta"], getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    inv_freq = float64_inv_freq(model.config)
 
     def rotary(x, position_ids):
         freqs = position_ids[..., None].to(torch.float64) * inv_freq
@@ -66,6 +65,27 @@ def float64_model(directory, gguf_file=None):
         if type(m).__name__.endswith("RMSNorm"):
             m.forward = lambda x, m=m: m.weight * rms_normalized(x, m.variance_epsilon)
     return model
+
+
+def float64_inv_freq(cfg):
+    """transformers' RoPE frequencies for a model config, in float64: theta^(-2i/hd), and where the
+    config says rope_type llama3, scaled by the formula of transformers'
+    modeling_rope_utils._compute_llama3_parameters (which computes it in float32)."""
+    rope = cfg.rope_parameters
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if rope.get("rope_type", "default") == "default":
+        return inv_freq
+    if rope["rope_type"] != "llama3":
+        raise InputError(f"rope_type {rope['rope_type']!r}: no float64 truth for it here")
+    factor, low, high, old = (rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                 "original_max_position_embeddings"))
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 class Recorder:
@@ -109,6 +129,10 @@ def _hooks(model, rec):
         for path, short in _LINEARS.items():
             module = layer.get_submodule(path)
             module.register_forward_hook(lambda m, a, out, n=n, short=short: rec.activation(n + short, out))
+        for short in ("q_norm", "k_norm"):  # Qwen3: on (B, T, n, hd), minitrain's layout already
+            if hasattr(layer.self_attn, short):
+                getattr(layer.self_attn, short).register_forward_hook(
+                    lambda m, a, out, n=n, short=short: rec.activation(n + short, out))
         layer.register_forward_hook(
             lambda m, a, out, n=n: rec.activation(n + "mlp_residual", out[0] if isinstance(out, tuple) else out))
     modeling = sys.modules[type(core.layers[0].self_attn).__module__]

@@ -3,6 +3,7 @@ numbers, and the architecture and tokenizer keys of an LLM (../shared/docs/apr-f
 
 import json
 import math
+from dataclasses import asdict
 from fractions import Fraction
 
 import numpy
@@ -95,7 +96,7 @@ def model_metadata(config, param_count, tokenizer=None):
     """The metadata `apr convert` writes for an LLM with a config.json beside it (doc §3.2(1)),
     from a ModelConfig, with three deliberate differences: param_count is the real count (aprender
     leaves 0), original_format is "safetensors" (aprender writes "gguf" on this path, a quirk),
-    and rope_type is 2 (NEOX, rotate_half) for both families: aprender writes 0 for llama, which
+    and rope_type is 2 (NEOX, rotate_half) for every family: aprender writes 0 for llama, which
     pairs adjacent elements and silently ruins Hugging Face Llama weights in any reader that
     obeys it. With a tokenizers.Tokenizer, the tokenizer.* keys are added (tokenizer_metadata)."""
     c = config
@@ -106,9 +107,18 @@ def model_metadata(config, param_count, tokenizer=None):
             "intermediate_size": c.intermediate_size, "max_position_embeddings": c.max_position_embeddings,
             "rope_theta": c.rope_theta, "rope_type": ROPE_NEOX, "rms_norm_eps": c.rms_norm_eps,
             "head_dim": c.head_dim}
+    if c.rope_scaling is not None:
+        meta["rope_scaling"] = rope_scaling_metadata(c.rope_scaling)
     if tokenizer is not None:
         meta.update(tokenizer_metadata(tokenizer, c.vocab_size))
     return meta
+
+
+def rope_scaling_metadata(scaling):
+    """The custom key `rope_scaling` minitrain writes for Llama 3's frequency scaling (Hugging
+    Face's object: rope_type llama3 and its four fields): aprender has no typed field for it, and a
+    reader that ignores it computes plain RoPE."""
+    return {"rope_type": "llama3", **asdict(scaling)}
 
 
 BOS_NAMES, EOS_NAMES = ("<s>", "<|begin_of_text|>"), ("<|endoftext|>", "</s>", "<eos>")

@@ -18,6 +18,7 @@ its raw GGUF import over llama.cpp's interleaved rows, so it is refused unless `
 says which (rope_layout.py).
 """
 
+import json
 import re
 
 import numpy
@@ -26,7 +27,7 @@ from minitrain.config import FAMILIES, PRESETS, ModelConfig
 from minitrain.errors import InputError
 from minitrain.formats import hf
 from minitrain.formats.apr import read_apr
-from minitrain.formats.apr_meta import ROPE_NEOX
+from minitrain.formats.apr_meta import ROPE_NEOX, rope_scaling_metadata
 from minitrain.formats.rope_layout import interleaved_to_hf, permute_qk
 from minitrain.model import check_tensors
 
@@ -82,18 +83,16 @@ def config_from_apr(meta, shapes, tied, source, arch=None):
     if kinds & hf.ENCODERS or any(n.startswith(("bert.", "encoder.", "roberta.")) or ".encoder." in n for n in shapes):
         raise InputError(f"{source}: an encoder model ({', '.join(sorted(kinds & hf.ENCODERS)) or 'encoder tensors'}); "
                          "minitrain trains decoder-only Llama/Qwen2 models")
-    if any(n.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) for n in shapes):
-        raise InputError(f"{source}: has q_norm/k_norm tensors (a Qwen3 model), which minitrain does not support")
     if "model.embed_tokens.weight" not in shapes or "model.layers.0.self_attn.q_proj.weight" not in shapes:
         raise InputError(f"{source}: no model.embed_tokens.weight / model.layers.0.self_attn.q_proj.weight: not a "
-                         "Llama/Qwen2 checkpoint with Hugging Face tensor names")
-    family = "qwen2" if "model.layers.0.self_attn.q_proj.bias" in shapes else "llama"
+                         "Llama/Qwen2/Qwen3 checkpoint with Hugging Face tensor names")
+    family = _family(shapes)
     if kinds - FAMILIES.keys():
         raise InputError(f"{source}: model type {', '.join(sorted(kinds - FAMILIES.keys()))} is not supported; "
                          f"supported: {', '.join(FAMILIES)} ({', '.join(FAMILIES.values())})")
     if kinds - {family}:
         raise InputError(f"{source}: metadata says {', '.join(sorted(kinds))} but the tensors are {family!r} "
-                         f"({'with' if family == 'qwen2' else 'without'} q/k/v biases)")
+                         f"({_SIGNS[family]})")
 
     V, H = shapes["model.embed_tokens.weight"]
     layers = 1 + max(int(m.group(1)) for n in shapes if (m := _LAYER.match(n)))
@@ -101,12 +100,14 @@ def config_from_apr(meta, shapes, tied, source, arch=None):
     kv_rows = shapes["model.layers.0.self_attn.k_proj.weight"][0] if "model.layers.0.self_attn.k_proj.weight" in shapes else None
     inter = shapes["model.layers.0.mlp.gate_proj.weight"][0] if "model.layers.0.mlp.gate_proj.weight" in shapes else None
     if arch is not None and PRESETS[arch].family != family:
-        raise InputError(f"{source}: the tensors are a {family} model ({'with' if family == 'qwen2' else 'without'} "
-                         f"q/k/v biases); --arch {arch} is {PRESETS[arch].family}")
+        raise InputError(f"{source}: the tensors are a {family} model ({_SIGNS[family]}); --arch {arch} is "
+                         f"{PRESETS[arch].family}")
     given = dict(meta)
     if arch is not None:  # the preset fills what the metadata lacks; check_arch compares the rest
         preset = PRESETS[arch]
         given.update({k: getattr(preset, f) for k, f in _APR_FIELDS.items() if meta.get(k) is None})
+        if "rope_scaling" not in meta:
+            given["rope_scaling"] = preset.rope_scaling and rope_scaling_metadata(preset.rope_scaling)
 
     def agree(key, from_shapes):
         value = given.get(key)
@@ -137,6 +138,28 @@ def config_from_apr(meta, shapes, tied, source, arch=None):
             num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
             intermediate_size=agree("intermediate_size", inter), vocab_size=agree("vocab_size", V),
             max_position_embeddings=need("max_position_embeddings"), rope_theta=float(need("rope_theta")),
-            rms_norm_eps=float(need("rms_norm_eps")), tie_word_embeddings=tied)
+            rms_norm_eps=float(need("rms_norm_eps")), tie_word_embeddings=tied,
+            rope_scaling=_scaling(given.get("rope_scaling"), source))
     except (TypeError, ValueError) as e:
         raise InputError(f"{source}: {e}") from None
+
+
+_SIGNS = {"llama": "without q/k/v biases or q/k norms", "qwen2": "with q/k/v biases", "qwen3": "with q/k norms"}
+
+
+def _family(shapes):
+    """The family the tensor names show: Qwen3's q/k norms, Qwen2's q/k/v biases, else Llama."""
+    if "model.layers.0.self_attn.q_norm.weight" in shapes:
+        return "qwen3"
+    return "qwen2" if "model.layers.0.self_attn.q_proj.bias" in shapes else "llama"
+
+
+def _scaling(value, source):
+    """RopeScaling from the metadata's `rope_scaling` (absent or null: plain RoPE)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("rope_type") != "llama3":
+        raise InputError(f"{source}: metadata rope_scaling {json.dumps(value)[:80]}: expected an object with "
+                         "rope_type llama3 and its factor, low_freq_factor, high_freq_factor, "
+                         "original_max_position_embeddings")
+    return {k: v for k, v in value.items() if k != "rope_type"}

@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp's format): a llama or qwen2 model read into fp32, and written back.
+"""GGUF files (llama.cpp's format): a llama, qwen2 or qwen3 model read into fp32, and written back.
 
 Read and written with the `gguf` package, llama.cpp's own gguf-py, imported by `_gguf()` only
 where a GGUF is read or written (a training run from an .apr or HF model needs no gguf-py): its
@@ -12,28 +12,41 @@ mapping, checked as strictly as the other sources:
 - tensor names through TENSORS / LAYER_TENSORS (nothing unknown, nothing missing), shapes from
   ggml's [ne0 = columns, ne1 = rows] to NumPy's (rows, columns), types in READABLE dequantized
   to float32;
-- a llama's q/k rows un-permuted from llama.cpp's interleaved order (rope_layout.py); qwen2 is
-  stored in the Hugging Face order already. `output.weight` absent means a tied head.
+- a llama's q/k rows un-permuted from llama.cpp's interleaved order (rope_layout.py); qwen2 and
+  qwen3 are stored in the Hugging Face order already. `output.weight` absent means a tied head.
+- Llama 3's RoPE scaling is llama.cpp's `rope_freqs.weight` tensor: per frequency the divisor
+  f_i / f'_i (1 kept, `factor` stretched, 1 / ((1 - a) / factor + a) between; ops/rope.py), as
+  llama.cpp's converter computes it. Its four parameters are written beside it as
+  `minitrain.rope_scaling.*` keys; a file without them (llama.cpp's converter writes none) is read
+  as Meta's Llama 3.1-3.3 scaling (low_freq_factor 1, high_freq_factor 4, original context 8192)
+  with the largest divisor as the factor, and the tensor must then be exactly that scaling's.
 
 Writing does the inverse, with 1-D tensors (norms, biases) in F32 as llama.cpp's converter does,
 the matrices in the chosen type, and the tokenizer (gguf_vocab.py), so llama.cpp runs the file.
 """
 
 import functools
+import math
 import os
+from dataclasses import asdict, replace
+from dataclasses import fields as fields_of
 from pathlib import Path
 
 import numpy
 
-from minitrain.config import ModelConfig, tensor_table
+from minitrain.config import ModelConfig, RopeScaling, tensor_table
 from minitrain.errors import InputError
 from minitrain.formats import gguf_check, gguf_vocab
 from minitrain.formats.rope_layout import hf_to_interleaved, interleaved_to_hf, permute_qk
 from minitrain.model import check_tensors
+from minitrain.ops.rope import inv_freq
 
 READABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")  # GGMLQuantizationType names
 WRITABLE = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7)}  # general.file_type
-FAMILIES = ("llama", "qwen2")
+FAMILIES = ("llama", "qwen2", "qwen3")
+ROPE_FREQS = "rope_freqs.weight"
+SCALING_KEYS = "minitrain.rope_scaling."  # + a RopeScaling field
+META_SCALING = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)  # Llama 3.1-3.3
 
 HPARAMS = {  # ModelConfig field -> GGUF key after "<arch>."
     "max_position_embeddings": "context_length",
@@ -56,6 +69,7 @@ LAYER_TENSORS = {  # after "blk.<i>." : after "model.layers.<i>."
     "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
@@ -115,8 +129,9 @@ def hf_name(name, source):
                      f"blk.N.{{{', '.join(LAYER_TENSORS)}}})")
 
 
-def config_from_fields(values, shapes, tied, source):
-    """The ModelConfig of a GGUF file from its keys, checked against its tensor shapes (HF names)."""
+def config_from_fields(values, shapes, tied, source, rope_freqs=None):
+    """The ModelConfig of a GGUF file from its keys, checked against its tensor shapes (HF names)
+    and its rope_freqs tensor (or None)."""
     arch = gguf_check.typed(values, "general.architecture", str, source)
     if arch is None:
         raise InputError(f"{source}: GGUF key general.architecture is missing")
@@ -147,16 +162,58 @@ def config_from_fields(values, shapes, tied, source):
     if vocab is None:
         raise InputError(f"{source}: no token_embd.weight tensor")
     try:
-        return ModelConfig(family=arch, head_dim=head_dim, vocab_size=vocab, tie_word_embeddings=tied, **hp)
+        cfg = ModelConfig(family=arch, head_dim=head_dim, vocab_size=vocab, tie_word_embeddings=tied, **hp)
     except ValueError as e:
         raise InputError(f"{source}: {e}") from None
+    return cfg if rope_freqs is None else replace(cfg, rope_scaling=_scaling(values, rope_freqs, cfg, source))
+
+
+def rope_divisors(cfg):
+    """(head_dim/2,) float32: llama.cpp's rope_freqs tensor for cfg's Llama 3 scaling, f_i / f'_i,
+    computed as llama.cpp's converter does (convert_hf_to_gguf.py, LlamaModel): the fp32
+    frequencies, then each divisor in double precision."""
+    s = cfg.rope_scaling
+    f = inv_freq(numpy, cfg.head_dim, cfg.rope_theta, None, numpy.dtype(numpy.float32))
+    divisors = []
+    for w in 2 * math.pi / f.astype(numpy.float64):
+        a = (s.original_max_position_embeddings / w - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        divisors.append(1.0 if w < s.original_max_position_embeddings / s.high_freq_factor
+                        else s.factor if w > s.original_max_position_embeddings / s.low_freq_factor
+                        else 1 / ((1 - a) / s.factor + a))
+    return numpy.array(divisors, dtype=numpy.float32)
+
+
+def _scaling(values, rope_freqs, cfg, source):
+    """The RopeScaling of a file with a rope_freqs tensor: its minitrain.rope_scaling.* keys, or
+    Meta's Llama 3 bands (see the module's docstring); the tensor must be what it gives (to 4
+    float32 ulps: the fp32 frequencies come from another pow)."""
+    if rope_freqs.shape != (cfg.head_dim // 2,):
+        raise InputError(f"{source}: {ROPE_FREQS} has shape {list(rope_freqs.shape)}, expected "
+                         f"[{cfg.head_dim // 2}] (head_dim / 2)")
+    keys = {f.name: values.get(SCALING_KEYS + f.name) for f in fields_of(RopeScaling)}
+    keys = {k: float(str(numpy.float32(v))) if isinstance(v, float) else v for k, v in keys.items()}  # f32, shortest
+    found = "its minitrain.rope_scaling keys"
+    if all(v is None for v in keys.values()):
+        keys, found = {"factor": float(rope_freqs.max()), **META_SCALING}, "Meta's Llama 3 bands (1, 4, 8192)"
+    try:
+        scaling = RopeScaling(**keys)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{source}: {e}") from None
+    expected = rope_divisors(replace(cfg, rope_scaling=scaling))
+    if not numpy.allclose(rope_freqs, expected, rtol=4 * 2.0 ** -24, atol=0):
+        i = int(numpy.argmax(numpy.abs(rope_freqs - expected) / expected))
+        raise InputError(f"{source}: {ROPE_FREQS} is not the llama3 scaling of {found} (factor {scaling.factor}): "
+                         f"element {i} is {rope_freqs[i]:.9g}, expected {expected[i]:.9g}; convert from the "
+                         "Hugging Face directory instead")
+    return scaling
 
 
 def load_gguf(path):
     """(ModelConfig, HF name -> float32 array in the Hugging Face layout) from a GGUF file."""
     source, gguf = str(path), _gguf()
     reader = open_gguf(path)
-    infos = {hf_name(t.name, source): t for t in reader.tensors}
+    freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    infos = {hf_name(t.name, source): t for t in reader.tensors if t is not freqs}
     for t in infos.values():
         if t.tensor_type.name not in READABLE:
             raise InputError(f"{source}: tensor {t.name} is {t.tensor_type.name}; minitrain reads "
@@ -167,7 +224,10 @@ def load_gguf(path):
     tied = head is None or (embed is not None and head.shape == embed.shape and bool(numpy.array_equal(head, embed)))
     if not tied:
         arrays["lm_head.weight"] = head
-    cfg = config_from_fields(fields(reader), shapes, tied, source)
+    if freqs is not None and freqs.tensor_type.name != "F32":
+        raise InputError(f"{source}: {ROPE_FREQS} is {freqs.tensor_type.name}, expected F32")
+    cfg = config_from_fields(fields(reader), shapes, tied, source,
+                             None if freqs is None else numpy.array(freqs.data, dtype=numpy.float32).reshape(-1))
     check_tensors(cfg, {n: a.shape for n, a in arrays.items()}, source)
     if cfg.family == "llama":
         arrays = permute_qk(arrays, cfg, interleaved_to_hf)
@@ -205,6 +265,10 @@ def write_gguf(path, cfg, arrays, tokenizer, dtype="f32", name=None, chat_templa
     writer.add_uint32(f"{cfg.family}.vocab_size", cfg.vocab_size)
     for key, value in tokenizer_keys:
         writer.add_key_value(key, value, *_value_type(value))
+    if cfg.rope_scaling is not None:
+        for key, value in asdict(cfg.rope_scaling).items():
+            (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(SCALING_KEYS + key, value)
+        writer.add_tensor(ROPE_FREQS, rope_divisors(cfg), raw_dtype=Q.F32)
     if chat_template:
         writer.add_chat_template(chat_template)
     if end_of_turn is not None:

@@ -7,11 +7,12 @@ in F32, F16 or BF16 are widened to F32.
 """
 
 import json
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy
 
-from minitrain.config import FAMILIES, ModelConfig
+from minitrain.config import FAMILIES, ModelConfig, RopeScaling
 from minitrain.errors import InputError
 from minitrain.formats import safetensors_io
 from minitrain.formats.json_file import load_json
@@ -30,9 +31,7 @@ def config_from_hf(d, source):
         raise InputError(f"{source}: model_type {model_type!r} is not a name; supported: {', '.join(FAMILIES)}")
     if model_type in ENCODERS or d.get("is_encoder_decoder"):
         raise InputError(f"{source}: model_type {model_type!r} is an encoder model; minitrain trains "
-                         f"decoder-only Llama/Qwen2 models")
-    if model_type == "qwen3":
-        raise InputError(f"{source}: model_type 'qwen3' (q_norm/k_norm) is not supported; supported: llama, qwen2")
+                         f"decoder-only Llama/Qwen2/Qwen3 models")
     if model_type not in FAMILIES:
         raise InputError(f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
 
@@ -52,11 +51,17 @@ def config_from_hf(d, source):
             raise InputError(f"{source}: field {key} is {value!r}, expected {expected}")
         return value
 
-    for key in ("rope_parameters", "rope_scaling"):
+    scaling = None
+    for key in ("rope_parameters", "rope_scaling"):  # transformers v5 writes the first, earlier ones the second
         rope = field(key, "mapping", required=False, default={})
         kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
-            raise InputError(f"{source}: {key} rope type {kind!r} is not supported (only plain RoPE)")
+        if kind == "llama3":
+            found = _llama3_scaling(rope, f"{source}: {key}")
+            if scaling is not None and found != scaling:
+                raise InputError(f"{source}: rope_parameters and rope_scaling give different llama3 scalings")
+            scaling = found
+        elif kind != "default":
+            raise InputError(f"{source}: {key} rope type {kind!r} is not supported (only plain RoPE and llama3)")
     theta = d.get("rope_theta")
     if theta is None:
         theta = (d.get("rope_parameters") or {}).get("rope_theta")
@@ -66,8 +71,8 @@ def config_from_hf(d, source):
                          f"rope_parameters.rope_theta); it has no safe default (10 000 Llama, 1 000 000 Qwen2)")
     if d.get("hidden_act", "silu") != "silu":
         raise InputError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
-    if (model_type == "llama" and d.get("attention_bias")) or d.get("mlp_bias"):
-        raise InputError(f"{source}: attention_bias/mlp_bias on a llama model is not supported")
+    if (model_type != "qwen2" and d.get("attention_bias")) or d.get("mlp_bias"):
+        raise InputError(f"{source}: attention_bias/mlp_bias on a {model_type} model is not supported")
     if d.get("use_sliding_window"):
         raise InputError(f"{source}: use_sliding_window is true; only full causal attention is supported")
 
@@ -85,10 +90,24 @@ def config_from_hf(d, source):
             max_position_embeddings=field("max_position_embeddings", "int"),
             rope_theta=float(field("rope_theta", "number")),
             rms_norm_eps=float(field("rms_norm_eps", "number")),
-            tie_word_embeddings=field("tie_word_embeddings", "bool", False, False),  # transformers' default for both
+            tie_word_embeddings=field("tie_word_embeddings", "bool", False, False),  # transformers' default for all three
+            rope_scaling=scaling,
         )
     except ValueError as e:
         raise InputError(f"{source}: {e}") from None
+
+
+def _llama3_scaling(rope, where):
+    """RopeScaling from a rope_parameters / rope_scaling mapping of type llama3; InputError naming a
+    missing or bad field (none has a default: each changes every frequency band)."""
+    names = [f.name for f in fields(RopeScaling)]
+    missing = [n for n in names if n not in rope]
+    if missing:
+        raise InputError(f"{where}: llama3 rope scaling without {', '.join(missing)}")
+    try:
+        return RopeScaling(**{n: rope[n] for n in names})
+    except ValueError as e:
+        raise InputError(f"{where}: {e}") from None
 
 
 def config_to_hf(cfg):
@@ -110,7 +129,10 @@ def config_to_hf(cfg):
         "hidden_act": "silu",
         "torch_dtype": "float32",
     }
-    d.update({"attention_bias": False, "mlp_bias": False} if cfg.family == "llama" else {"use_sliding_window": False})
+    d.update({"llama": {"attention_bias": False, "mlp_bias": False}, "qwen2": {"use_sliding_window": False},
+              "qwen3": {"attention_bias": False, "use_sliding_window": False}}[cfg.family])
+    if cfg.rope_scaling is not None:
+        d["rope_scaling"] = {"rope_type": "llama3", **asdict(cfg.rope_scaling)}
     return d
 
 

@@ -3,6 +3,16 @@
 Element i of a head (i < hd/2) is paired with element i + hd/2 -- NOT with its neighbour i+1 --
 and the pair is rotated by the angle  pos * inv_freq[i],  inv_freq[i] = theta^(-2i/hd).
 Using the adjacent-pair layout on pretrained weights silently ruins them.
+
+Llama 3.x scales the frequencies (`llama3_inv_freq`, config.RopeScaling) so that a model trained
+at a context of L = original_max_position_embeddings reads s = factor times further: pair i turns
+once every wavelength  w_i = 2 pi / inv_freq[i]  positions, and
+    w_i < L / high_freq_factor  (high frequencies: many turns within L)    kept:      f_i
+    w_i > L / low_freq_factor   (low frequencies: under a turn or so in L)  stretched: f_i / s
+    between                     interpolated in 1/w:  (1 - a) f_i / s + a f_i,
+                                a = (L / w_i - low_freq_factor) / (high_freq_factor - low_freq_factor)
+a is 0 at the low band's edge (w = L / low_freq_factor) and 1 at the high band's, so the scaled
+frequency is continuous across both. The angles stay pos * f'_i: RoPE's Jacobian is unchanged.
 """
 
 import functools
@@ -17,26 +27,42 @@ BLOCK = 1 << 16  # elements per block of positions on the CPU (parallel.py)
 
 
 @functools.lru_cache(maxsize=32)
-def _tables(xp, T, hd, theta, dtype):
+def _tables(xp, T, hd, theta, scaling, dtype):
     """cos and sin of pos * inv_freq for pos = 0..T-1: each (T, hd/2), read-only."""
-    angles = _angles(xp, xp.arange(T), hd, theta, dtype)
+    angles = _angles(xp, xp.arange(T), hd, theta, scaling, dtype)
     cos, sin = xp.cos(angles), xp.sin(angles)
     return cos, sin
 
 
-def _angles(xp, positions, hd, theta, dtype):
-    # Computed in the working dtype the way Hugging Face does: fp32 for fp32 models.
+def inv_freq(xp, hd, theta, scaling, dtype):
+    """(hd/2,) the pairs' angular frequencies, Llama 3-scaled when `scaling` (a RopeScaling) is
+    given. Computed in the working dtype the way Hugging Face does: fp32 for fp32 models."""
     exponent = xp.arange(0, hd, 2).astype(dtype) / dtype.type(hd)  # 2i/hd, i < hd/2
-    inv_freq = 1.0 / (dtype.type(theta) ** exponent)  # (hd/2,)
-    return positions.astype(dtype)[..., None] * inv_freq  # (T, hd/2) or (B, T, hd/2)
+    f = 1.0 / (dtype.type(theta) ** exponent)  # (hd/2,)
+    return f if scaling is None else llama3_inv_freq(xp, f, scaling)
 
 
-def rope_tables(T, hd, theta, dtype, positions=None):
+def llama3_inv_freq(xp, f, scaling):
+    """Llama 3's scaled frequencies (the module's docstring derives them), for f (hd/2,); the
+    Python scalars enter in f's dtype, in Hugging Face's order of operations."""
+    s, low, high, L = (scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor,
+                       scaling.original_max_position_embeddings)
+    w = 2 * numpy.pi / f  # (hd/2,) wavelengths, in positions
+    a = (L / w - low) / (high - low)  # 0 at the low band's edge, 1 at the high band's
+    between = (1 - a) * f / s + a * f
+    return xp.where(w < L / high, f, xp.where(w > L / low, f / s, between))
+
+
+def _angles(xp, positions, hd, theta, scaling, dtype):
+    return positions.astype(dtype)[..., None] * inv_freq(xp, hd, theta, scaling, dtype)  # (T, hd/2) or (B, T, hd/2)
+
+
+def rope_tables(T, hd, theta, dtype, positions=None, scaling=None):
     xp = backend.xp
     dtype = backend.acc_dtype(dtype)
     if positions is None:
-        return _tables(xp, T, hd, float(theta), dtype)
-    angles = _angles(xp, xp.asarray(positions), hd, theta, dtype)
+        return _tables(xp, T, hd, float(theta), scaling, dtype)
+    angles = _angles(xp, xp.asarray(positions), hd, theta, scaling, dtype)
     return xp.cos(angles), xp.sin(angles)
 
 
@@ -49,12 +75,13 @@ class RoPE(Function):
         dx1 = dy1 cos a + dy2 sin a
         dx2 = dy2 cos a - dy1 sin a
     `positions` (T,) defaults to 0..T-1 (every training window starts at position 0); (B, T)
-    gives each row its own (a batch of left-padded prompts in the KV-cache decoder).
+    gives each row its own (a batch of left-padded prompts in the KV-cache decoder). `scaling`:
+    Llama 3's frequency scaling (config.RopeScaling), or None.
     """
 
-    def forward(self, x, theta, positions=None):
+    def forward(self, x, theta, positions=None, scaling=None):
         B, T, nH, hd = x.shape
-        cos, sin = rope_tables(T, hd, theta, x.dtype, positions)  # (T, hd/2) or (B, T, hd/2) each
+        cos, sin = rope_tables(T, hd, theta, x.dtype, positions, scaling)  # (T, hd/2) or (B, T, hd/2) each
         cos = cos.astype(x.dtype, copy=False)[..., None, :]  # (T, 1, hd/2) or (B, T, 1, hd/2): over heads
         sin = sin.astype(x.dtype, copy=False)[..., None, :]
         self.save(cos, sin)
@@ -106,9 +133,9 @@ class RoPEBlocked(RoPE):
 class RoPEKernel(RoPE):
     """kernels/rope.cu: per-row tables are (B*T, hd/2) rows."""
 
-    def forward(self, x, theta, positions=None):
+    def forward(self, x, theta, positions=None, scaling=None):
         B, T, nH, hd = x.shape
-        cos, sin = rope_tables(T, hd, theta, x.dtype, positions)
+        cos, sin = rope_tables(T, hd, theta, x.dtype, positions, scaling)
         y = backend.xp.empty_like(x)
         cos, sin = cos.reshape(-1, hd // 2), sin.reshape(-1, hd // 2)
         fused.rope_forward(backend.launch, backend.xp.ascontiguousarray(x), cos, sin, y)
@@ -122,5 +149,6 @@ class RoPEKernel(RoPE):
         return (dx,)
 
 
-def rope(x, theta, positions=None):
-    return backend.route((x,), RoPE, blocked=RoPEBlocked, kernel=RoPEKernel).apply(x, theta=theta, positions=positions)
+def rope(x, theta, positions=None, scaling=None):
+    return backend.route((x,), RoPE, blocked=RoPEBlocked, kernel=RoPEKernel).apply(x, theta=theta, positions=positions,
+                                                                                   scaling=scaling)
