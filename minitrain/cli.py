@@ -417,23 +417,28 @@ def plot(run_dir, output):
               help="Conversations, one per record (`messages`: system/user/assistant turns, or `prompt` and "
                    "`completion`), rendered with the model's chat template; beside each shard NAME.bin a mask shard "
                    "NAME.mask, one byte per token, 1 = a training target (the assistant turns' content and "
-                   "end-of-turn text).")
+                   "end-of-turn text). Where the template's turns do not only append (Qwen3's drops earlier turns' "
+                   "reasoning), each assistant turn is an example of its own: the conversation up to it.")
 @click.option("--chat-template", metavar="FILE.jinja",
               help="With --chat: this template instead of the model's (an HF directory's chat_template.jinja or "
                    "tokenizer_config.json, a GGUF's tokenizer.chat_template, an APR's chat_template).")
+@click.option("--template-var", "template_vars", multiple=True, metavar="KEY=VALUE",
+              help="With --chat: a variable the template reads (repeatable), e.g. enable_thinking=false for Qwen3's. "
+                   "VALUE is read as JSON where it parses as JSON (true, false, numbers, \"quoted\" strings, lists), "
+                   "else as the string it is; recorded in manifest.json.")
 @click.option("--pack", is_flag=True,
-              help="With --chat: whole conversations packed into windows of --seq-len + 1 tokens (best-fit "
-                   "decreasing, padding with mask 0), and a positions shard NAME.pos: training never lets one "
-                   "conversation attend to another.")
+              help="With --chat: whole examples (conversations, or their turns) packed into windows of --seq-len "
+                   "+ 1 tokens (best-fit decreasing, padding with mask 0), and a positions shard NAME.pos: training "
+                   "never lets one example attend to another.")
 @click.option("--seq-len", type=click.IntRange(min=1), help="With --pack: the --seq-len the data will train at.")
 @click.option("--no-truncate", is_flag=True,
               help="With --pack: refuse a conversation longer than a window instead of cutting it (and counting it).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object as the last stdout line: files, bytes, skipped, documents (or "
-                   "conversations), duplicates, tokens, shards, seconds, tokens_per_sec.")
+                   "conversations and examples), duplicates, tokens, shards, seconds, tokens_per_sec.")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUTS...")
-def tokenize(tokenizer_path, out_dir, content_field, shard_tokens, skip_invalid, dedup, chat, chat_template, pack,
-             seq_len, no_truncate, as_json, inputs):
+def tokenize(tokenizer_path, out_dir, content_field, shard_tokens, skip_invalid, dedup, chat, chat_template,
+             template_vars, pack, seq_len, no_truncate, as_json, inputs):
     """Corpus files (or directories of them) -> u32 token shards + manifest.json, EOS between
     documents; with --chat, conversations with their loss masks (and --pack, packed). Reads JSON
     Lines (.jsonl, .json), Parquet (.parquet; a directory of shards as Hugging Face datasets writes
@@ -441,23 +446,27 @@ def tokenize(tokenizer_path, out_dir, content_field, shard_tokens, skip_invalid,
     files (.py, .txt, .md; any other file given by name), all streamed; a directory stands for
     every such file below it, but plain .json (in a code tree: configuration). Progress on stderr
     every few seconds: files, bytes, tokens, tokens/s, and the time left by bytes."""
-    if (chat_template or pack) and not chat:
-        raise InputError(f"{'--chat-template' if chat_template else '--pack'} is for conversations: give --chat too")
+    misplaced = [flag for flag, given in (("--chat-template", chat_template), ("--template-var", template_vars),
+                                          ("--pack", pack)) if given]
+    if misplaced and not chat:
+        raise InputError(f"{misplaced[0]} is for conversations: give --chat too")
     if pack != bool(seq_len) or (no_truncate and not pack):
         raise InputError("--pack needs --seq-len T (the windows it packs), and --seq-len and --no-truncate need --pack")
     if chat:
+        from minitrain.chat import template_variables
         from minitrain.tokenize_chat import tokenize_chat_to_shards
 
-        m = tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template, shard_tokens=shard_tokens,
-                                    pack_seq_len=seq_len, truncate=not no_truncate, skip_invalid=skip_invalid,
-                                    dedup=dedup)
+        m = tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template, template_variables(template_vars),
+                                    shard_tokens=shard_tokens, pack_seq_len=seq_len, truncate=not no_truncate,
+                                    skip_invalid=skip_invalid, dedup=dedup)
         c, packing = m["chat"], m.get("packing")
-        click.echo(f"{c['conversations']:,} conversations -> {m['total_tokens']:,} tokens ({c['target_tokens']:,} "
-                   f"targets) in {m['shard_count']} shard(s) under {out_dir}, masks beside them"
+        split = f" as {c['examples']:,} examples" if c["examples"] != c["conversations"] else ""
+        click.echo(f"{c['conversations']:,} conversations{split} -> {m['total_tokens']:,} tokens "
+                   f"({c['target_tokens']:,} targets) in {m['shard_count']} shard(s) under {out_dir}, masks beside them"
                    + (f"; packed into {packing['windows']:,} windows of {seq_len + 1} ({packing['padding_tokens']:,} "
                       f"padding, {c['truncated']} truncated), positions beside them" if packing else "")
                    + f" (template: {c['template_origin']}){_tokenize_notes(m)}")
-        counts = {"conversations": c["conversations"]}
+        counts = {"conversations": c["conversations"], "examples": c["examples"]}
     else:
         from minitrain.tokenize import tokenize_to_shards
 

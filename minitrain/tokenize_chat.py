@@ -2,23 +2,24 @@
 
 Each record (a JSON Lines line or a Parquet row, compressed or not: corpus.py) holds one
 conversation: `messages` (system, user and assistant turns) or a `prompt` and a `completion`.
-It is rendered with the model's chat template (minitrain/chat.py) and tokenized as
-transformers' apply_chat_template(tokenize=True) tokenizes it (the rendered text, no tokens
-added: the template writes its own). Beside each token shard `shard-NNNNN.bin` a
-mask shard `shard-NNNNN.mask` holds one byte per token, 1 where the token is a training target:
-the assistant turns' content and the end-of-turn text the template writes after it
-(chat.assistant_spans). Conversations follow one another with the EOS id between them (mask 0),
-as documents do in tokenize.py. manifest.json says so ("masks": true) and records the template's
-sha256 and origin and the counts.
+It is rendered with the model's chat template (minitrain/chat.py; with the --template-var
+variables) as one example -- or, where the template's turns do not only append (Qwen3's), as one
+example per assistant turn (chat.assistant_spans) -- and each example tokenized as transformers'
+apply_chat_template(tokenize=True) tokenizes it (the rendered text, no tokens added: the template
+writes its own). Beside each token shard `shard-NNNNN.bin` a mask shard `shard-NNNNN.mask` holds
+one byte per token, 1 where the token is a training target: the assistant turns' content and the
+end-of-turn text the template writes after it. Examples follow one another with the EOS id
+between them (mask 0), as documents do in tokenize.py. manifest.json says so ("masks": true) and
+records the template's sha256, origin and variables and the counts.
 
-Packing (`--pack --seq-len T`): whole conversations go into windows of T + 1 tokens, the windows
-training reads, by best-fit decreasing (longest first, each into the fullest window it fits, a
-new window when none has room); the rest of a window is padding (EOS ids, mask 0). A positions
-shard `shard-NNNNN.pos` (u32) gives each token's position inside its conversation (padding: a
-run of its own), from which training builds RoPE's positions and a block-diagonal causal mask
-(model.hidden): no conversation sees another. A conversation longer than a window is cut to one
-window and counted ("truncated"), or refused (truncate=False). The conversations are held in
-memory while packing (5 bytes a token).
+Packing (`--pack --seq-len T`): whole examples (conversations, or the turns of one) go into windows
+of T + 1 tokens, the windows training reads, by best-fit decreasing (longest first, each into the
+fullest window it fits, a new window when none has room); the rest of a window is padding (EOS
+ids, mask 0). A positions shard `shard-NNNNN.pos` (u32) gives each token's position inside its
+example (padding: a run of its own), from which training builds RoPE's positions and a
+block-diagonal causal mask (model.hidden): no example sees another. An example longer than a
+window is cut to one window and counted ("truncated"), or refused (truncate=False). The examples
+are held in memory while packing (5 bytes a token).
 """
 
 import bisect
@@ -48,16 +49,19 @@ def conversations(corpus):
             corpus.reject(e)
 
 
-def encode_conversation(tokenizer, template, tokens, messages, where):
-    """(ids, mask) of one conversation: u32 token ids and u8 targets."""
-    text, spans = chat.assistant_spans(template, messages, where, **tokens)
-    encoding = tokenizer.encode(text, add_special_tokens=False)
-    return numpy.array(encoding.ids, dtype="<u4"), chat.target_mask(encoding.offsets, spans)
+def encode_conversation(tokenizer, template, variables, messages, where):
+    """[(ids, mask)] of one conversation's examples: u32 token ids and u8 targets. `variables`:
+    the template's (bos_token, eos_token and the --template-var ones)."""
+    encoded = []
+    for text, spans in chat.assistant_spans(template, messages, where, **variables):
+        encoding = tokenizer.encode(text, add_special_tokens=False)
+        encoded.append((numpy.array(encoding.ids, dtype="<u4"), chat.target_mask(encoding.offsets, spans)))
+    return encoded
 
 
 def pack(encoded, window, truncate=True):
     """Best-fit decreasing: `encoded` [(label, ids, mask)] -> (windows [[(ids, mask), ...]],
-    truncated count). Each conversation is cut to `window` tokens (or, with truncate=False, an
+    truncated count). Each example is cut to `window` tokens (or, with truncate=False, an
     error naming it)."""
     items, truncated = [], 0
     for label, ids, mask in encoded:
@@ -83,16 +87,19 @@ def pack(encoded, window, truncate=True):
     return windows, truncated
 
 
-def tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template=None, shard_tokens=10_000_000,
-                            pack_seq_len=None, truncate=True, skip_invalid=False, dedup=False, log=None):
+def tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template=None, template_vars=None,
+                            shard_tokens=10_000_000, pack_seq_len=None, truncate=True, skip_invalid=False,
+                            dedup=False, log=None):
     """Tokenize the conversations of `inputs` into `out_dir` as u32 token shards, u8 mask shards and
     manifest.json (packed into windows of pack_seq_len + 1 tokens with u32 positions shards, when
-    given); return the manifest. Progress lines go to `log` (default stderr). On any error the
-    shards written so far are removed."""
+    given); return the manifest. `template_vars`: the template's variables (chat.template_variables).
+    Progress lines go to `log` (default stderr). On any error the shards written so far are
+    removed."""
     tokenizer = load_tokenizer(tokenizer_path)
     tokenizer.no_truncation()
     tokenizer.no_padding()
     template, tokens = chat.chat_setup(model_of_tokenizer(tokenizer_path), tokenizer, chat_template)
+    template_vars = template_vars or {}
     eos, vocab_size = find_eos(tokenizer, tokenizer_path), tokenizer.get_vocab_size(with_added_tokens=True)
     corpus, out = Corpus(inputs, skip_invalid), output_dir(out_dir)
     progress, unique = Progress(corpus, log), Dedup() if dedup else None
@@ -100,27 +107,29 @@ def tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template=None,
     if window is not None:
         shard_tokens = max(1, shard_tokens // window) * window  # shards of whole windows
     writer = ShardWriter(out, shard_tokens, (MASK,) if window is None else (MASK, POS))
-    count, held, targets, encoded, extra = 0, 0, 0, [], {}
+    count, examples, held, targets, encoded, extra = 0, 0, 0, 0, [], {}
     try:
         every = conversations(corpus)
         every = unique.filter(every, lambda m: json.dumps(m, ensure_ascii=False, sort_keys=True)) if unique else every
         for where, messages in every:
             try:
-                ids, mask = encode_conversation(tokenizer, template, tokens, messages, where)
+                parts = encode_conversation(tokenizer, template, {**tokens, **template_vars}, messages, where)
             except BadRecord as e:
                 corpus.reject(e)
                 continue
-            if len(ids) and int(ids.max()) >= vocab_size:
-                raise InputError(f"{tokenizer_path}: produced token id {int(ids.max())} >= its vocab_size "
-                                 f"{vocab_size} on {where}")
-            if window is not None:
-                encoded.append((where, ids, mask))
-                held += len(ids)
-            else:
-                if count:
-                    writer.add(numpy.array([eos], dtype="<u4"), numpy.zeros(1, dtype=numpy.uint8))
-                writer.add(ids, mask)
-                targets += int(mask.sum())
+            for ids, mask in parts:
+                if len(ids) and int(ids.max()) >= vocab_size:
+                    raise InputError(f"{tokenizer_path}: produced token id {int(ids.max())} >= its vocab_size "
+                                     f"{vocab_size} on {where}")
+                if window is not None:
+                    encoded.append((where, ids, mask))
+                    held += len(ids)
+                else:
+                    if examples:
+                        writer.add(numpy.array([eos], dtype="<u4"), numpy.zeros(1, dtype=numpy.uint8))
+                    writer.add(ids, mask)
+                    targets += int(mask.sum())
+                examples += 1
             count += 1
             progress.update(writer.total + held)
         if count == 0:
@@ -145,11 +154,12 @@ def tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template=None,
         raise
     manifest = {"schema": "pretokenize-bin-v1", "tokenizer": str(tokenizer_path), "vocab_size": vocab_size,
                 "eos_policy": "between" if window is None else "padding", "eos_token_id": eos,
-                "eos_token_count": count - 1 if window is None else extra["packing"]["padding_tokens"],
+                "eos_token_count": examples - 1 if window is None else extra["packing"]["padding_tokens"],
                 "shard_count": writer.shards(), "total_tokens": writer.total, "masks": True,
                 "positions": window is not None,
                 "chat": {"template_sha256": hashlib.sha256(template.text.encode()).hexdigest(),
-                         "template_origin": template.origin, "conversations": count, "target_tokens": targets,
+                         "template_origin": template.origin, "template_vars": template_vars,
+                         "conversations": count, "examples": examples, "target_tokens": targets,
                          "truncated": extra.get("truncated", 0)},
                 **({"packing": extra["packing"]} if window is not None else {}),
                 **corpus.manifest(), **(unique.manifest() if unique else {}),

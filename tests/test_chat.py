@@ -67,8 +67,9 @@ def hf_tokenizer(tokenizer, template):
 def ours(tokenizer, template, messages, bos=""):
     from minitrain.tokenize_chat import encode_conversation
 
-    return encode_conversation(tokenizer, Template(template, "test"), {"bos_token": bos, "eos_token": "<|im_end|>"},
-                               messages, "test")
+    (example,) = encode_conversation(tokenizer, Template(template, "test"), {"bos_token": bos, "eos_token": "<|im_end|>"},
+                                     messages, "test")  # these templates' turns only append: one example
+    return example
 
 
 @pytest.mark.parametrize("name", ["smollm2", "chatml", "llama3"])
