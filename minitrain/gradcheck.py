@@ -304,6 +304,11 @@ def cases():
                                 max_position_embeddings=16, rope_theta=1000000.0, rms_norm_eps=1e-6,
                                 tie_word_embeddings=True), "qwen2 packed, --recompute layer", packed=True,
                     recompute="layer"),
+        _model_case(ModelConfig(family="qwen3", hidden_size=8, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=4, intermediate_size=6, vocab_size=11,
+                                max_position_embeddings=16, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                tie_word_embeddings=True), "qwen3 packed, --recompute attention", packed=True,
+                    recompute="attention"),
     ]
 
 

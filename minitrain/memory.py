@@ -63,6 +63,7 @@ def attention_elements(c, T):
 
     return (2 * c.hidden_size + 1  # input_layernorm: its output and x̂ (H each), 1/rms (1)
             + Q + 2 * K  # q, k, v projections
+            + (2 * (Q + K) + nH + nKV if c.qk_norm else 0)  # Qwen3's q/k norms: outputs, x̂, 1/rms per head
             + Q + K  # rope(q), rope(k)
             + heads_first(Q, nH) + heads_first(K, nKV) + heads_first(K, nKV)  # attention's q, k, v heads first
             + Q + nH  # attention's output heads first, and its log-sum-exp per head

@@ -36,6 +36,17 @@ _LAYER = (("attn_norm", None, ("H",), 1), ("q", "attn_norm", ("H",), 1), ("k", "
           ("attn", "q_rope", ("hd", "2T"), 2), ("o_proj", "attn", ("nH*hd",), 1), ("attn_residual", "o_proj", (1,), 1),
           ("mlp_norm", "attn_residual", ("H",), 1), ("gate", "mlp_norm", ("H",), 1), ("up", "mlp_norm", ("H",), 1),
           ("act", "gate", (2,), 1), ("down", "act", ("I",), 1), ("mlp_residual", "down", (1,), 1))
+# Qwen3's layer: q and k normalized per head (a sum over hd) between the projections and RoPE
+_QK_NORM = {"q_norm": ("q", ("hd",), 1), "k_norm": ("k", ("hd",), 1), "q_rope": ("q_norm", (2,), 1),
+            "k_rope": ("k_norm", (2,), 1)}
+
+
+def _layer(m):
+    if not m.qk_norm:
+        return _LAYER
+    rows = [(n, *_QK_NORM[n]) if n in _QK_NORM else (n, src, sums, k) for n, src, sums, k in _LAYER]
+    at = next(i for i, row in enumerate(rows) if row[0] == "q_rope")
+    return tuple(rows[:at] + [("q_norm", *_QK_NORM["q_norm"]), ("k_norm", *_QK_NORM["k_norm"])] + rows[at:])
 
 
 def chains(m, batch, seq):
@@ -44,7 +55,7 @@ def chains(m, batch, seq):
     size = {"H": m.hidden_size, "I": m.intermediate_size, "hd": m.head_dim, "2T": 2 * seq,
             "nH*hd": m.num_attention_heads * m.head_dim}
     within = {}  # a layer's tensors, from its input
-    for name, source, sums, stores in _LAYER:
+    for name, source, sums, stores in _layer(m):
         n, k = (0, 0) if source is None else within[source]
         within[name] = (n + sum(size.get(s, s) for s in sums), k + stores)
     step, L = within["mlp_residual"], m.num_hidden_layers
@@ -118,7 +129,7 @@ class Bounds:
         if kind == "bias":
             return float(abs(arrays[0]).reshape(-1, arrays[0].shape[-1]).sum(0).max())
         if kind == "norm":
-            dy, x = arrays
+            dy, x = arrays[0], arrays[1].reshape(arrays[0].shape)  # a per-head norm's input: (B, T, n*hd)
             xhat = x / numpy.sqrt((x * x).mean(-1, keepdims=True) + self.model.rms_norm_eps)
             return float(abs(dy * xhat).reshape(-1, x.shape[-1]).sum(0).max())
         ids, dx, *head = arrays  # an embedding: its rows' gathered |dX|, and a tied or untied head's |dZ|^T |h|
@@ -171,11 +182,12 @@ def _terms_spec(target, model):
     table = {"input_layernorm": ("attn_norm", before), "post_attention_layernorm": ("mlp_norm", t + "attn_residual"),
              "self_attn.q_proj": ("q", "attn_norm"), "self_attn.k_proj": ("k", "attn_norm"),
              "self_attn.v_proj": ("v", "attn_norm"), "self_attn.o_proj": ("o_proj", "attn"),
+             "self_attn.q_norm": ("q_norm", "q"), "self_attn.k_norm": ("k_norm", "k"),
              "mlp.gate_proj": ("gate", "mlp_norm"), "mlp.up_proj": ("up", "mlp_norm"), "mlp.down_proj": ("down", "act")}
     if module not in table:
         return None
     out, x = table[module]
     x = x if x.startswith(("embed", "layers.")) else t + x
-    if module.endswith("layernorm"):
+    if module.endswith("norm"):
         return "norm", [f"grad.{t}{out}", x]
     return ("bias", [f"grad.{t}{out}"]) if leaf == "bias" else ("linear", [f"grad.{t}{out}", x])

@@ -97,10 +97,14 @@ def test_a_teacher_of_another_vocabulary_is_refused_with_both_sizes():
 
 
 # --- pretrain --teacher ------------------------------------------------------------------------
-STUDENT = dict(family="qwen2", hidden_size=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=24,
+# The newer families: a Qwen3 student (q/k norms) and a wider, untied Llama teacher with Llama 3's
+# RoPE scaling
+STUDENT = dict(family="qwen3", hidden_size=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=24,
                vocab_size=50, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
 TEACHER = dict(family="llama", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
-               vocab_size=50, rope_theta=1e4, rms_norm_eps=1e-5, tie_word_embeddings=False)  # another family, wider
+               vocab_size=50, rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=1024,
+               rope_parameters=dict(rope_type="llama3", rope_theta=1e4, factor=4.0, low_freq_factor=1.0,
+                                    high_freq_factor=8.0, original_max_position_embeddings=256))
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def worst_error(model, rows, new):
 
 @pytest.mark.numerics
 @pytest.mark.parametrize("precision", ["fp64", "fp32"])
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-llama3"])
 def test_cached_logits_at_every_position_equal_the_full_forward(name, precision):
     with backend.precision(precision), no_grad():
         model = sharp_model(name)
@@ -118,7 +118,7 @@ def greedy_by_full_forward(model, row, n):
     return ids[len(row):]
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-llama3"])
 def test_greedy_batch_equals_each_prompt_decoded_alone_by_the_full_forward(name):
     with backend.precision("fp64"), no_grad():
         model = sharp_model(name, embed_scale=1.0)

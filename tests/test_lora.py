@@ -27,13 +27,17 @@ from minitrain.ops.lora import LoRALinear
 from minitrain.optim import AdamW
 from minitrain.setup_run import build, configure
 
-SPECS = {  # GQA with q/k/v biases and a tied head; MHA with an untied head
+SPECS = {  # GQA with q/k/v biases and a tied head; MHA with an untied head; Qwen3
     "qwen2-gqa-tied": dict(family="qwen2", hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                            intermediate_size=40, vocab_size=50, rope_theta=1e6, rms_norm_eps=1e-6,
                            tie_word_embeddings=True),
     "llama-untied": dict(family="llama", hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
                          intermediate_size=24, vocab_size=43, rope_theta=1e4, rms_norm_eps=1e-5,
                          tie_word_embeddings=False),
+    # Qwen3: q/k norms (frozen, as every base tensor) between the adapted q/k and RoPE; q 64 wide on 32
+    "qwen3-gqa-tied": dict(family="qwen3", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           intermediate_size=40, vocab_size=47, rope_theta=1e6, rms_norm_eps=1e-6,
+                           tie_word_embeddings=True),
 }
 B, T, RANK, ALPHA = 2, 12, 4, 8.0
 ADAMW = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)

@@ -47,7 +47,7 @@ def graph_bytes(loss, exclude):
     return total
 
 
-@pytest.mark.parametrize("arch", ["tiny-qwen2", "tiny-llama"])  # one kv head (its transposes are views) and two
+@pytest.mark.parametrize("arch", ["tiny-qwen2", "tiny-llama", "tiny-qwen3", "tiny-llama3"])  # one kv head (its transposes are views) and more
 @pytest.mark.parametrize("dtype", ["fp32", "fp64"])
 @pytest.mark.parametrize("B, T", [(2, 8), (3, 5), (1, 1)])
 @pytest.mark.parametrize("recompute", ["none", "attention", "mlp", "layer"])

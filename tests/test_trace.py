@@ -59,15 +59,47 @@ def case(request, tmp_path_factory):
     return request.param, d / "hf", data, d / "ours.safetensors", d / "hf.safetensors"
 
 
+NEWER = {  # Qwen3 (q/k norms, head_dim apart from hidden/heads) and a Llama with Llama 3's RoPE scaling
+    "qwen3": dict(family="qwen3", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  intermediate_size=40, vocab_size=41, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "llama3": dict(family="llama", hidden_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                   intermediate_size=40, vocab_size=43, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                   max_position_embeddings=1024, rope_parameters=dict(
+                       rope_type="llama3", rope_theta=1e4, factor=4.0, low_freq_factor=1.0, high_freq_factor=8.0,
+                       original_max_position_embeddings=256)),
+}
+
+
 @pytest.mark.numerics  # tools/avx2_leg.py runs it again on the AVX2 code paths
 def test_float64_traces_of_minitrain_and_transformers_agree_on_every_tensor(case):
-    family, directory, _, ours, theirs = case
+    _, directory, _, ours, theirs = case
+    agree_on_every_tensor(directory, ours, theirs, LAYER)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", list(NEWER))
+def test_qwen3_and_llama3_traces_agree_on_every_tensor(family, tmp_path):
+    """Qwen3's traces name its norms layers.i.q_norm and layers.i.k_norm, between q, k and RoPE."""
+    hf_oracle.build_hf(NEWER[family], seed=5).save_pretrained(tmp_path / "hf")
+    data = tokens(tmp_path / "data.bin", NEWER[family]["vocab_size"])
+    tracing.trace(tmp_path / "hf", data, T, B, tmp_path / "ours.safetensors", "fp64", say=quiet)
+    hf_trace.hf_trace(tmp_path / "hf", data, T, B, tmp_path / "hf.safetensors", "fp64")
+    layer = LAYER if family == "llama3" else LAYER[:4] + ("q_norm", "k_norm") + LAYER[4:]
+    agree_on_every_tensor(tmp_path / "hf", tmp_path / "ours.safetensors", tmp_path / "hf.safetensors", layer)
+    names = Trace(tmp_path / "ours.safetensors").names
+    assert family == "llama3" or names.index("layers.0.k") < names.index("layers.0.q_norm") < names.index(
+        "layers.0.k_norm") < names.index("layers.0.q_rope")
+
+
+def agree_on_every_tensor(directory, ours, theirs, layer):
+    """minitrain's and transformers' float64 traces of one step: the same tensors (the forward's
+    in `layer` per layer, every gradient, AdamW's step), each within its bound and to 1e-12."""
     report = diff(ours, theirs)
     assert report["first_divergence"] is None, report["first_divergence"]
     assert report["missing_in_a"] == report["missing_in_b"] == []
     names = {r["name"] for r in report["rows"]}
     params = set(hf.load_dir(directory)[1])
-    layers = {f"layers.{i}.{n}" for i in range(2) for n in LAYER}
+    layers = {f"layers.{i}.{n}" for i in range(2) for n in layer}
     forward = {"embed", "norm", "logits"} | layers
     steps = {f"step.{k}.{p}" for p in params for k in ("m", "v", "update", "param")}
     assert forward | {"loss"} | {f"grad.{n}" for n in forward | params} | steps == names

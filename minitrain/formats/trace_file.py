@@ -139,12 +139,13 @@ class Trace:
 
 
 # The shape of each name, by its last part (docs/auditing.md's table); B, T, H, ... as there.
-_SHAPES = {"embed": "BTH", "attn_norm": "BTH", "q": "BTq", "k": "BTk", "v": "BTk", "q_rope": "BTNd", "k_rope": "BTKd",
-           "attn": "BTNd", "o_proj": "BTH", "attn_residual": "BTH", "mlp_norm": "BTH", "gate": "BTI", "up": "BTI",
+_SHAPES = {"embed": "BTH", "attn_norm": "BTH", "q": "BTq", "k": "BTk", "v": "BTk", "q_norm": "BTNd", "k_norm": "BTKd",
+           "q_rope": "BTNd", "k_rope": "BTKd", "attn": "BTNd", "o_proj": "BTH", "attn_residual": "BTH", "mlp_norm": "BTH", "gate": "BTI", "up": "BTI",
            "act": "BTI", "down": "BTH", "mlp_residual": "BTH", "norm": "BTH", "logits": "BTV", "loss": "",
            "input_ids": "BT", "targets": "BT", "positions": "BT"}
 TOP = ("input_ids", "targets", "positions", "embed", "norm", "logits", "loss")  # the names outside the layers
-_PARAMS = {"embed_tokens.weight": "VH", "lm_head.weight": "VH", "norm.weight": "H", "layernorm.weight": "H",
+_PARAMS = {"embed_tokens.weight": "VH", "lm_head.weight": "VH", "q_norm.weight": "d", "k_norm.weight": "d",
+           "norm.weight": "H", "layernorm.weight": "H",
            "q_proj.weight": "qH", "k_proj.weight": "kH", "v_proj.weight": "kH", "o_proj.weight": "Hq",
            "q_proj.bias": "q", "k_proj.bias": "k", "v_proj.bias": "k", "gate_proj.weight": "IH",
            "up_proj.weight": "IH", "down_proj.weight": "HI"}
