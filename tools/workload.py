@@ -63,12 +63,11 @@ def hf_model(transformers, cfg, attn_implementation=None):
     from minitrain.formats.hf import config_to_hf
 
     d = config_to_hf(cfg)
-    llama = cfg.family == "llama"
-    config = (transformers.LlamaConfig if llama else transformers.Qwen2Config)(
-        **{k: v for k, v in d.items() if k not in ("architectures", "model_type", "torch_dtype")},
+    config = transformers.AutoConfig.for_model(
+        cfg.family, **{k: v for k, v in d.items() if k not in ("architectures", "model_type", "torch_dtype")},
         attn_implementation=attn_implementation)
     torch.manual_seed(0)
-    return (transformers.LlamaForCausalLM if llama else transformers.Qwen2ForCausalLM)(config).float().train()
+    return transformers.AutoModelForCausalLM.from_config(config).float().train()
 
 
 def peft_model(transformers, cfg, lora_rank):

@@ -1,4 +1,5 @@
-"""RMSNorm, as in Llama and Qwen2: no mean subtraction, no bias."""
+"""RMSNorm, as in Llama and Qwen2 (over the hidden size), and Qwen3 (also over each head of q and k):
+no mean subtraction, no bias."""
 
 import numpy
 
