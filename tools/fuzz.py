@@ -43,7 +43,7 @@ import sys
 import time
 import traceback
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,6 +70,14 @@ def micro_config():
                        max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
 
 
+def newer_configs(cfg):
+    """The micro model as a Llama 3 (RoPE scaling with every band populated) and as a Qwen3."""
+    from minitrain.config import RopeScaling
+
+    scaling = RopeScaling(factor=4.0, low_freq_factor=1.0, high_freq_factor=8.0, original_max_position_embeddings=64)
+    return {"llama3": replace(cfg, rope_scaling=scaling), "qwen3": replace(cfg, family="qwen3")}
+
+
 def make_seeds(root):
     """The seed files and directories of every target under `root` (made once; deterministic)."""
     if (root / "done").exists():
@@ -94,6 +102,11 @@ def make_seeds(root):
     cfg = micro_config()
     arrays = {n: t.data for n, t in Model.from_scratch(cfg, seed=0).params.items()}
     gguf.write_gguf(root / "m.gguf", cfg, arrays, tokenizer, dtype="f16", chat_template=TEMPLATE)
+    for name, newer in newer_configs(cfg).items():  # Llama 3's rope_freqs and keys; Qwen3's q/k norms
+        newer_arrays = {n: t.data for n, t in Model.from_scratch(newer, seed=0).params.items()}
+        gguf.write_gguf(root / f"{name}.gguf", newer, newer_arrays, tokenizer)
+        save_dir(root / name, newer, newer_arrays)
+        convert(root / name, root / f"{name}.apr")
     for layout in ("single", "sharded"):
         d = root / layout
         save_dir(d, cfg, arrays)
@@ -175,9 +188,10 @@ class Target:
 MODEL_READERS = ("formats/sources.py", "inspect_model.py", "model.py", "formats/vocab.py")
 TARGETS = {
     "gguf": Target("m.gguf", (), ("formats/gguf.py", "formats/gguf_check.py", "formats/gguf_vocab.py",
-                                  *MODEL_READERS), ".gguf"),
+                                  *MODEL_READERS), ".gguf", ("llama3.gguf", "qwen3.gguf")),
     "apr": Target("m.apr", (), ("formats/apr.py", "formats/apr_model.py", "formats/apr_meta.py",
-                                "formats/apr_quant.py", *MODEL_READERS), ".apr", ("m-nofooter.apr",), apr_header_crc),
+                                "formats/apr_quant.py", *MODEL_READERS), ".apr", ("m-nofooter.apr", "llama3.apr", "qwen3.apr"),
+                  apr_header_crc),
     "hf": Target(".", ("single/config.json", "single/model.safetensors", "single/tokenizer.json",
                        "single/tokenizer_config.json", "single/chat_template.jinja",
                        "sharded/model.safetensors.index.json", "sharded/model-00001-of-00002.safetensors",

@@ -4,6 +4,9 @@ Completion: for each prompt, the ids of both tokenizers (minitrain's reading of 
 vocabulary, and llama.cpp's), then greedy continuations of N tokens by minitrain (from
 --reference, default the GGUF itself) and by llama.cpp on the GGUF, compared token by token.
 
+Llama 3's RoPE scaling, where the model has it (llama.cpp reads it as the rope_freqs tensor): the
+logits after a long prompt, llama.cpp's against minitrain's with and without the scaling.
+
 Chat, where the GGUF carries a chat template: for each user turn (with a system turn or
 without), the prompt ids `minitrain generate --chat` renders (with --reference's template, which
 convert wrote into the GGUF) against those of llama-cpp-python's create_chat_completion (the
@@ -27,6 +30,7 @@ the activations to 8-bit blocks before each quantized matmul, so near-ties can g
 import argparse
 import ctypes
 import sys
+from pathlib import Path
 
 PROMPTS = ["def fibonacci(n):", "import os\n\ndef list_files(path):\n", "class Stack:\n    def __init__(self):"]
 CHATS = [(None, "Write a Python function `indent(text, prefix, predicate=None)` that adds 'prefix' to the "
@@ -56,6 +60,8 @@ def main():
     print(f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) on {args.gguf}; minitrain on "
           f"{args.reference or args.gguf}; greedy, {args.max_new_tokens} new tokens")
     same = all([completion(llm, model, tokenizer, prompt, args.max_new_tokens) for prompt in args.prompt or PROMPTS])
+    if model.config.rope_scaling is not None:
+        same &= scaled_rope(llm, model, tokenizer)
     if "tokenizer.chat_template" in llm.metadata:
         same &= all([chat(llm, model, tokenizer, args.reference or args.gguf, system, user, args.chat_max_new_tokens)
                      for system, user in CHATS])
@@ -84,6 +90,35 @@ def completion(llm, model, tokenizer, prompt, max_new_tokens):
     print(f"  minitrain: {tokenizer.decode(ours)!r}")
     print(f"  llama.cpp: {tokenizer.decode(theirs)!r}")
     return ours_prompt == theirs_prompt and ours == theirs
+
+
+def scaled_rope(llm, model, tokenizer, tokens=480):
+    """Llama 3's RoPE scaling, where short prompts cannot show it (the stretched frequencies turn
+    by little within a few dozen positions): the logits after a prompt of `tokens` tokens (the
+    standard library's json/decoder.py), llama.cpp's (with the file's rope_freqs) against
+    minitrain's with the scaling and without it. llama.cpp must be nearer the first by 10x."""
+    import dataclasses
+    import json as stdlib_json
+
+    import llama_cpp
+    import numpy
+
+    from minitrain.autograd import no_grad
+    from minitrain.model import Model
+
+    ids = tokenizer.encode(Path(stdlib_json.__file__).with_name("decoder.py").read_text(),
+                           add_special_tokens=False).ids[:tokens]
+    scoring = llama_cpp.Llama(model_path=llm.model_path, n_ctx=512, n_threads=2, seed=0, verbose=False,
+                              logits_all=True)  # llama-cpp-python keeps no logits without it
+    scoring.eval(ids)
+    theirs = numpy.array(scoring.scores[len(ids) - 1], dtype=numpy.float64)
+    plain = Model(dataclasses.replace(model.config, rope_scaling=None), model.params)
+    with no_grad():
+        ours, unscaled = (m.forward(numpy.array([ids])).data[0, -1].astype(numpy.float64) for m in (model, plain))
+    near, far = float(abs(theirs - ours).max()), float(abs(theirs - unscaled).max())
+    print(f"\nRoPE scaling, the logits after {len(ids)} tokens: llama.cpp vs minitrain max |diff| {near:.4f}; "
+          f"vs minitrain without the scaling {far:.4f} ({'llama.cpp applies it' if 10 * near < far else 'NOT SHOWN'})")
+    return 10 * near < far
 
 
 def chat(llm, model, tokenizer, reference, system, user, max_new_tokens):

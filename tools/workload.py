@@ -23,7 +23,8 @@ def flops_per_token(cfg, seq_len):
 
     head = cfg.vocab_size * cfg.hidden_size
     n = parameter_count(cfg) - head + (head if cfg.tie_word_embeddings else 0)  # lookup out, lm_head matmul in
-    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len  # q kᵀ and P v, 3x
+    return 6 * n + attention
 
 
 def minitrain_step(cfg, batch, seq_len, lora_rank=None, recompute="none"):
