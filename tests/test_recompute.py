@@ -47,11 +47,12 @@ def base(tokens, tmp_path_factory):
     return train(tokens, tmp_path_factory.mktemp("base") / "run") / "final.apr"
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
-def test_every_mode_writes_the_bits_of_keeping_everything(tokens, tmp_path, dtype):
-    kept = train(tokens, tmp_path / "none", dtype=dtype)
+@pytest.mark.parametrize("dtype, arch", [("fp32", "tiny-qwen2"), ("fp64", "tiny-qwen2"), ("fp32", "tiny-qwen3"),
+                                         ("fp32", "tiny-llama3")])
+def test_every_mode_writes_the_bits_of_keeping_everything(tokens, tmp_path, dtype, arch):
+    kept = train(tokens, tmp_path / "none", dtype=dtype, arch=arch)
     for mode in MODES:
-        assert same_run(kept, train(tokens, tmp_path / mode, dtype=dtype, recompute=mode)), mode
+        assert same_run(kept, train(tokens, tmp_path / mode, dtype=dtype, arch=arch, recompute=mode)), mode
 
 
 @pytest.mark.parametrize("mode", ["attention", "layer"])
