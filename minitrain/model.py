@@ -56,25 +56,29 @@ class Model:
 
     @classmethod
     def from_arrays(cls, config, arrays):
-        """Copy arrays (name -> array, any float dtype; read-only memory maps too) into trainable
-        parameters in the backend's policy dtype (backend.dtype)."""
+        """Copy arrays (name -> array, any float dtype; read-only memory maps too; or an iterable of
+        (name, array) pairs, each copied as it comes) into trainable parameters in the backend's
+        policy dtype (backend.dtype)."""
+        pairs = arrays.items() if isinstance(arrays, dict) else arrays
         return cls(config, {name: Tensor(backend.xp.array(a, dtype=backend.dtype), requires_grad=True, name=name)
-                            for name, a in arrays.items()})
+                            for name, a in pairs})
 
     @classmethod
     def from_scratch(cls, config, seed=0):
         """N(0, 0.02) for the embedding and every linear weight, zero biases, RMSNorm weights 1.
-        Drawn tensor by tensor in table order from one seeded generator: same seed, same model."""
+        Drawn tensor by tensor in table order from one seeded generator: same seed, same model.
+        Each draw becomes its parameter before the next is made: the model's memory, not twice it."""
         rng = numpy.random.default_rng(seed)
-        arrays = {}
-        for name, shape in tensor_table(config).items():
-            if name.endswith("norm.weight"):
-                arrays[name] = numpy.ones(shape, dtype=numpy.float32)
-            elif name.endswith(".bias"):
-                arrays[name] = numpy.zeros(shape, dtype=numpy.float32)
-            else:
-                arrays[name] = rng.standard_normal(shape, dtype=numpy.float32) * numpy.float32(INIT_STD)
-        return cls.from_arrays(config, arrays)
+
+        def drawn():
+            for name, shape in tensor_table(config).items():
+                if name.endswith("norm.weight"):
+                    yield name, numpy.ones(shape, dtype=numpy.float32)
+                elif name.endswith(".bias"):
+                    yield name, numpy.zeros(shape, dtype=numpy.float32)
+                else:
+                    yield name, rng.standard_normal(shape, dtype=numpy.float32) * numpy.float32(INIT_STD)
+        return cls.from_arrays(config, drawn())
 
     def parameters(self):
         """Every trainable tensor once (a tied head is the embedding), in tensor_table order."""
