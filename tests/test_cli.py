@@ -5,6 +5,7 @@ import sys
 
 from click.testing import CliRunner
 
+from minitrain import gradcheck
 from minitrain.cli import cli
 
 
@@ -31,7 +32,8 @@ def test_unknown_op_is_one_line_and_exit_2():
 def test_a_broken_backward_makes_gradcheck_fail(rmsnorm_without_mean_term):
     result = CliRunner().invoke(cli, ["gradcheck", "--op", "rmsnorm"])
     assert result.exit_code == 1
-    assert "FAIL" in result.output and "0/2 checks passed" in result.output
+    cases = sum(c.op == "rmsnorm" for c in gradcheck.cases())  # the hidden size's and Qwen3's per head
+    assert "FAIL" in result.output and f"0/{cases} checks passed" in result.output and cases == 3
 
 
 def test_help_works():
