@@ -6,7 +6,7 @@ checkpoint against, tensor by tensor.
 """
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,10 @@ class RopeScaling:
             raise ValueError(f"rope_scaling needs factor >= 1 and high_freq_factor > low_freq_factor, got factor "
                              f"{self.factor}, low_freq_factor {self.low_freq_factor}, high_freq_factor "
                              f"{self.high_freq_factor}")
+
+    def as_hf(self):
+        """Hugging Face's object for it (config.json's rope_scaling; APR's custom key of that name)."""
+        return {"rope_type": "llama3", **asdict(self)}
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,9 @@ class ModelConfig:
         return d
 
 
+LLAMA_3_2_SCALING = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                original_max_position_embeddings=8192)
+
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 PRESETS = {
@@ -110,9 +117,7 @@ PRESETS = {
     "llama-3.2-1b": ModelConfig(
         family="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
         head_dim=64, intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072,
-        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                 original_max_position_embeddings=8192)),
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, rope_scaling=LLAMA_3_2_SCALING),
     # Small members of each family: the same structure and GQA ratio (4:1 and 7:1), for demos
     # and tests. The vocabulary fits the demo's byte-level BPE tokenizer.
     "tiny-llama": ModelConfig(
@@ -124,18 +129,14 @@ PRESETS = {
         head_dim=32, intermediate_size=608, vocab_size=8192, max_position_embeddings=1024,
         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
     # ... and of the two newer ones: Qwen3's q/k norms with head_dim apart from hidden/heads (q is
-    # 512 wide on a hidden size of 256, as Qwen3-0.6B's is 2048 on 1024); Llama 3.2's RoPE scaling
+    # 512 wide on a hidden size of 256, as Qwen3-0.6B's is 2048 on 1024); Llama 3.2's RoPE scaling (below)
     "tiny-qwen3": ModelConfig(
         family="qwen3", hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
         head_dim=64, intermediate_size=768, vocab_size=8192, max_position_embeddings=1024,
         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
-    "tiny-llama3": ModelConfig(
-        family="llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-        head_dim=32, intermediate_size=688, vocab_size=8192, max_position_embeddings=131072,
-        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                 original_max_position_embeddings=8192)),
 }
+PRESETS["tiny-llama3"] = replace(PRESETS["tiny-llama"], max_position_embeddings=131072, rope_theta=500000.0,
+                                 rope_scaling=LLAMA_3_2_SCALING)  # tiny-llama with Llama 3.2's RoPE
 
 
 def arch_name(config):

@@ -43,6 +43,10 @@ TEACHER_X, TEACHER_W = TEACHER.standard_normal((1, 5, 4)), 2 * TEACHER.standard_
 # Llama 3 scaling at hd 16, theta 1e4: wavelengths 6.3 and 20 kept (< 256/8), 63 and 199
 # interpolated, 628 and longer stretched 4x (> 256/1)
 LLAMA3 = RopeScaling(factor=4.0, low_freq_factor=1.0, high_freq_factor=8.0, original_max_position_embeddings=256)
+# Qwen3: q/k norms, 4 heads of 4 on a hidden size of 8 (GQA 2:1), tied
+QWEN3 = ModelConfig(family="qwen3", hidden_size=8, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=4, intermediate_size=6, vocab_size=11, max_position_embeddings=16,
+                    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 PACKED_STARTS = numpy.array([[0, 0, 0, 3, 3, 3, 3], [0, 0, 2, 2, 4, 4, 4]])  # each query's first key
 ELEMENTWISE_MAX = 3000  # differentiable elements up to which the element-by-element check runs
 
@@ -285,10 +289,7 @@ def cases():
                                 num_key_value_heads=1, head_dim=4, intermediate_size=6, vocab_size=11,
                                 max_position_embeddings=16, rope_theta=1000000.0, rms_norm_eps=1e-6,
                                 tie_word_embeddings=True), "qwen2, projections packed", packed=True),
-        _model_case(ModelConfig(family="qwen3", hidden_size=8, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, head_dim=4, intermediate_size=6, vocab_size=11,
-                                max_position_embeddings=16, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                                tie_word_embeddings=True), "qwen3 q/k norms, head_dim apart, tied"),
+        _model_case(QWEN3, "qwen3 q/k norms, head_dim apart, tied"),
         _model_case(ModelConfig(family="llama", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                 num_key_value_heads=1, head_dim=16, intermediate_size=6, vocab_size=11,
                                 max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
@@ -304,11 +305,7 @@ def cases():
                                 max_position_embeddings=16, rope_theta=1000000.0, rms_norm_eps=1e-6,
                                 tie_word_embeddings=True), "qwen2 packed, --recompute layer", packed=True,
                     recompute="layer"),
-        _model_case(ModelConfig(family="qwen3", hidden_size=8, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, head_dim=4, intermediate_size=6, vocab_size=11,
-                                max_position_embeddings=16, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                                tie_word_embeddings=True), "qwen3 packed, --recompute attention", packed=True,
-                    recompute="attention"),
+        _model_case(QWEN3, "qwen3 packed, --recompute attention", packed=True, recompute="attention"),
     ]
 
 

@@ -3,7 +3,6 @@ numbers, and the architecture and tokenizer keys of an LLM (../shared/docs/apr-f
 
 import json
 import math
-from dataclasses import asdict
 from fractions import Fraction
 
 import numpy
@@ -107,18 +106,11 @@ def model_metadata(config, param_count, tokenizer=None):
             "intermediate_size": c.intermediate_size, "max_position_embeddings": c.max_position_embeddings,
             "rope_theta": c.rope_theta, "rope_type": ROPE_NEOX, "rms_norm_eps": c.rms_norm_eps,
             "head_dim": c.head_dim}
-    if c.rope_scaling is not None:
-        meta["rope_scaling"] = rope_scaling_metadata(c.rope_scaling)
+    if c.rope_scaling is not None:  # a custom key: aprender has no typed field for it (a reader that
+        meta["rope_scaling"] = c.rope_scaling.as_hf()  # ignores it computes plain RoPE)
     if tokenizer is not None:
         meta.update(tokenizer_metadata(tokenizer, c.vocab_size))
     return meta
-
-
-def rope_scaling_metadata(scaling):
-    """The custom key `rope_scaling` minitrain writes for Llama 3's frequency scaling (Hugging
-    Face's object: rope_type llama3 and its four fields): aprender has no typed field for it, and a
-    reader that ignores it computes plain RoPE."""
-    return {"rope_type": "llama3", **asdict(scaling)}
 
 
 BOS_NAMES, EOS_NAMES = ("<s>", "<|begin_of_text|>"), ("<|endoftext|>", "</s>", "<eos>")

@@ -27,7 +27,7 @@ from minitrain.config import FAMILIES, PRESETS, ModelConfig
 from minitrain.errors import InputError
 from minitrain.formats import hf
 from minitrain.formats.apr import read_apr
-from minitrain.formats.apr_meta import ROPE_NEOX, rope_scaling_metadata
+from minitrain.formats.apr_meta import ROPE_NEOX
 from minitrain.formats.rope_layout import interleaved_to_hf, permute_qk
 from minitrain.model import check_tensors
 
@@ -107,7 +107,7 @@ def config_from_apr(meta, shapes, tied, source, arch=None):
         preset = PRESETS[arch]
         given.update({k: getattr(preset, f) for k, f in _APR_FIELDS.items() if meta.get(k) is None})
         if "rope_scaling" not in meta:
-            given["rope_scaling"] = preset.rope_scaling and rope_scaling_metadata(preset.rope_scaling)
+            given["rope_scaling"] = preset.rope_scaling and preset.rope_scaling.as_hf()
 
     def agree(key, from_shapes):
         value = given.get(key)

@@ -26,7 +26,6 @@ the matrices in the chosen type, and the tokenizer (gguf_vocab.py), so llama.cpp
 """
 
 import functools
-import math
 import os
 from dataclasses import asdict, replace
 from dataclasses import fields as fields_of
@@ -39,7 +38,7 @@ from minitrain.errors import InputError
 from minitrain.formats import gguf_check, gguf_vocab
 from minitrain.formats.rope_layout import hf_to_interleaved, interleaved_to_hf, permute_qk
 from minitrain.model import check_tensors
-from minitrain.ops.rope import inv_freq
+from minitrain.ops.rope import inv_freq, llama3_inv_freq
 
 READABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")  # GGMLQuantizationType names
 WRITABLE = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7)}  # general.file_type
@@ -170,17 +169,10 @@ def config_from_fields(values, shapes, tied, source, rope_freqs=None):
 
 def rope_divisors(cfg):
     """(head_dim/2,) float32: llama.cpp's rope_freqs tensor for cfg's Llama 3 scaling, f_i / f'_i,
-    computed as llama.cpp's converter does (convert_hf_to_gguf.py, LlamaModel): the fp32
-    frequencies, then each divisor in double precision."""
-    s = cfg.rope_scaling
-    f = inv_freq(numpy, cfg.head_dim, cfg.rope_theta, None, numpy.dtype(numpy.float32))
-    divisors = []
-    for w in 2 * math.pi / f.astype(numpy.float64):
-        a = (s.original_max_position_embeddings / w - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-        divisors.append(1.0 if w < s.original_max_position_embeddings / s.high_freq_factor
-                        else s.factor if w > s.original_max_position_embeddings / s.low_freq_factor
-                        else 1 / ((1 - a) / s.factor + a))
-    return numpy.array(divisors, dtype=numpy.float32)
+    from the fp32 frequencies in double precision, as llama.cpp's converter computes it
+    (convert_hf_to_gguf.py, LlamaModel), the bands those of ops/rope.py's llama3_inv_freq."""
+    f = inv_freq(numpy, cfg.head_dim, cfg.rope_theta, None, numpy.dtype(numpy.float32)).astype(numpy.float64)
+    return (f / llama3_inv_freq(numpy, f, cfg.rope_scaling)).astype(numpy.float32)
 
 
 def _scaling(values, rope_freqs, cfg, source):

@@ -7,7 +7,7 @@ in F32, F16 or BF16 are widened to F32.
 """
 
 import json
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 import numpy
@@ -132,7 +132,7 @@ def config_to_hf(cfg):
     d.update({"llama": {"attention_bias": False, "mlp_bias": False}, "qwen2": {"use_sliding_window": False},
               "qwen3": {"attention_bias": False, "use_sliding_window": False}}[cfg.family])
     if cfg.rope_scaling is not None:
-        d["rope_scaling"] = {"rope_type": "llama3", **asdict(cfg.rope_scaling)}
+        d["rope_scaling"] = cfg.rope_scaling.as_hf()
     return d
 
 
