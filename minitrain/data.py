@@ -13,14 +13,27 @@ Packed windows (`tokenize --chat --pack --seq-len T`): NAME.pos holds each token
 its conversation (u32; 0 where a conversation starts, then +1 per token). The model turns RoPE by
 them and attention never crosses conversations (model.hidden). Each window must start a
 conversation: data packed for another --seq-len is refused.
+
+Preference pairs (`tokenize --preference --seq-len T`, manifest.json "pairs"): pair k is windows
+2k (prompt + chosen) and 2k + 1 (prompt + rejected), each sequence at its window's start and
+padded with EOS (mask 0) after; the masks mark the completions' tokens. PairWindows reads them a
+pair at a time.
 """
 
+import json
+from collections import namedtuple
 from pathlib import Path
 
 import numpy
 
 from minitrain.errors import InputError
 from minitrain.ops.cross_entropy import IGNORE
+
+
+# What an objective is handed for each micro-batch: inputs and targets (B, T), the positions of
+# packed windows (else None), and for preference pairs the reference model's log-probabilities of
+# its sequences (else None).
+Batch = namedtuple("Batch", "inputs targets positions reference")
 
 
 def token_files(path):
@@ -144,6 +157,60 @@ class TokenWindows:
         return numpy.stack([numpy.asarray(self.pos[i][start: start + self.seq_len], dtype=numpy.int64)
                             for i, start in map(self._locate, indices)])
 
+    def examples(self, indices):
+        """Windows `indices` as an objective's Batch."""
+        return Batch(*self.batch(indices), self.positions(indices), None)
+
+
+def manifest_of(path):
+    """The manifest.json beside token data (a directory's, or a .bin file's directory's), or {}
+    without one; InputError if it is not a JSON object."""
+    p = Path(path)
+    found = (p if p.is_dir() else p.parent) / "manifest.json"
+    if not found.is_file():
+        return {}
+    try:
+        manifest = json.loads(found.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{found}: not JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{found}: expected a JSON object")
+    return manifest
+
+
+class PairWindows:
+    """The preference pairs of token windows written by `tokenize --preference` (see the module's
+    docstring): pair k is windows 2k (chosen) and 2k + 1 (rejected). A batch of pairs is their 2B
+    sequences, the chosen first (TRL's order), cut after the last column that holds a target of
+    any of them: what follows is padding, which no earlier position attends to (causal attention),
+    so every target's log-probability is what the whole window gives. `reference`: the reference
+    model's log-probabilities, (pairs, 2) float64 [chosen, rejected], once they are known."""
+
+    def __init__(self, windows, path):
+        pairs = manifest_of(path).get("pairs")
+        if not isinstance(pairs, dict):
+            raise InputError(f"{path}: no preference pairs (its manifest.json has no \"pairs\"); make them with "
+                             f"`minitrain tokenize --preference --seq-len {windows.seq_len}`")
+        if pairs.get("seq_len") != windows.seq_len:
+            raise InputError(f"{path}: pairs written for --seq-len {pairs.get('seq_len')} (manifest.json), not "
+                             f"{windows.seq_len}: train at that --seq-len")
+        if windows.masks is None or len(windows) % 2:
+            raise InputError(f"{path}: {len(windows)} windows{'' if windows.masks is not None else ' without masks'}: "
+                             f"pair data is an even number of windows with their .mask shards")
+        self.windows, self.seq_len, self.reference = windows, windows.seq_len, None
+
+    def __len__(self):
+        return len(self.windows) // 2
+
+    def examples(self, pairs):
+        """Pairs `pairs` -> Batch: inputs and targets (2B, t), t <= T, positions None, and their
+        reference log-probabilities (2B,) [chosen..., rejected...] once known."""
+        inputs, targets = self.windows.batch([2 * k for k in pairs] + [2 * k + 1 for k in pairs])
+        used = numpy.flatnonzero((targets != IGNORE).any(axis=0))
+        width = int(used[-1]) + 1 if used.size else 1
+        reference = None if self.reference is None else self.reference[pairs].T.reshape(-1)  # (2B,)
+        return Batch(inputs[:, :width], targets[:, :width], None, reference)
+
 
 def target_count(targets):
     """The targets the loss counts (not IGNORE) in a batch's targets."""
@@ -187,3 +254,7 @@ class TrainStream:
     def positions(self, start, count):
         """Their positions (count, T) for packed data, else None."""
         return self.windows.positions(self.window_ids(start, count))
+
+    def examples(self, start, count):
+        """Samples start..start+count-1 as an objective's Batch."""
+        return self.windows.examples(self.window_ids(start, count))

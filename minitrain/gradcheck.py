@@ -28,6 +28,7 @@ from minitrain.ops.attention import Attention
 from minitrain.ops.basic import Add, Mean, Mul, Reshape, Sum, Transpose
 from minitrain.ops.cross_entropy import CrossEntropy, LinearCrossEntropy
 from minitrain.ops.distill import LinearDistillation
+from minitrain.ops.dpo import DPOLoss
 from minitrain.ops.embedding import Embedding
 from minitrain.ops.linear import Linear
 from minitrain.ops.lora import LoRALinear
@@ -35,6 +36,7 @@ from minitrain.ops.packed import Columns, Concat
 from minitrain.ops.recompute import Recompute
 from minitrain.ops.rmsnorm import RMSNorm
 from minitrain.ops.rope import RoPE
+from minitrain.ops.sequence_logprob import LinearSequenceLogprob
 
 EPS, ATOL, RTOL = 1e-3, 1e-5, 1e-4
 FROZEN_W = numpy.random.default_rng(7).standard_normal((5, 6))  # a constant, not an input: no dW
@@ -47,6 +49,7 @@ LLAMA3 = RopeScaling(factor=4.0, low_freq_factor=1.0, high_freq_factor=8.0, orig
 QWEN3 = ModelConfig(family="qwen3", hidden_size=8, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                     head_dim=4, intermediate_size=6, vocab_size=11, max_position_embeddings=16,
                     rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+REFERENCE = numpy.random.default_rng(9).standard_normal(6) - 8  # a DPO reference's log-probabilities: 3 pairs
 PACKED_STARTS = numpy.array([[0, 0, 0, 3, 3, 3, 3], [0, 0, 2, 2, 4, 4, 4]])  # each query's first key
 ELEMENTWISE_MAX = 3000  # differentiable elements up to which the element-by-element check runs
 
@@ -276,6 +279,18 @@ def cases():
             x, W, backend.xp.asarray(TEACHER_X[:, :3]), backend.xp.asarray(TEACHER_W), t, 1.0, 0.5),
           lambda r: {"x": _normal(r, 3, 6), "W": _normal(r, 9, 6), "targets": numpy.array([4, 4, 1])},
           (LinearDistillation,), "w 1 (KL only), T 0.5"),
+        # DPO: each sequence's summed target log-probabilities, the head fused; the loss on them
+        C("linear_sequence_logprob", lambda x, W, t: ops.linear_sequence_logprob(x, W, t, chunk_rows=3),
+          lambda r: {"x": _normal(r, 3, 4, 6), "W": _normal(r, 9, 6),
+                     "targets": numpy.array([[-100, 8, 8, 3], [-100, -100, 0, -100], [-100, -100, -100, -100]])},
+          (LinearSequenceLogprob,), "prompts, padding, an empty sequence, chunks of 3 rows"),
+        C("linear_sequence_logprob", ops.linear_sequence_logprob,
+          lambda r: {"x": _normal(r, 2, 3, 5), "W": _normal(r, 7, 5), "targets": _ints(r, 7, 2, 3)},
+          (LinearSequenceLogprob,), "every position a target"),
+        C("dpo_loss", lambda p: ops.dpo_loss(p, backend.xp.asarray(REFERENCE), 0.1),
+          lambda r: {"logps": REFERENCE + _normal(r, 6, scale=3.0)}, (DPOLoss,), "3 pairs, beta 0.1"),
+        C("dpo_loss", lambda p: ops.dpo_loss(p, backend.xp.asarray(REFERENCE), 2.5),
+          lambda r: {"logps": REFERENCE + _normal(r, 6, scale=40.0)}, (DPOLoss,), "beta 2.5, margins far out"),
         # whole tiny models of each family: every parameter, embedding to loss
         _model_case(ModelConfig(family="llama", hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=1, head_dim=4, intermediate_size=12, vocab_size=13,

@@ -149,7 +149,8 @@ def estimate(c, cfg, ranks=1, runtime=0, teacher=None, lora=None):
     """The Estimate of a run (options.TrainConfig `cfg`, resolved) of model config `c` on `ranks`
     ranks; `teacher`: the teacher's ModelConfig; `lora`: the LoRASpec (the base then frozen)."""
     itemsize = 8 if cfg.dtype == "fp64" else 4
-    B, T, V, H = cfg.batch_size, cfg.seq_len, c.vocab_size, c.hidden_size
+    B = cfg.batch_size * (2 if cfg.objective == "dpo" else 1)  # rows of a micro-batch: a pair is two
+    T, V, H = cfg.seq_len, c.vocab_size, c.hidden_size
     params = parameter_count(c) * itemsize
     trained = _lora_parameters(c, lora) * itemsize if lora else params
     moments = 0 if cfg.optimizer == "sgd" else 2 * trained

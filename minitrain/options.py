@@ -20,6 +20,7 @@ from minitrain.errors import InputError
 MODE_DEFAULTS = {"finetune": {"lr": 5e-5, "warmup_steps": 100}, "from-scratch": {"lr": 3e-4, "warmup_steps": 1000}}
 LORA_LR = 2e-4  # the default lr with LoRA: B starts at zero, and peft's examples train adapters at 1e-4 to 3e-4
 DISTILL_WEIGHT, DISTILL_TEMPERATURE = 0.5, 2.0  # the defaults with --teacher
+DPO_BETA = 0.1  # TRL's DPOConfig default
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,16 @@ OPTIONS = (
            shown="all seven"),
     Option("lora_from", str, None, "Continue from a peft LoRA adapter directory (e.g. OUT/adapter) on --init's "
            "base; its rank, alpha and targets.", metavar="DIR"),
+    Option("objective", str, "sft", "What a step minimizes. sft: next-token cross-entropy (with loss masks, on "
+           "the targets only). dpo: Direct Preference Optimization on pairs from `tokenize --preference` (a sample "
+           "is a pair: --batch-size, --val-windows and --eval-windows count pairs), -log sigmoid(beta [(log pi(c) - "
+           "log ref(c)) - (log pi(r) - log ref(r))]), log-probabilities summed over each completion.",
+           choices=("sft", "dpo")),
+    Option("beta", float, None, "DPO's beta: how far the policy may move from the reference.", low=0, low_open=True,
+           shown=f"{DPO_BETA:g}"),
+    Option("ref", str, None, "DPO's reference model (APR, GGUF, Hugging Face; the policy's vocabulary). Its "
+           "log-probabilities of every pair are computed once, before the first step, and kept in OUT/reference/ "
+           "(a resumed run reads them); it is not held while training.", metavar="PATH", shown="--init"),
     Option("teacher", str, None, "Distill from this model (APR, GGUF, Hugging Face; the student's vocabulary): the "
            "loss is (1 - W) CE + W T^2 KL(teacher || student); the teacher runs forward only.", metavar="PATH"),
     Option("distill_weight", float, None, "W with --teacher.", low=0, high=1, metavar="W",
@@ -175,6 +186,17 @@ def _resolved(self):
         c.distill_temperature = DISTILL_TEMPERATURE if c.distill_temperature is None else c.distill_temperature
         if c.dtype == "bf16":
             raise InputError("--dtype bf16: distillation's fused loss has no bf16 path; use fp32 (or fp64)")
+    if c.objective != "dpo" and (c.beta is not None or c.ref is not None):
+        raise InputError(f"{'--beta' if c.beta is not None else '--ref'} is for preference pairs: give --objective dpo")
+    if c.objective == "dpo":
+        c.beta = DPO_BETA if c.beta is None else c.beta
+        if not (c.ref or c.init):
+            raise InputError("--objective dpo compares the policy with a reference model: give --init PATH (the "
+                             "reference by default) or --ref MODEL")
+        if c.teacher:
+            raise InputError("--teacher distills on next-token targets; --objective dpo trains on pairs: drop one")
+        if c.dtype == "bf16":
+            raise InputError("--dtype bf16: the sequence log-probabilities have no bf16 path; use fp32 (or fp64)")
     if c.lora and c.dtype == "bf16":
         raise InputError("--dtype bf16: the LoRA linear has no bf16 path; train adapters in fp32 (or fp64)")
     return c

@@ -6,7 +6,9 @@ the device and the dtype; the process group (mpiexec); the model (--init, a chec
 --arch from scratch); LoRA adapters on it (--lora-rank, --lora-from, a checkpoint's); the
 tokenizer and chat template final.apr will carry; a teacher (--teacher); the token data and the
 windows held out for validation; the optimizer (and its ZeRO-1 shards, a checkpoint's state);
-the preflight (memory.py); then the run directory (outputs.RunFiles) with run.json.
+the preflight (memory.py); for DPO the reference's log-probabilities (reference.py: its model loaded
+before the preflight, the values computed or read after it); then the run directory
+(outputs.RunFiles) with run.json.
 """
 
 import sys
@@ -15,23 +17,24 @@ from collections import namedtuple
 from dataclasses import asdict
 from pathlib import Path
 
-from minitrain import backend, chat, checkpoint, dist, lora, memory, zero
+from minitrain import backend, chat, checkpoint, dist, lora, memory, reference, zero
 from minitrain.config import ModelConfig, arch_name, preset
-from minitrain.data import TokenWindows, TrainStream
+from minitrain.data import PairWindows, TokenWindows, TrainStream, manifest_of
 from minitrain.errors import InputError
 from minitrain.formats import gguf, peft, sources
 from minitrain.formats.apr_meta import chat_metadata
 from minitrain.gpu import attention as attention_kernels
 from minitrain.model import Model
-from minitrain.objectives import Distillation, NextToken
+from minitrain.objectives import DPO, Distillation, NextToken
 from minitrain.optim import SGD, AdamW
 from minitrain.options import RESUMABLE, TrainConfig
 from minitrain.outputs import RunFiles
 from minitrain.train import Parts, Run
 
 # The loop's data: the training stream, the validation source (None without one) and its window
-# ids, the training windows' count, and whether the windows carry loss masks.
-Data = namedtuple("Data", "stream val_source val_ids n_train masked")
+# ids, the training windows' count (or pairs'), whether the loss weighs micro-batches by their
+# targets (loss masks; not pairs, whose loss is a mean over them) and the sequences a sample holds.
+Data = namedtuple("Data", "stream val_source val_ids n_train masked sequences")
 FRESH = {"step": 0, "init_loss": None, "last_val_loss": None}  # the loop's state before its first step
 
 
@@ -113,9 +116,9 @@ def _build(cfg, resumed, log):
     tokenizer = sources.checked_tokenizer(cfg.tokenizer, model.config) if cfg.tokenizer else None
     chat_meta = _chat(cfg, tokenizer)  # what final.apr carries of a chat template
     teacher = _teacher(cfg, model.config, tokenizer, say) if cfg.teacher else None
-    objective = Distillation(model, teacher, cfg.distill_weight, cfg.distill_temperature, cfg.teacher) if teacher \
-        else NextToken(model)
+    objective = _objective(cfg, model, teacher)
     data = _data(cfg, model.config.vocab_size)
+    ref = reference.Reference(cfg, model, data, say) if cfg.objective == "dpo" else None
     trained = adapters.parameters() if adapters else model.parameters()
     shards = zero.Shards(group, trained) if cfg.zero else None
     optimizer = _optimizer(cfg, trained, shards, state, optimizer_arrays)
@@ -123,17 +126,30 @@ def _build(cfg, resumed, log):
     estimate = None  # memory.Estimate, on the CPU
     gguf.close()  # --init's or --teacher's file and its parsed keys, if either was a GGUF
     if cfg.device == "cpu":  # what the run will hold, before anything is written
-        held = sum(p.data.nbytes for m in (model, teacher) if m for p in m.parameters())
+        held = sum(p.data.nbytes for m in (model, teacher) if m for p in m.parameters()) + (ref.held if ref else 0)
         estimate = memory.preflight(model.config, cfg, group, held, say, teacher and teacher.config,
                                     adapters and adapters.spec)
+    if ref:
+        ref.attach(group)
     files = RunFiles(cfg, group.rank == 0, say, tokenizer, chat_meta)
     files.start({"config": asdict(cfg), "arch": arch_name(model.config), "model_config": model.config.as_dict(),
                  "params": model.num_parameters(), "trained_params": sum(p.data.size for p in trained),
                  "train_windows": data.n_train, "val_windows": len(data.val_ids) if data.val_source else 0,
-                 "ranks": group.size, "tokens_per_step": group.size * cfg.grad_accum * cfg.batch_size * cfg.seq_len,
+                 "ranks": group.size,
+                 "tokens_per_step": group.size * cfg.grad_accum * cfg.batch_size * data.sequences * cfg.seq_len,
                  "memory_estimate": estimate and {**asdict(estimate), "peak": estimate.peak}}, state["step"])
     return Run(cfg, Parts(group, model, adapters, trained, objective, data, optimizer, shards, files, state,
                           start_time), say)
+
+
+def _objective(cfg, model, teacher):
+    """The step's objective (objectives.py): DPO on pairs, distillation with a teacher, else
+    next-token cross-entropy."""
+    if cfg.objective == "dpo":
+        return DPO(model, cfg.beta, cfg.ref or cfg.init)
+    if teacher:
+        return Distillation(model, teacher, cfg.distill_weight, cfg.distill_temperature, cfg.teacher)
+    return NextToken(model)
 
 
 def use_device(name):
@@ -275,15 +291,28 @@ def _chat(cfg, tokenizer):
 
 def _data(cfg, vocab):
     """The training windows and the validation windows: --val-data whole, or the last
-    --val-windows of --data held out (never trained on), at most --eval-windows of them."""
-    windows = TokenWindows(cfg.data, cfg.seq_len, vocab)
-    n = len(windows)
+    --val-windows of --data held out (never trained on), at most --eval-windows of them. Under
+    --objective dpo a sample is a preference pair (data.PairWindows) and the counts are pairs;
+    preference pairs are refused to any other objective."""
+    pairs = cfg.objective == "dpo"
+
+    def source(path):
+        windows = TokenWindows(path, cfg.seq_len, vocab)
+        if pairs:
+            return PairWindows(windows, path)
+        if isinstance(manifest_of(path).get("pairs"), dict):
+            raise InputError(f"{path}: preference pairs (tokenize --preference); --objective {cfg.objective} would "
+                             f"train on the rejected completions too: give --objective dpo")
+        return windows
+
+    windows = source(cfg.data)
+    n, unit = len(windows), "pairs" if pairs else f"windows of {cfg.seq_len + 1} tokens"
     if cfg.val_data:
-        val_source, n_train = TokenWindows(cfg.val_data, cfg.seq_len, vocab), n
+        val_source, n_train = source(cfg.val_data), n
     else:
         if cfg.val_windows >= n:
-            raise InputError(f"{cfg.data}: {n} windows of {cfg.seq_len + 1} tokens; holding out "
-                             f"--val-windows {cfg.val_windows} leaves none to train on")
+            raise InputError(f"{cfg.data}: {n} {unit}; holding out --val-windows {cfg.val_windows} leaves none to "
+                             f"train on")
         n_train = n - cfg.val_windows
         val_source = windows if cfg.val_windows else None
     val_ids = None
@@ -292,4 +321,4 @@ def _data(cfg, vocab):
         count = len(val_source) - first
         val_ids = list(range(first, first + min(count, cfg.eval_windows or count)))
     return Data(TrainStream(windows, n_train, cfg.data_order, cfg.seed), val_source, val_ids, n_train,
-                windows.masks is not None)
+                not pairs and windows.masks is not None, 2 if pairs else 1)

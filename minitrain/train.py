@@ -4,7 +4,8 @@ One step = `grad_accum` micro-batches of `batch_size` windows (on each of N rank
 `mpiexec -n N`: dist.py). Each micro-batch loss (a mean over its B*T targets) is back-propagated
 on its own with weight 1/(N*grad_accum), and the micro-batch gradients are summed in micro-batch
 order, so the step's gradient is the gradient of the mean over all N*grad_accum*B*T targets: the
-same as one big batch, and bit for bit the same for any split into ranks. Then: the
+same as one big batch, and bit for bit the same for any split into ranks (preference pairs: a
+micro-batch of B pairs, its loss a mean over them, the step's the mean over all its pairs). Then: the
 global gradient norm (reported before clipping), clipping, the scheduled learning rate set on the
 optimizer, the update. Before the first update the validation loss is measured (`init_loss`).
 
@@ -58,7 +59,7 @@ class Run:
         self.objective, self.data, self.optimizer, self.shards = parts.objective, parts.data, parts.optimizer, parts.shards
         self.files, self.state, self.start_time = parts.files, parts.state, parts.start_time
         self.micro_per_step = self.group.size * cfg.grad_accum  # micro-batches of a step, all ranks
-        self.tokens_per_step = self.micro_per_step * cfg.batch_size * cfg.seq_len
+        self.tokens_per_step = self.micro_per_step * cfg.batch_size * self.data.sequences * cfg.seq_len
         self.step_targets = None  # the last step's targets with loss masks (metrics.jsonl target_tokens)
 
     # --- the loop ---------------------------------------------------------------------------
@@ -69,10 +70,9 @@ class Run:
             init = self._eval_and_gate(0)
             if init is None:  # no validation data: the first training batch's loss, before any update
                 with no_grad():
-                    init = float(self.model.loss(*self.data.stream.batch(0, cfg.batch_size),
-                                                 self.data.stream.positions(0, cfg.batch_size)).data)
+                    init = float(self.objective.validation(self.data.stream.examples(0, cfg.batch_size))[0].data)
             self.state["init_loss"] = init
-            self.say(f"init_loss {init:.4f} (step 0, before any update; ln V = {math.log(self.model.config.vocab_size):.4f})")
+            self.say(f"init_loss {init:.4f} (step 0, before any update; {self.objective.chance()})")
         train_time, last_loss, last_print, last_terms = 0.0, None, 0.0, {}
         first_step = self.state["step"]
         if cfg.resume:
@@ -126,8 +126,7 @@ class Run:
         grads, values = [], []  # this rank's micro-batch gradients (rank 0: already summed); loss and terms
         for a in range(cfg.grad_accum):
             micro = step * self.micro_per_step + group.rank * cfg.grad_accum + a  # global micro-batch index
-            inputs, targets = self.data.stream.batch(micro * B, B)
-            positions = self.data.stream.positions(micro * B, B)  # packed data, else None
+            batch = self.data.stream.examples(micro * B, B)
             if counts is not None:
                 n = counts[micro - step * self.micro_per_step]
                 weight = backend.xp.asarray(n / self.step_targets if self.step_targets else 0.0, dtype=backend.dtype)
@@ -135,7 +134,7 @@ class Run:
                 p.zero_grad()
             if self.adapters:
                 self.adapters.reseed(cfg.seed, micro)
-            loss, terms = self.objective.loss(inputs, targets, positions)
+            loss, terms = self.objective.loss(batch)
             loss.backward(weight)
             values += [loss.data, *terms]  # read after the loop
             g = [p.grad for p in params]
@@ -169,7 +168,7 @@ class Run:
 
     def _target_counts(self, step):
         """The targets of each micro-batch of `step` (every rank's, in micro-batch order) when the
-        data has masks; None without (every one then has B*T)."""
+        data has masks; None without (every one then has B*T) and for pairs (B pairs each)."""
         if not self.data.masked:
             return None
         B, first = self.cfg.batch_size, step * self.micro_per_step
@@ -178,30 +177,29 @@ class Run:
     # --- evaluation -------------------------------------------------------------------------
 
     def evaluate(self):
-        """Mean loss over the validation windows' targets (batches of batch_size), or None without
-        any. Rank r evaluates batches r, r+N, ...; the sums run over all batches in batch order."""
+        """(the mean loss over the validation windows' targets -- or pairs --, the means of the
+        objective's terms) in batches of batch_size, or None without any. Rank r evaluates batches
+        r, r+N, ...; the sums run over all batches in batch order."""
         source, val_ids = self.data.val_source, self.data.val_ids
         if source is None:
             return None
-        B, mine = self.cfg.batch_size, []
+        B, mine, width = self.cfg.batch_size, [], len(self.objective.terms)
         starts = range(0, len(val_ids), B)
         with no_grad():
             for k in range(self.group.rank, len(starts), self.group.size):
-                ids = val_ids[starts[k]: starts[k] + B]
-                inputs, targets = source.batch(ids)
-                n = target_count(targets)  # B*T without masks
-                loss = self.model.loss(inputs, targets, source.positions(ids))
-                mine.append((k, float(loss.data) * n, n))
-        total, count = 0.0, 0
-        for _, weighted, size in sorted(self.group.gather(mine, -(-len(starts) // self.group.size), 3)):
-            total += weighted
-            count += size
-        return total / max(1, count)
+                loss, terms, n = self.objective.validation(source.examples(val_ids[starts[k]: starts[k] + B]))
+                mine.append((k, n, *(float(backend.to_numpy(v)) * n for v in (loss.data, *terms))))
+        sums, count = [0.0] * (1 + width), 0
+        for _, n, *weighted in sorted(self.group.gather(mine, -(-len(starts) // self.group.size), 3 + width)):
+            sums = [a + b for a, b in zip(sums, weighted)]
+            count += n
+        return [v / max(1, count) for v in sums]
 
     def _eval_and_gate(self, step):
-        val = self.evaluate()
-        if val is None:
+        means = self.evaluate()
+        if means is None:
             return None
+        val, terms = means[0], dict(zip(self.objective.terms, means[1:]))
         if not math.isfinite(val):
             raise TrainingAborted(f"step {step}: the validation loss is {val}; stopping")
         previous = self.state["last_val_loss"]
@@ -209,7 +207,9 @@ class Run:
             raise TrainingAborted(f"step {step}: validation loss {val:.4f} is more than twice the previous "
                                   f"{previous:.4f}: diverging; stopping (lower --lr?)")
         self.state["last_val_loss"] = val
-        self.files.write({"type": "eval", "step": step, "val_loss": val, "ppl": math.exp(min(val, 700.0))})
+        perplexity = {"ppl": math.exp(min(val, 700.0))} if self.objective.per_token else {}
+        self.files.write({"type": "eval", "step": step, "val_loss": val, **perplexity,
+                          **{f"val_{key}": value for key, value in terms.items()}})
         return val
 
     # --- checkpoints, signals, the end --------------------------------------------------------

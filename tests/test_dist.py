@@ -313,3 +313,22 @@ def test_recomputed_layers_over_ranks_give_the_bits_of_one_process(data, tmp_pat
     dp = pretrain(2, tmp_path / "dp", "--data", data, *ZERO_RUN, "--grad-accum", "2", "--recompute", "layer")
     assert dp.returncode == 0, dp.stderr
     assert_same_run(one_process[0], tmp_path / "dp")
+
+
+def test_dpo_over_ranks_gives_the_bits_of_one_process(tmp_path, one_process):
+    """Preference pairs on one_process's final.apr (the policy and its reference), ZeRO-1 on two
+    ranks: each rank computes a share of the reference's log-probabilities and receives the others';
+    the steps' losses, rewards and final.apr are one process's bits."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_dpo import write_pairs
+
+    pairs = write_pairs(tmp_path / "pairs", 20, seed=4, seq_len=32, vocab=8192)
+    dpo = ["--init", str(one_process[0] / "final.apr"), "--objective", "dpo", "--beta", "0.2", "--steps", "3"]
+    one = pretrain(1, tmp_path / "one", "--data", pairs, *dpo, "--grad-accum", "2")
+    assert one.returncode == 0, one.stderr
+    dp = pretrain(2, tmp_path / "dp", "--data", pairs, *dpo, "--zero", "1")
+    assert dp.returncode == 0, dp.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "dp")
+    assert (tmp_path / "one" / "reference" / "train.npy").read_bytes() == \
+        (tmp_path / "dp" / "reference" / "train.npy").read_bytes()
+    assert [m["reward_accuracy"] for m in metrics(tmp_path / "dp") if m["type"] == "step"]

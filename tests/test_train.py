@@ -403,7 +403,7 @@ def test_non_finite_loss_aborts_with_exit_3_before_logging_it(tokens, tmp_path):
 
 def test_a_diverging_validation_loss_aborts(tokens, tmp_path, monkeypatch):
     run = build(*configure(small(tokens, tmp_path / "run", steps=4, eval_every=1)))
-    values = iter([5.0, 6.0, 12.5])
+    values = iter([[5.0], [6.0], [12.5]])  # the mean loss (and no terms)
     monkeypatch.setattr(run, "evaluate", lambda: next(values))
     with pytest.raises(TrainingAborted, match="more than twice the previous 6.0000"):
         run.run()
