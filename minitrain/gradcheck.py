@@ -283,7 +283,7 @@ def cases():
         C("linear_sequence_logprob", lambda x, W, t: ops.linear_sequence_logprob(x, W, t, chunk_rows=3),
           lambda r: {"x": _normal(r, 3, 4, 6), "W": _normal(r, 9, 6),
                      "targets": numpy.array([[-100, 8, 8, 3], [-100, -100, 0, -100], [-100, -100, -100, -100]])},
-          (LinearSequenceLogprob,), "prompts, padding, an empty sequence, chunks of 3 rows"),
+          (LinearSequenceLogprob,), "prompt/padding masked, 3-row chunks"),
         C("linear_sequence_logprob", ops.linear_sequence_logprob,
           lambda r: {"x": _normal(r, 2, 3, 5), "W": _normal(r, 7, 5), "targets": _ints(r, 7, 2, 3)},
           (LinearSequenceLogprob,), "every position a target"),

@@ -316,7 +316,7 @@ def test_bad_runs_are_one_line(tiny, tmp_path, args, message):
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and message in run.stderr, run.stderr
 
 
-def test_data_without_pairs_and_a_run_without_a_reference_are_refused(tiny, tmp_path):
+def test_no_pairs_no_reference_or_a_reference_of_another_vocabulary_are_refused(tiny, tmp_path):
     directory, pairs = tiny
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -328,6 +328,12 @@ def test_data_without_pairs_and_a_run_without_a_reference_are_refused(tiny, tmp_
         run = subprocess.run([sys.executable, "-m", "minitrain", "pretrain", "--objective=dpo", f"--seq-len={T}",
                               f"--out={tmp_path / 'o'}", *argv], capture_output=True, text=True, timeout=300)
         assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and message in run.stderr, run.stderr
+    import hf_oracle
+
+    hf_oracle.build_hf({**SPEC, "vocab_size": 53}, seed=6).save_pretrained(tmp_path / "other")
+    run = pretrain(directory, pairs, tmp_path / "o", f"--ref={tmp_path / 'other'}")
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0, run.stderr
+    assert "its vocabulary has 53 tokens, the policy's 47" in run.stderr
     run = subprocess.run([sys.executable, "-m", "minitrain", "pretrain", "--beta=0.2", f"--data={plain}",
                           "--arch=tiny-llama", f"--out={tmp_path / 'o'}"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "--beta is for preference pairs: give --objective dpo" in run.stderr
