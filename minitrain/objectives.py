@@ -86,10 +86,12 @@ class DPO:
     policy (ops/sequence_logprob.py), against the reference's (the batch's, computed once:
     reference.py), in ops/dpo.py's loss, a mean over the pairs. Its terms are TRL's: the mean
     implicit rewards beta (log pi - log ref) of the chosen and the rejected completions, their
-    margin, and the share of pairs whose chosen reward is the higher."""
+    margin, the share of pairs whose chosen reward is the higher, and the mean log-probabilities
+    log pi of the chosen and the rejected completions."""
 
     terms = {"rewards_chosen": "chosen", "rewards_rejected": "rejected", "reward_margin": "margin",
-             "reward_accuracy": "acc"}  # TRL's rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies
+             "reward_accuracy": "acc", "logps_chosen": "logp_c", "logps_rejected": "logp_r"}  # TRL's rewards/...
+    # chosen, rejected, margins, accuracies and logps/chosen, logps/rejected
     per_token = False
 
     def __init__(self, model, beta, source):
@@ -108,8 +110,11 @@ class DPO:
 
     def _rewards(self, logps, reference):
         xp = backend.xp
-        chosen, rejected = margins(logps.astype(xp.float64), xp.asarray(reference, dtype=xp.float64), self.beta)
-        return chosen.mean(), rejected.mean(), (chosen - rejected).mean(), (chosen > rejected).mean()
+        logps = logps.astype(xp.float64)
+        chosen, rejected = margins(logps, xp.asarray(reference, dtype=xp.float64), self.beta)
+        B = chosen.shape[0]
+        return (chosen.mean(), rejected.mean(), (chosen - rejected).mean(), (chosen > rejected).mean(),
+                logps[:B].mean(), logps[B:].mean())
 
     def chance(self):
         return "ln 2 = 0.6931 where the policy is the reference"

@@ -269,7 +269,8 @@ def test_the_reference_is_computed_once_and_a_resumed_run_reads_it(tiny, tmp_pat
     evals = [r for r in records(tmp_path / "whole") if r["type"] == "eval"]
     assert evals[0]["val_loss"] == float(np.float32(np.log(2))) and "ppl" not in evals[0]
     assert set(evals[-1]) >= {"val_rewards_chosen", "val_rewards_rejected", "val_reward_margin",
-                              "val_reward_accuracy"}
+                              "val_reward_accuracy", "val_logps_chosen", "val_logps_rejected"}
+    assert evals[0]["val_reward_margin"] == 0 and evals[0]["val_logps_chosen"] < 0
     loaded = pretrain(directory, pairs, tmp_path / "ref", "--steps=4", "--eval-every=2", f"--ref={directory}")
     assert loaded.returncode == 0 and f"reference {directory}" in loaded.stderr, loaded.stderr
     assert (tmp_path / "ref" / "final.apr").read_bytes() == (tmp_path / "whole" / "final.apr").read_bytes()
