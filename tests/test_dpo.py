@@ -271,6 +271,10 @@ def test_the_reference_is_computed_once_and_a_resumed_run_reads_it(tiny, tmp_pat
     assert set(evals[-1]) >= {"val_rewards_chosen", "val_rewards_rejected", "val_reward_margin",
                               "val_reward_accuracy", "val_logps_chosen", "val_logps_rejected"}
     assert evals[0]["val_reward_margin"] == 0 and evals[0]["val_logps_chosen"] < 0
+    if __import__("importlib").util.find_spec("matplotlib"):  # the plot extra: loss, rewards, lr
+        drawn = subprocess.run([sys.executable, "-m", "minitrain", "plot", str(tmp_path / "whole")],
+                               capture_output=True, text=True, timeout=300)
+        assert drawn.returncode == 0 and (tmp_path / "whole" / "loss.png").stat().st_size > 0, drawn.stderr
     loaded = pretrain(directory, pairs, tmp_path / "ref", "--steps=4", "--eval-every=2", f"--ref={directory}")
     assert loaded.returncode == 0 and f"reference {directory}" in loaded.stderr, loaded.stderr
     assert (tmp_path / "ref" / "final.apr").read_bytes() == (tmp_path / "whole" / "final.apr").read_bytes()
