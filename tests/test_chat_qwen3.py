@@ -218,7 +218,7 @@ def test_tokenize_chat_with_qwen3_and_enable_thinking_false(tmp_path, qwen3_toke
 
 @pytest.mark.parametrize("args, error", [
     (["--chat", "--template-var", "enable_thinking"], "--template-var enable_thinking: expected KEY=VALUE"),
-    (["--template-var", "enable_thinking=false"], "--template-var is for conversations: give --chat too"),
+    (["--template-var", "enable_thinking=false"], "--template-var is for conversations: give --chat (or --preference) too"),
 ])
 def test_template_var_needs_key_equals_value_and_chat(tmp_path, args, error):
     out = run("--tokenizer", "tok.json", "--out", tmp_path / "out", *args, tmp_path / "d.jsonl")
