@@ -411,8 +411,8 @@ def plot(run_dir, output):
                    "file that is not UTF-8) -- and list each with its reason in manifest.json. Default: stop at "
                    "the first, naming it.")
 @click.option("--dedup", is_flag=True,
-              help="Drop a document (with --chat: a conversation) whose exact text was seen before, and count it "
-                   "in manifest.json (about 100 bytes of memory per distinct document).")
+              help="Drop a document (with --chat: a conversation; with --preference: a pair) whose exact text was "
+                   "seen before, and count it in manifest.json (about 100 bytes of memory per distinct document).")
 @click.option("--chat", is_flag=True,
               help="Conversations, one per record (`messages`: system/user/assistant turns, or `prompt` and "
                    "`completion`), rendered with the model's chat template; beside each shard NAME.bin a mask shard "
@@ -420,19 +420,20 @@ def plot(run_dir, output):
                    "end-of-turn text). Where the template's turns do not only append (Qwen3's drops earlier turns' "
                    "reasoning), each assistant turn is an example of its own: the conversation up to it.")
 @click.option("--preference", is_flag=True,
-              help="Preference pairs, one per record: `prompt`, `chosen`, `rejected` as three strings (TRL's plain "
-                   "form) or as lists of messages (its conversational form: chosen and rejected one assistant turn "
-                   "each, rendered with the chat template), tokenized as TRL's DPOTrainer does, for pretrain "
-                   "--objective dpo: windows of --seq-len + 1 tokens, pair k = windows 2k (prompt + chosen) and 2k+1 "
-                   "(prompt + rejected), EOS padding; masks on the completions' tokens.")
+              help="Preference pairs, one per record {prompt, chosen, rejected}: three strings (TRL's plain form) "
+                   "or lists of messages (its conversational form: chosen and rejected one assistant turn each, "
+                   "rendered with the chat template), tokenized as TRL's DPOTrainer tokenizes them. Pair shards for "
+                   "pretrain --objective dpo: windows of --seq-len + 1 tokens, pair k = windows 2k (prompt + chosen) "
+                   "and 2k + 1 (prompt + rejected), each padded with EOS; NAME.mask marks the completions' tokens; "
+                   "shards hold whole pairs.")
 @click.option("--chat-template", metavar="FILE.jinja",
               help="With --chat or --preference: this template instead of the model's (an HF directory's "
                    "chat_template.jinja or tokenizer_config.json, a GGUF's tokenizer.chat_template, an APR's "
                    "chat_template).")
 @click.option("--template-var", "template_vars", multiple=True, metavar="KEY=VALUE",
-              help="With --chat or --preference: a variable the template reads (repeatable), e.g. enable_thinking=false for Qwen3's. "
-                   "VALUE is read as JSON where it parses as JSON (true, false, numbers, \"quoted\" strings, lists), "
-                   "else as the string it is; recorded in manifest.json.")
+              help="With --chat or --preference: a variable the template reads (repeatable), e.g. "
+                   "enable_thinking=false for Qwen3's. VALUE is read as JSON where it parses as JSON (true, false, "
+                   "numbers, \"quoted\" strings, lists), else as the string it is; recorded in manifest.json.")
 @click.option("--pack", is_flag=True,
               help="With --chat: whole examples (conversations, or their turns) packed into windows of --seq-len "
                    "+ 1 tokens (best-fit decreasing, padding with mask 0), and a positions shard NAME.pos: training "
@@ -444,47 +445,53 @@ def plot(run_dir, output):
                    "cutting it (and counting it).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object as the last stdout line: files, bytes, skipped, documents (or "
-                   "conversations and examples), duplicates, tokens, shards, seconds, tokens_per_sec.")
+                   "conversations and examples, or pairs), duplicates, tokens, shards, seconds, tokens_per_sec.")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUTS...")
 def tokenize(tokenizer_path, out_dir, content_field, shard_tokens, skip_invalid, dedup, chat, preference, chat_template,
              template_vars, pack, seq_len, no_truncate, as_json, inputs):
     """Corpus files (or directories of them) -> u32 token shards + manifest.json, EOS between
     documents; with --chat, conversations with their loss masks (and --pack, packed); with
---preference, preference pairs with their completion masks. Reads JSON
-    Lines (.jsonl, .json), Parquet (.parquet; a directory of shards as Hugging Face datasets writes
-    them), gzip or Zstandard around JSON Lines or text (c.jsonl.gz, c.json.zst, m.py.gz), and text
-    files (.py, .txt, .md; any other file given by name), all streamed; a directory stands for
-    every such file below it, but plain .json (in a code tree: configuration). Progress on stderr
-    every few seconds: files, bytes, tokens, tokens/s, and the time left by bytes."""
+    --preference, preference pairs with their completions' masks. Reads JSON Lines (.jsonl,
+    .json), Parquet (.parquet; a directory of shards as Hugging Face datasets writes them), gzip
+    or Zstandard around JSON Lines or text (c.jsonl.gz, c.json.zst, m.py.gz), and text files
+    (.py, .txt, .md; any other file given by name), all streamed; a directory stands for every
+    such file below it, but plain .json (in a code tree: configuration). Progress on stderr every
+    few seconds: files, bytes, tokens, tokens/s, and the time left by bytes."""
     if preference and (chat or pack):
         raise InputError(f"--preference writes pairs, not conversations: drop {'--chat' if chat else '--pack'}")
-    misplaced = [flag for flag, given in (("--chat-template", chat_template), ("--template-var", template_vars),
-                                          ("--pack", pack and not preference)) if given]
+    misplaced = [flag for flag, given in (("--chat-template", chat_template), ("--template-var", template_vars))
+                 if given]
     if misplaced and not (chat or preference):
         raise InputError(f"{misplaced[0]} is for conversations: give --chat (or --preference) too")
-    windows = pack or preference
-    if windows != bool(seq_len) or (no_truncate and not windows):
-        raise InputError(f"{'--preference' if preference else '--pack'} needs --seq-len T (the windows it writes), "
-                         "and --seq-len and --no-truncate need --pack or --preference")
-    if preference:
+    if pack and not chat:
+        raise InputError("--pack is for conversations: give --chat too")
+    if (seq_len or no_truncate) and not (pack or preference):
+        raise InputError(f"{'--seq-len' if seq_len else '--no-truncate'} is for windows: give --pack (or --preference)")
+    if pack and not seq_len:
+        raise InputError("--pack needs --seq-len T (the windows it packs)")
+    if preference and not seq_len:
+        raise InputError("--preference needs --seq-len T (the windows the pairs are written in)")
+    if chat or preference:
         from minitrain.chat import template_variables
+
+        template_vars = template_variables(template_vars)
+    if preference:
         from minitrain.tokenize_pairs import tokenize_pairs_to_shards
 
-        m = tokenize_pairs_to_shards(tokenizer_path, out_dir, inputs, seq_len, chat_template,
-                                     template_variables(template_vars), shard_tokens=shard_tokens,
-                                     truncate=not no_truncate, skip_invalid=skip_invalid, dedup=dedup)
+        m = tokenize_pairs_to_shards(tokenizer_path, out_dir, inputs, seq_len, chat_template, template_vars,
+                                     shard_tokens=shard_tokens, truncate=not no_truncate, skip_invalid=skip_invalid,
+                                     dedup=dedup)
         p = m["pairs"]
         click.echo(f"{p['pairs']:,} pairs ({p['plain']:,} plain, {p['conversational']:,} conversational) -> "
                    f"{m['total_tokens']:,} tokens ({p['chosen_tokens']:,} chosen and {p['rejected_tokens']:,} "
-                   f"rejected targets) in {m['shard_count']} shard(s) under {out_dir}, windows of {seq_len + 1}, "
-                   f"masks beside them, {p['truncated']} truncated"
+                   f"rejected targets) in {m['shard_count']} shard(s) under {out_dir}, windows of {seq_len + 1} "
+                   f"({p['truncated']} truncated), masks beside them"
                    + (f" (template: {p['template_origin']})" if "template_origin" in p else "") + _tokenize_notes(m))
         counts = {"pairs": p["pairs"]}
     elif chat:
-        from minitrain.chat import template_variables
         from minitrain.tokenize_chat import tokenize_chat_to_shards
 
-        m = tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template, template_variables(template_vars),
+        m = tokenize_chat_to_shards(tokenizer_path, out_dir, inputs, chat_template, template_vars,
                                     shard_tokens=shard_tokens, pack_seq_len=seq_len, truncate=not no_truncate,
                                     skip_invalid=skip_invalid, dedup=dedup)
         c, packing = m["chat"], m.get("packing")

@@ -5,27 +5,28 @@ Each record (a JSON Lines line or a Parquet row, compressed or not: corpus.py) h
 `chosen` and `rejected` in one of TRL's two forms:
   plain           three strings;
   conversational  `prompt` a list of messages (system/user/assistant turns, checked as
-                  `tokenize --chat` checks them), `chosen` and `rejected` lists holding one
-                  assistant message each.
+                  `tokenize --chat` checks them), `chosen` and `rejected` lists of one assistant
+                  message each.
 They are tokenized as TRL's DPOTrainer tokenizes them (trl 1.16, trainer/dpo_trainer.py,
 `tokenize_fn` and the `add_eos` before it):
-  conversational  P = the chat template's render of `prompt` with the generation prompt, PC =
-                  its render of prompt + chosen, PR of prompt + rejected (chat.py; the text
-                  tokenized as transformers' apply_chat_template(tokenize=True) does: no tokens
-                  added, the template writes its own);
+  conversational  P = the chat template's render of `prompt` with the generation prompt, PC = its
+                  render of prompt + chosen, PR of prompt + rejected (chat.py; bos_token,
+                  eos_token and the --template-var variables), each text tokenized as
+                  transformers' apply_chat_template(tokenize=True) tokenizes it: no tokens added,
+                  the template writes its own;
   plain           the tokenizer's EOS text appended to chosen and rejected unless they end with
-                  it; P = prompt, PC = prompt + chosen, PR = prompt + rejected, each tokenized
-                  as transformers' tokenizer(text) does (its special tokens added, if any);
+                  it; P = prompt, PC = prompt + chosen, PR = prompt + rejected, each tokenized as
+                  transformers' tokenizer(text) does (with the special tokens it adds, if any);
 and the completion starts where the tokenized prompt stops being a prefix of both: n = min(common
 prefix of P and PC, common prefix of P and PR). The chosen sequence is PC with mask 1 on its
-tokens from n on, the rejected one PR likewise.
+tokens from n on, the rejected one PR likewise (TRL's prompt_ids[:n] + chosen_ids is PC).
 
-Layout (data.py reads it): windows of T + 1 tokens (T = --seq-len); pair k is windows 2k (PC)
-and 2k + 1 (PR), each sequence at its window's start, the rest EOS ids with mask 0. shard-NNNNN.bin
-(u32) and shard-NNNNN.mask (u8) hold whole pairs. A sequence longer than a window is cut to it
-(keeping its start) and the pair counted as truncated -- unless truncate=False, which makes it a
-bad record, as is a pair left with no completion token in either window. manifest.json says
-"pairs": {seq_len, counts}.
+Layout (data.py reads it): windows of T + 1 tokens (T = --seq-len), in record order; pair k is
+windows 2k (PC) and 2k + 1 (PR), each sequence from its window's first token, the rest EOS ids
+with mask 0. shard-NNNNN.bin (u32) and shard-NNNNN.mask (u8) hold whole pairs. A sequence longer
+than a window is cut to it (its start kept) and the pair counted as truncated -- or, with
+truncate=False, the record is refused; so is a pair whose prompt leaves no completion token in its
+window. manifest.json's "pairs" holds seq_len and the counts.
 """
 
 import hashlib
@@ -42,9 +43,10 @@ from minitrain.tokenize import ShardWriter, output_dir
 from minitrain.tokenize_chat import MASK
 
 
-def form_of(record, where):
-    """"plain" or "conversational" for a record, (prompt, chosen, rejected) as given; BadRecord
-    naming what is wrong."""
+def pair_of(record, where):
+    """(form, prompt, chosen, rejected) of one record: form "plain" (three strings) or
+    "conversational" (three lists of messages, chosen and rejected one assistant message each);
+    BadRecord naming what is wrong."""
     missing = [key for key in ("prompt", "chosen", "rejected") if key not in record]
     if missing:
         raise BadRecord(f"{where}: no `{missing[0]}` (a preference pair is `prompt`, `chosen` and `rejected`; "
@@ -55,12 +57,12 @@ def form_of(record, where):
     elif all(isinstance(v, list) for v in (prompt, chosen, rejected)):
         form = "conversational"
         prompt = chat.messages_of({"messages": prompt}, f"{where}: prompt")
+        chosen, rejected = (chat.messages_of({"messages": turn}, f"{where}: {name}")
+                            for name, turn in (("chosen", chosen), ("rejected", rejected)))
         for name, turn in (("chosen", chosen), ("rejected", rejected)):
-            if len(turn) != 1 or not isinstance(turn[0], dict) or turn[0].get("role") != "assistant" \
-                    or not isinstance(turn[0].get("content"), str):
-                raise BadRecord(f"{where}: `{name}` must be a list of one assistant message {{\"role\": \"assistant\", "
-                                f"\"content\": \"...\"}}")
-        chosen, rejected = ([{"role": "assistant", "content": turn[0]["content"]}] for turn in (chosen, rejected))
+            if [m["role"] for m in turn] != ["assistant"]:
+                raise BadRecord(f"{where}: `{name}` must be a list of one assistant message, found roles "
+                                f"{', '.join(m['role'] for m in turn)}")
     else:
         kinds = ", ".join(f"{k} {type(v).__name__}" for k, v in (("prompt", prompt), ("chosen", chosen),
                                                                  ("rejected", rejected)))
@@ -71,6 +73,16 @@ def form_of(record, where):
     return form, prompt, chosen, rejected
 
 
+def pairs(corpus):
+    """Yield (label, pair_of's) for every record of the corpus (a record that holds no pair:
+    corpus.reject)."""
+    for where, record in corpus.records():
+        try:
+            yield where, pair_of(record, where)
+        except BadRecord as e:
+            corpus.reject(e)
+
+
 def common_prefix(a, b):
     """The number of leading ids a and b share."""
     n = min(len(a), len(b))
@@ -79,65 +91,70 @@ def common_prefix(a, b):
 
 
 class PairEncoder:
-    """Token ids and masks of a pair, TRL's way (the module's docstring). `template` and
-    `variables` (bos_token, eos_token and --template-var's) render conversational pairs; the
-    template is looked for only when one comes (None: none given or found yet)."""
+    """Token ids of pairs, TRL's way (the module's docstring). The chat template (`chat_template`,
+    else the model's) renders conversational pairs with bos_token, eos_token and `template_vars`;
+    a model without one is refused when the first conversational pair comes."""
 
     def __init__(self, tokenizer, tokenizer_path, chat_template, template_vars):
-        self.tokenizer, self.path, self.override, self.template_vars = tokenizer, tokenizer_path, chat_template, template_vars
-        self.tokens = special_tokens(model_of_tokenizer(tokenizer_path), tokenizer)
-        eos = find_eos(tokenizer, tokenizer_path)
-        self.eos_text = self.tokens.get("eos_token") or tokenizer.id_to_token(eos)
-        self.template = None
+        self.tokenizer, self.model = tokenizer, model_of_tokenizer(tokenizer_path)
+        self.template = chat.template_for(self.model, chat_template)  # None: the model keeps none
+        self.variables = {**special_tokens(self.model, tokenizer), **template_vars}
+        self.eos_text = self.variables.get("eos_token") or tokenizer.id_to_token(find_eos(tokenizer, tokenizer_path))
+        # TRL's tokenizer.eos_token: the model's own, else the id the stream ends documents with
 
     def encode(self, form, prompt, chosen, rejected, where):
-        """-> [(ids, mask)] of the chosen and the rejected sequence: u32 ids, u8 targets."""
+        """-> ([PC, PR] token id lists, n: where the completions start)."""
         if form == "plain":
-            texts = [prompt] + [prompt + c + ("" if c.endswith(self.eos_text) else self.eos_text) for c in (chosen, rejected)]
-            ids = [self.tokenizer.encode(t).ids for t in texts]  # add_special_tokens=True, as tokenizer(text)
+            texts = [prompt] + [prompt + c + ("" if c.endswith(self.eos_text) else self.eos_text)
+                                for c in (chosen, rejected)]
+            ids = [self.tokenizer.encode(text).ids for text in texts]  # add_special_tokens=True, as tokenizer(text)
         else:
-            ids = [self.tokenizer.encode(t, add_special_tokens=False).ids for t in self._rendered(prompt, chosen, rejected, where)]
-        start = min(common_prefix(ids[0], ids[1]), common_prefix(ids[0], ids[2]))
-        return [(numpy.array(seq, dtype="<u4"), (numpy.arange(len(seq)) >= start).astype(numpy.uint8)) for seq in ids[1:]]
+            ids = [self.tokenizer.encode(text, add_special_tokens=False).ids
+                   for text in self._rendered(prompt, chosen, rejected, where)]
+        return ids[1:], min(common_prefix(ids[0], ids[1]), common_prefix(ids[0], ids[2]))
 
     def _rendered(self, prompt, chosen, rejected, where):
+        """[P, PC, PR] as the template renders them."""
         if self.template is None:
-            self.template = chat.chat_setup(model_of_tokenizer(self.path), self.tokenizer, self.override)[0]
-        variables = {**self.tokens, **self.template_vars}
+            raise InputError(f"{self.model}: the model has no chat template, which the conversational pair of {where} "
+                             f"needs; give one with --chat-template FILE.jinja")
         try:
-            return [chat.render(self.template, prompt, add_generation_prompt=True, **variables),
-                    *(chat.render(self.template, prompt + turn, **variables) for turn in (chosen, rejected))]
+            return [chat.render(self.template, prompt, add_generation_prompt=True, **self.variables),
+                    *(chat.render(self.template, prompt + turn, **self.variables) for turn in (chosen, rejected))]
         except InputError as e:  # a conversation the template refuses
             raise BadRecord(f"{where}: {e}") from None
 
 
-def fit(pair, window, truncate, where):
-    """The pair cut to `window` tokens a sequence -> (pair, whether it was cut); BadRecord where it
-    may not be cut or a side keeps no target."""
-    if all(len(ids) <= window for ids, _ in pair):
-        return pair, False
-    longest = max(len(ids) for ids, _ in pair)
-    if not truncate:
-        raise BadRecord(f"{where}: a sequence of {longest} tokens does not fit a window of {window} (--seq-len + 1); "
-                        f"drop --no-truncate to cut it (and count it)")
-    cut = [(ids[:window], mask[:window]) for ids, mask in pair]
-    if not all(mask.any() for _, mask in cut):
-        prompt = int(numpy.argmax(pair[0][1])) if pair[0][1].any() else len(pair[0][1])
-        raise BadRecord(f"{where}: its prompt of {prompt} tokens leaves no completion token in a window of {window} "
-                        f"(--seq-len + 1)")
-    return cut, True
+def pair_windows(sequences, start, window, eos, truncate, where):
+    """The two windows of a pair: ids (2, window) u32 -- each sequence from the window's first
+    token, cut to the window, then EOS ids -- and mask (2, window) u8, 1 on the completion's tokens
+    (from `start` on); and whether a sequence was cut. BadRecord where one is too long and
+    truncate=False, or the prompt leaves no completion token in the window."""
+    longest = max(len(ids) for ids in sequences)
+    if start >= window:
+        raise BadRecord(f"{where}: its prompt of {start} tokens leaves no completion token in a window of {window} "
+                        f"(--seq-len {window - 1})")
+    if longest > window and not truncate:
+        raise BadRecord(f"{where}: a sequence of {longest} tokens does not fit a window of {window} (--seq-len "
+                        f"{window - 1}); drop --no-truncate to cut it (and count it)")
+    ids, mask = numpy.full((2, window), eos, dtype="<u4"), numpy.zeros((2, window), dtype=numpy.uint8)
+    for row, sequence in enumerate(sequences):
+        n = min(len(sequence), window)
+        ids[row, :n], mask[row, start:n] = sequence[:n], 1
+    return ids, mask, longest > window
 
 
 def tokenize_pairs_to_shards(tokenizer_path, out_dir, inputs, seq_len, chat_template=None, template_vars=None,
                              shard_tokens=10_000_000, truncate=True, skip_invalid=False, dedup=False, log=None):
-    """Tokenize the preference pairs of `inputs` into `out_dir`: u32 token shards, u8 mask shards
-    (windows of seq_len + 1 tokens, two a pair) and manifest.json; return the manifest.
+    """Tokenize the preference pairs of `inputs` into `out_dir`: u32 token shards and u8 mask
+    shards (windows of seq_len + 1 tokens, two a pair) and manifest.json; return the manifest.
     `template_vars`: the template's variables (chat.template_variables). Progress lines go to `log`
     (default stderr). On any error the shards written so far are removed."""
     tokenizer = load_tokenizer(tokenizer_path)
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    encoder = PairEncoder(tokenizer, tokenizer_path, chat_template, template_vars or {})
+    template_vars = template_vars or {}
+    encoder = PairEncoder(tokenizer, tokenizer_path, chat_template, template_vars)
     eos, vocab_size = find_eos(tokenizer, tokenizer_path), tokenizer.get_vocab_size(with_added_tokens=True)
     corpus, out = Corpus(inputs, skip_invalid), output_dir(out_dir)
     progress, unique = Progress(corpus, log), Dedup() if dedup else None
@@ -145,27 +162,21 @@ def tokenize_pairs_to_shards(tokenizer_path, out_dir, inputs, seq_len, chat_temp
     writer = ShardWriter(out, max(1, shard_tokens // (2 * window)) * 2 * window, (MASK,))  # shards of whole pairs
     counts = {"pairs": 0, "plain": 0, "conversational": 0, "truncated": 0, "chosen_tokens": 0, "rejected_tokens": 0}
     try:
-        records = corpus.records()
-        if unique:
-            records = unique.filter(records, lambda r: json.dumps(r, ensure_ascii=False, sort_keys=True))
-        for where, record in records:
+        every = pairs(corpus)
+        every = unique.filter(every, lambda p: json.dumps(p, ensure_ascii=False, sort_keys=True)) if unique else every
+        for where, (form, *pair) in every:
             try:
-                form, *parts = form_of(record, where)
-                pair, cut = fit(encoder.encode(form, *parts, where), window, truncate, where)
+                ids, mask, cut = pair_windows(*encoder.encode(form, *pair, where), window, eos, truncate, where)
             except BadRecord as e:
                 corpus.reject(e)
                 continue
-            for side, (ids, mask) in zip(("chosen", "rejected"), pair):
-                if len(ids) and int(ids.max()) >= vocab_size:
-                    raise InputError(f"{tokenizer_path}: produced token id {int(ids.max())} >= its vocab_size "
-                                     f"{vocab_size} on {where}")
-                pad = window - len(ids)
-                writer.add(numpy.concatenate([ids, numpy.full(pad, eos, dtype="<u4")]),
-                           numpy.concatenate([mask, numpy.zeros(pad, dtype=numpy.uint8)]))
-                counts[f"{side}_tokens"] += int(mask.sum())
-            counts["pairs"] += 1
-            counts[form] += 1
-            counts["truncated"] += cut
+            if int(ids.max()) >= vocab_size:
+                raise InputError(f"{tokenizer_path}: produced token id {int(ids.max())} >= its vocab_size "
+                                 f"{vocab_size} on {where}")
+            writer.add(ids.reshape(-1), mask.reshape(-1))
+            for key, n in (("pairs", 1), (form, 1), ("truncated", cut), ("chosen_tokens", mask[0].sum()),
+                           ("rejected_tokens", mask[1].sum())):
+                counts[key] += int(n)
             progress.update(writer.total)
         if counts["pairs"] == 0:
             raise InputError(f"no preference pairs in {', '.join(map(str, inputs)) or 'the inputs'} (files read: "
@@ -175,10 +186,9 @@ def tokenize_pairs_to_shards(tokenizer_path, out_dir, inputs, seq_len, chat_temp
     except BaseException:
         writer.remove()
         raise
-    template = encoder.template
-    rendering = {} if template is None else {
-        "template_sha256": hashlib.sha256(template.text.encode()).hexdigest(), "template_origin": template.origin,
-        "template_vars": template_vars or {}}
+    rendering = {"template_sha256": hashlib.sha256(encoder.template.text.encode()).hexdigest(),
+                 "template_origin": encoder.template.origin,
+                 "template_vars": template_vars} if counts["conversational"] else {}
     manifest = {"schema": "pretokenize-bin-v1", "tokenizer": str(tokenizer_path), "vocab_size": vocab_size,
                 "eos_policy": "padding", "eos_token_id": eos, "shard_count": writer.shards(),
                 "total_tokens": writer.total, "masks": True, "positions": False,
