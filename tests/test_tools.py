@@ -113,3 +113,71 @@ def test_fullsize_parity_runs_the_preset_against_float64_transformers(arch):
     report = json.loads(run("fullsize_parity.py", "--arch", arch, "--seq-len", "8").splitlines()[-1])
     assert report["within"] and report["gradients"] == {"tiny-qwen3": 46, "tiny-llama3": 38}[arch]
     assert report["grad_max_rel"] < 1e-12
+
+
+def test_stdlib_prefs_plants_one_defect_the_test_catches(tmp_path, monkeypatch):
+    """tools/stdlib_prefs.py: each rejected reply is the chosen one with one line changed (the line the defect
+    names), prompt and chosen are stdlib_sft's turns, and the recorded test passes the chosen source and fails
+    the rejected one (docstring examples checked again by doctest itself); the split is by name, the same from
+    run to run. Planted: a check that calls every defect caught lets defects the test misses through."""
+    import difflib
+    import doctest
+    import json
+    from collections import Counter
+
+    sys.path.insert(0, str(TOOLS))
+    import stdlib_prefs
+    import stdlib_sft
+
+    def failed_examples(fn, source):
+        globs = dict(fn.__globals__)
+        exec(source, globs)
+        test = doctest.DocTestParser().get_doctest(fn.__doc__, globs, fn.__name__, None, 0)
+        return doctest.DocTestRunner().run(test, out=lambda text: None).failed
+
+    def source(turn):
+        return turn[0]["content"].removeprefix("```python\n").removesuffix("```")
+
+    modules = ["statistics", "textwrap"]
+    found = {qualified: (attr, fn, text) for qualified, attr, fn, text, _ in stdlib_sft.functions(800, modules)}
+    sft = {qualified: [m["content"] for m in c["messages"]] for qualified, c in stdlib_sft.conversations(800)}
+    records = [r for _, r in stdlib_prefs.records(modules, 800, 2, 1.0, Counter())]
+    assert {r["caught_by"].split(":")[0] for r in records} == {"doctest", "derived test"}, records
+    for r in records:
+        chosen, rejected = source(r["chosen"]), source(r["rejected"])
+        assert [r["prompt"][0]["content"], r["chosen"][0]["content"]] == sft[r["function"]]
+        ops = [op for op in difflib.SequenceMatcher(None, chosen.splitlines(), rejected.splitlines()).get_opcodes()
+               if op[0] != "equal"]
+        line, old, new = re.fullmatch(r"line (\d+): `(.+)` (?:-> `(.*)`|dropped)", r["defect"]).groups()
+        line = int(line)
+        assert ops == [("replace", line - 1, line, line - 1, line)], r
+        before, after = chosen.splitlines()[line - 1], rejected.splitlines()[line - 1]
+        assert after in {before[:m.start()] + (new or "") + before[m.end():]
+                         for m in re.finditer(re.escape(old) + ("" if new else "[ \t]*"), before)}, r
+        attr, fn, text = found[r["function"]]
+        assert chosen == text
+        if r["caught_by"] == "doctest":
+            assert failed_examples(fn, chosen) == 0 < failed_examples(fn, rejected), r
+        test = stdlib_prefs.derive(r["function"], attr, fn, chosen, 1.0)
+        assert stdlib_prefs.caught(test, attr, fn, chosen, 1.0) is None
+        assert stdlib_prefs.caught(test, attr, fn, rejected, 1.0) == r["caught_by"], r
+
+    check = stdlib_prefs.caught
+    monkeypatch.setattr(stdlib_prefs, "caught", lambda *args: "caught")
+    missed = []
+    for qualified, r in stdlib_prefs.records(modules, 800, 2, 1.0, Counter()):
+        attr, fn, text = found[qualified]
+        test = stdlib_prefs.derive(qualified, attr, fn, text, 1.0)
+        missed += [r] if check(test, attr, fn, source(r["rejected"]), 1.0) is None else []
+    assert missed, "with every defect called caught, none the test misses got through?"
+    monkeypatch.undo()
+
+    out = run("stdlib_prefs.py", "--out", str(tmp_path))
+    counts = re.search(r"(\d+) training and (\d+) held-out pairs", out)
+    split = {part: [json.loads(line)["function"] for line in (tmp_path / f"{part}.jsonl").read_text().splitlines()]
+             for part in ("train", "val")}
+    assert (len(split["train"]), len(split["val"])) == tuple(map(int, counts.groups())), out
+    assert all(stdlib_sft.held_out(name, 0.1) == (part == "val") for part in split for name in split[part])
+    first = (tmp_path / "train.jsonl").read_bytes()
+    run("stdlib_prefs.py", "--out", str(tmp_path))
+    assert (tmp_path / "train.jsonl").read_bytes() == first

@@ -53,10 +53,11 @@ def without_docstring(source):
     return source
 
 
-def conversations(max_chars):
-    """(qualified name, conversation) for every usable function, in a fixed order."""
+def functions(max_chars, modules=MODULES):
+    """(qualified name, name in its module, function, source without docstring, signature) for every usable
+    function of the modules, in a fixed order."""
     seen = set()
-    for name in MODULES:
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ImportError:
@@ -64,9 +65,8 @@ def conversations(max_chars):
         for attr, fn in sorted(vars(module).items()):
             if attr.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != module.__name__:
                 continue
-            doc = inspect.getdoc(fn)
             qualified = f"{fn.__module__}.{attr}"
-            if not doc or qualified in seen:
+            if not inspect.getdoc(fn) or qualified in seen:
                 continue
             try:
                 source, signature = without_docstring(inspect.getsource(fn)), str(inspect.signature(fn))
@@ -75,10 +75,26 @@ def conversations(max_chars):
             if source is None or len(source) > max_chars or " at 0x" in signature:
                 continue  # too long; or a default whose repr is an address (not the same from run to run)
             seen.add(qualified)
-            first = doc.strip().splitlines()[0].strip().rstrip(".")
-            prompt = f"Write a Python function `{attr}{signature}` that {first[0].lower() + first[1:]}."
-            yield qualified, {"messages": [{"role": "user", "content": prompt},
-                                           {"role": "assistant", "content": f"```python\n{source.rstrip()}\n```"}]}
+            yield qualified, attr, fn, source, signature
+
+
+def turns(attr, fn, source, signature):
+    """The user's request for a function and the assistant's reply, its source in a code block."""
+    first = inspect.getdoc(fn).strip().splitlines()[0].strip().rstrip(".")
+    prompt = f"Write a Python function `{attr}{signature}` that {first[0].lower() + first[1:]}."
+    return prompt, f"```python\n{source.rstrip()}\n```"
+
+
+def conversations(max_chars):
+    """(qualified name, conversation) for every usable function, in a fixed order."""
+    for qualified, *function in functions(max_chars):
+        prompt, reply = turns(*function)
+        yield qualified, {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]}
+
+
+def held_out(qualified, share):
+    """Whether a function goes to the held-out file: a hash of its qualified name falls in the share."""
+    return int(hashlib.sha256(qualified.encode()).hexdigest()[:8], 16) / 2 ** 32 < share
 
 
 def main():
@@ -92,9 +108,9 @@ def main():
     counts = {"train": 0, "val": 0}
     with open(out / "train.jsonl", "w") as train, open(out / "val.jsonl", "w") as val:
         for qualified, conversation in conversations(args.max_chars):
-            held_out = int(hashlib.sha256(qualified.encode()).hexdigest()[:8], 16) / 2 ** 32 < args.val_share
-            (val if held_out else train).write(json.dumps(conversation) + "\n")
-            counts["val" if held_out else "train"] += 1
+            held = held_out(qualified, args.val_share)
+            (val if held else train).write(json.dumps(conversation) + "\n")
+            counts["val" if held else "train"] += 1
     print(f"{counts['train']} training and {counts['val']} held-out conversations in {out}")
 
 
