@@ -249,6 +249,8 @@ def preflight(c, cfg, group, held, say, teacher=None, lora=None):
     mine = [r for r in rows if r[0] == host]
     needed, free = sum(r[1] for r in mine), min(r[2] for r in mine)
     tokens = f"{cfg.batch_size} x {cfg.seq_len} tokens"
+    if cfg.objective == "dpo":  # a pair is two sequences
+        tokens = f"{cfg.batch_size} pairs: {2 * cfg.batch_size} x {cfg.seq_len} tokens"
     say(f"memory per rank (estimated): {est.peak / GB:.2f} GB at most = parameters {est.parameters / GB:.2f}"
         + (f" + teacher {est.teacher / GB:.2f}" if teacher else "")
         + f" + optimizer state {est.optimizer / GB:.2f} + runtime {est.runtime / GB:.2f} + the step's "

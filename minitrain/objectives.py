@@ -16,7 +16,8 @@ evaluation measures, `report` what the run's final report says of it.
                    preference pair (ops/dpo.py), the reference's log-probabilities computed
                    before the first step (reference.py).
 
-A new objective is a class with `terms` (metrics key -> short name), `per_token` (its loss is a
+A new objective is a class with `terms` (metrics key -> short name), `val_terms` (those an
+evaluation reports too), `per_token` (its loss is a
 mean over target tokens: the evaluation reports a perplexity, the data's masks weigh the
 micro-batches), `loss`, `validation` and `report`, chosen in setup_run.py.
 """
@@ -32,7 +33,7 @@ from minitrain.ops.dpo import margins
 class NextToken:
     """The mean cross-entropy of each target token given the tokens before it (model.loss)."""
 
-    terms = {}
+    terms = val_terms = {}
     per_token = True
 
     def __init__(self, model):
@@ -92,6 +93,7 @@ class DPO:
     terms = {"rewards_chosen": "chosen", "rewards_rejected": "rejected", "reward_margin": "margin",
              "reward_accuracy": "acc", "logps_chosen": "logp_c", "logps_rejected": "logp_r"}  # TRL's rewards/...
     # chosen, rejected, margins, accuracies and logps/chosen, logps/rejected
+    val_terms = terms
     per_token = False
 
     def __init__(self, model, beta, source):

@@ -183,7 +183,7 @@ class Run:
         source, val_ids = self.data.val_source, self.data.val_ids
         if source is None:
             return None
-        B, mine, width = self.cfg.batch_size, [], len(self.objective.terms)
+        B, mine, width = self.cfg.batch_size, [], len(self.objective.val_terms)
         starts = range(0, len(val_ids), B)
         with no_grad():
             for k in range(self.group.rank, len(starts), self.group.size):
@@ -199,7 +199,7 @@ class Run:
         means = self.evaluate()
         if means is None:
             return None
-        val, terms = means[0], dict(zip(self.objective.terms, means[1:]))
+        val, terms = means[0], dict(zip(self.objective.val_terms, means[1:]))
         if not math.isfinite(val):
             raise TrainingAborted(f"step {step}: the validation loss is {val}; stopping")
         previous = self.state["last_val_loss"]

@@ -207,8 +207,9 @@ def test_three_adamw_steps_are_torchs(tiny, tmp_path):
     from minitrain.setup_run import build, configure
 
     directory, pairs = tiny
-    run = build(*configure(options(directory, pairs, tmp_path / "run", dtype="fp64", grad_clip=0.0)), log=sys.stdout)
-    with backend.precision("fp64"):
+    with backend.precision("fp64"):  # build sets the run's dtype; the context puts fp32 back after
+        run = build(*configure(options(directory, pairs, tmp_path / "run", dtype="fp64", grad_clip=0.0)),
+                    log=sys.stdout)
         run.run()
     truth = hf_oracle.float64_model(directory)
     input_ids, mask = raw_pairs(pairs, list(range(6)))
