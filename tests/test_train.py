@@ -289,17 +289,30 @@ def test_a_config_file_gives_the_options_and_run_json_repeats_the_run(tokens, tm
                                                              f"{message}") and bad.stderr.count("\n") == 1, bad.stderr
 
 
+SIGNALLED = ["pretrain", "--arch", "tiny-llama", "--seq-len", "16", "--batch-size", "2", "--steps", "30",
+             "--val-windows", "4", "--eval-every", "10", "--warmup-steps", "2", "--save-every", "12"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """(the token file, the run a signal interrupts, uninterrupted): its final.apr and metrics."""
+    root = tmp_path_factory.mktemp("signalled")
+    data = root / "tokens.bin"
+    np.random.default_rng(0).integers(0, VOCAB, 61 * 17 + 5).astype("<u4").tofile(data)
+    assert minitrain(*SIGNALLED, "--data", str(data), "--out", str(root / "straight")).returncode == 0
+    return data, root / "straight"
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGINT", 130)])
-def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_finishes_the_run(tokens, tmp_path, name, code):
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_finishes_the_run(straight, tmp_path, name, code):
     """SIGTERM (schedulers, spot instances) or SIGINT mid-run: the step finishes, a checkpoint is
     written, the line says where and how to go on, exit 128 + N; resuming from it ends in the
     straight run's final.apr and metrics, bit for bit."""
     import signal
 
-    args = ["pretrain", "--data", str(tokens), "--arch", "tiny-llama", "--seq-len", "16", "--batch-size", "2",
-            "--steps", "60", "--val-windows", "4", "--eval-every", "20", "--warmup-steps", "2", "--save-every", "25"]
-    assert minitrain(*args, "--out", str(tmp_path / "straight")).returncode == 0
+    tokens, whole = straight
+    args = [*SIGNALLED, "--data", str(tokens)]
     run = subprocess.Popen([sys.executable, "-m", "minitrain", *args, "--out", str(tmp_path / "run")],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120
@@ -308,16 +321,16 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_finishes_the
     run.send_signal(getattr(signal, name))
     out, err = run.communicate(timeout=120)
     assert run.returncode == code, err
-    stopped = re.search(rf"minitrain: stopped by {name} after step (\d+) of 60: checkpoint (\S+); continue with "
+    stopped = re.search(rf"minitrain: stopped by {name} after step (\d+) of 30: checkpoint (\S+); continue with "
                         rf"`minitrain pretrain --resume (\S+)`", err)
     assert stopped and stopped[2] == stopped[3] == str(tmp_path / "run" / f"step-{stopped[1]}"), err
-    assert 3 <= int(stopped[1]) < 60 and (tmp_path / "run" / f"step-{stopped[1]}" / "state.json").exists()
+    assert 3 <= int(stopped[1]) < 30 and (tmp_path / "run" / f"step-{stopped[1]}" / "state.json").exists()
     assert f"minitrain: {name}: stopping after this step with a checkpoint" in err
     assert not (tmp_path / "run" / "final.apr").exists()
     resumed = minitrain("pretrain", "--resume", stopped[2])
     assert resumed.returncode == 0, resumed.stderr
-    assert (tmp_path / "run" / "final.apr").read_bytes() == (tmp_path / "straight" / "final.apr").read_bytes()
-    assert records(tmp_path / "run") == records(tmp_path / "straight")
+    assert (tmp_path / "run" / "final.apr").read_bytes() == (whole / "final.apr").read_bytes()
+    assert records(tmp_path / "run") == records(whole)
 
 
 def test_a_second_signal_stops_at_once(monkeypatch):
