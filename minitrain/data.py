@@ -162,11 +162,16 @@ class TokenWindows:
         return Batch(*self.batch(indices), self.positions(indices), None)
 
 
-def manifest_of(path):
-    """The manifest.json beside token data (a directory's, or a .bin file's directory's), or {}
-    without one; InputError if it is not a JSON object."""
+def manifest_path(path):
+    """Where the manifest.json of token data is: in the directory, or beside the .bin file."""
     p = Path(path)
-    found = (p if p.is_dir() else p.parent) / "manifest.json"
+    return (p if p.is_dir() else p.parent) / "manifest.json"
+
+
+def manifest_of(path):
+    """The manifest.json beside token data (manifest_path), or {} without one; InputError if it is
+    not a JSON object."""
+    found = manifest_path(path)
     if not found.is_file():
         return {}
     try:
@@ -197,7 +202,7 @@ class PairWindows:
         if windows.masks is None or len(windows) % 2:
             raise InputError(f"{path}: {len(windows)} windows{'' if windows.masks is not None else ' without masks'}: "
                              f"pair data is an even number of windows with their .mask shards")
-        self.windows, self.seq_len, self.reference = windows, windows.seq_len, None
+        self.windows, self.reference = windows, None
 
     def __len__(self):
         return len(self.windows) // 2

@@ -30,6 +30,7 @@ import numpy
 from minitrain import backend, ops
 from minitrain.autograd import no_grad
 from minitrain.config import arch_name
+from minitrain.data import manifest_path
 from minitrain.errors import InputError, writing
 from minitrain.formats import sources
 from minitrain.progress import duration
@@ -89,9 +90,7 @@ def _record(cfg, sets):
 
 
 def _manifest_digest(path):
-    p = Path(path)
-    manifest = (p if p.is_dir() else p.parent) / "manifest.json"
-    return hashlib.sha256(manifest.read_bytes()).hexdigest()
+    return hashlib.sha256(manifest_path(path).read_bytes()).hexdigest()
 
 
 def _check(path, record):

@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing of minitrain's readers, in-process, with atheris (libFuzzer's engine).
 
-    python tools/fuzz.py --target gguf|apr|hf|peft|shards|checkpoint|jsonl|trace [--minutes N] [--work DIR]
+    python tools/fuzz.py --target gguf|apr|hf|peft|shards|pairs|checkpoint|jsonl|trace [--minutes N] [--work DIR]
     python tools/fuzz.py --target T --minimize CRASH --into FILE   (shrink one crash, same signature)
 
 Each target makes its own small valid seeds (a one-layer model of 16 wide, a 60-token BPE
@@ -11,9 +11,12 @@ tokenizer, a 2-step LoRA run of it) and runs on every input what a command reads
     hf           one file of a Hugging Face directory (single or sharded safetensors), read as above
     peft         one file of a peft adapter directory: read_adapter, then the adapters on the model
     shards       one file of a token directory (shards, masks, positions): eval's windows
+    pairs        one file of `tokenize --preference`'s directory (shards, masks, manifest): the pairs
+                 as --objective dpo reads them
     checkpoint   one file of a LoRA run's step directory, or its metrics.jsonl: --resume's search,
                  configure and build
-    jsonl        a JSON Lines corpus: tokenize's documents, and tokenize --chat's conversations
+    jsonl        a JSON Lines corpus: tokenize's documents, tokenize --chat's conversations and
+                 tokenize --preference's pairs
     trace        a trace (seeds: minitrain trace's, a trainer's file without a manifest): diff of
                  it against the seed trace both ways, and against itself, its report rendered
 
@@ -81,6 +84,7 @@ def newer_configs(cfg):
 def make_seeds(root):
     """The seed files and directories of every target under `root` (made once; deterministic)."""
     if (root / "done").exists():
+        pair_seeds(root)
         return trace_seeds(root)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -140,8 +144,25 @@ def make_seeds(root):
                          capture_output=True, text=True)
     if run.returncode:
         sys.exit(f"the seed run failed: {run.stderr[-2000:]}")
+    pair_seeds(root)
     trace_seeds(root)
     (root / "done").write_text("")
+
+
+def pair_seeds(root):
+    """Preference pairs in both of TRL's forms (pairs.jsonl), and `tokenize --preference`'s windows
+    of them (pairs/)."""
+    if (root / "pairs").exists():
+        return
+    from minitrain.tokenize_pairs import tokenize_pairs_to_shards
+
+    talk = [{"role": "user", "content": "add one"}]
+    rows = [{"prompt": talk, "chosen": [{"role": "assistant", "content": TEXT[:30]}],
+             "rejected": [{"role": "assistant", "content": TEXT[5:20]}]},
+            {"prompt": "def f(x):", "chosen": " return x + 1", "rejected": " return x - 1"}]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenize_pairs_to_shards(root / "single" / "tokenizer.json", root / "pairs", [root / "pairs.jsonl"], 31,
+                             log=lambda line: None)
 
 
 def trace_seeds(root):
@@ -201,6 +222,8 @@ TARGETS = {
                    ("formats/peft.py", "formats/json_file.py", "formats/safetensors_io.py", "lora.py"), reader="peft"),
     "shards": Target("data", ("shard-00000.bin", "shard-00000.mask", "shard-00000.pos", "shard-00001.bin",
                               "shard-00001.mask", "shard-00001.pos"), ("data.py",), reader="shards"),
+    "pairs": Target("pairs", ("shard-00000.bin", "shard-00000.mask", "manifest.json"), ("data.py",),
+                    reader="pairs"),
     "checkpoint": Target("run", ("step-2/state.json", "step-2/model.safetensors", "step-2/optimizer.safetensors",
                                  "step-2/adapter.safetensors", "metrics.jsonl"),
                          ("checkpoint.py", "setup_run.py", "options.py", "formats/json_file.py",
@@ -209,8 +232,8 @@ TARGETS = {
     "trace": Target("t.safetensors", (), ("formats/trace_file.py", "formats/safetensors_io.py", "trace_diff.py",
                                           "trace_bounds.py"), ".safetensors", ("u.safetensors",), reader="trace",
                     compares=False),
-    "jsonl": Target("corpus.jsonl", (), ("corpus.py", "tokenize.py", "tokenize_chat.py", "chat.py"), ".jsonl",
-                    ("chat.jsonl",), reader="jsonl"),
+    "jsonl": Target("corpus.jsonl", (), ("corpus.py", "tokenize.py", "tokenize_chat.py", "tokenize_pairs.py", "chat.py"),
+                    ".jsonl", ("chat.jsonl", "pairs.jsonl"), reader="jsonl"),
 }
 
 
@@ -294,6 +317,13 @@ class Case:
             windows.batch([k])
             windows.positions([k])
 
+    def read_pairs(self, path):
+        from minitrain.data import PairWindows, TokenWindows
+
+        pairs = PairWindows(TokenWindows(path, 31, micro_config().vocab_size), path)
+        for k in range(len(pairs)):
+            pairs.examples([k])
+
     def read_checkpoint(self, path):
         from minitrain.checkpoint import newest
         from minitrain.setup_run import build, configure
@@ -319,6 +349,7 @@ class Case:
         from minitrain.errors import InputError
         from minitrain.tokenize import tokenize_to_shards
         from minitrain.tokenize_chat import tokenize_chat_to_shards
+        from minitrain.tokenize_pairs import tokenize_pairs_to_shards
 
         out, log = self.place / "out", lambda line: None
         tokenizer = self.seeds / "single" / "tokenizer.json"
@@ -328,7 +359,12 @@ class Case:
         except InputError:
             pass
         shutil.rmtree(out, ignore_errors=True)
-        tokenize_chat_to_shards(tokenizer, out, [path], pack_seq_len=8, log=log)
+        try:  # the conversations
+            tokenize_chat_to_shards(tokenizer, out, [path], pack_seq_len=8, log=log)
+        except InputError:
+            pass
+        shutil.rmtree(out, ignore_errors=True)
+        tokenize_pairs_to_shards(tokenizer, out, [path], 8, log=log)
 
 
 # --- crashes ------------------------------------------------------------------------------------
