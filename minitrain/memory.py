@@ -149,7 +149,7 @@ def estimate(c, cfg, ranks=1, runtime=0, teacher=None, lora=None):
     """The Estimate of a run (options.TrainConfig `cfg`, resolved) of model config `c` on `ranks`
     ranks; `teacher`: the teacher's ModelConfig; `lora`: the LoRASpec (the base then frozen)."""
     itemsize = 8 if cfg.dtype == "fp64" else 4
-    B = cfg.batch_size * (2 if cfg.objective == "dpo" else 1)  # rows of a micro-batch: a pair is two
+    B = cfg.batch_size * cfg.sequences  # rows of a micro-batch: a pair is two
     T, V, H = cfg.seq_len, c.vocab_size, c.hidden_size
     params = parameter_count(c) * itemsize
     trained = _lora_parameters(c, lora) * itemsize if lora else params
@@ -249,8 +249,8 @@ def preflight(c, cfg, group, held, say, teacher=None, lora=None):
     mine = [r for r in rows if r[0] == host]
     needed, free = sum(r[1] for r in mine), min(r[2] for r in mine)
     tokens = f"{cfg.batch_size} x {cfg.seq_len} tokens"
-    if cfg.objective == "dpo":  # a pair is two sequences
-        tokens = f"{cfg.batch_size} pairs: {2 * cfg.batch_size} x {cfg.seq_len} tokens"
+    if cfg.sequences > 1:
+        tokens = f"{cfg.batch_size} pairs: {cfg.sequences * cfg.batch_size} x {cfg.seq_len} tokens"
     say(f"memory per rank (estimated): {est.peak / GB:.2f} GB at most = parameters {est.parameters / GB:.2f}"
         + (f" + teacher {est.teacher / GB:.2f}" if teacher else "")
         + f" + optimizer state {est.optimizer / GB:.2f} + runtime {est.runtime / GB:.2f} + the step's "

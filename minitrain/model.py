@@ -104,6 +104,11 @@ class Model:
         (B*T, V) logits are never held whole. `positions`: see hidden."""
         return ops.linear_cross_entropy(self.hidden(ids, positions=positions), self.head, targets)
 
+    def sequence_logprobs(self, ids, targets, positions=None):
+        """Each sequence's summed log-probability of its target tokens, (B,) (ops/sequence_logprob.py:
+        the lm_head fused, the logits never whole): what DPO compares. `positions`: see hidden."""
+        return ops.linear_sequence_logprob(self.hidden(ids, positions=positions), self.head, targets)
+
     def hidden(self, ids, cache=None, positions=None):
         """ids (B, T) integer -> the final normalized hidden states (B, T, H), the lm_head's input.
         Without a cache the T tokens are positions 0..T-1, or `positions` (B, T) host integers: a

@@ -100,9 +100,8 @@ class DPO:
         self.model, self.beta, self.source = model, beta, source
 
     def loss(self, batch):
-        """-> (the loss, the four rewards' means)."""
-        logps = ops.linear_sequence_logprob(self.model.hidden(batch.inputs, positions=batch.positions),
-                                            self.model.head, batch.targets)  # (2B,)
+        """-> (the loss, the six terms' values)."""
+        logps = self.model.sequence_logprobs(batch.inputs, batch.targets, batch.positions)  # (2B,)
         return ops.dpo_loss(logps, batch.reference, self.beta), self._rewards(logps.data, batch.reference)
 
     def validation(self, batch):

@@ -159,6 +159,11 @@ def _lora(self):
     return bool(self.lora_rank or self.lora_from)
 
 
+def _sequences(self):
+    """The sequences a sample holds: 2 for a preference pair (--objective dpo), else 1."""
+    return 2 if self.objective == "dpo" else 1
+
+
 def _resolved(self):
     """A copy with the defaults that depend on other options filled in, every value checked
     against its option, and the options checked against each other."""
@@ -204,5 +209,5 @@ def _resolved(self):
 
 TrainConfig = make_dataclass(
     "TrainConfig", [(o.name, o.kind, field(default=o.default)) for o in OPTIONS],
-    namespace={"lora": property(_lora), "resolved": _resolved, "__module__": __name__,
+    namespace={"lora": property(_lora), "sequences": property(_sequences), "resolved": _resolved, "__module__": __name__,
                "__doc__": "One run's options (the table OPTIONS, in its order); `resolved()` before use."})

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy
 
-from minitrain import backend, ops
+from minitrain import backend
 from minitrain.autograd import no_grad
 from minitrain.config import arch_name
 from minitrain.data import manifest_path
@@ -145,8 +145,7 @@ def _compute(model, pairs, B, group, say, done, total, start):
         for k in range(group.rank, len(batches), group.size):
             ids = list(range(batches[k], min(batches[k] + B, len(pairs))))
             batch = pairs.examples(ids)
-            logps = backend.to_numpy(ops.linear_sequence_logprob(model.hidden(batch.inputs), model.head,
-                                                                 batch.targets).data).astype(numpy.float64)
+            logps = backend.to_numpy(model.sequence_logprobs(batch.inputs, batch.targets).data).astype(numpy.float64)
             mine += [(i, c, r) for i, c, r in zip(ids, logps[:len(ids)], logps[len(ids):])]
             if time.perf_counter() - last > 10.0:
                 last, now = time.perf_counter(), done + len(mine) * group.size

@@ -33,8 +33,8 @@ from minitrain.train import Parts, Run
 
 # The loop's data: the training stream, the validation source (None without one) and its window
 # ids, the training windows' count (or pairs'), whether the loss weighs micro-batches by their
-# targets (loss masks; not pairs, whose loss is a mean over them) and the sequences a sample holds.
-Data = namedtuple("Data", "stream val_source val_ids n_train masked sequences")
+# targets (loss masks; not pairs, whose loss is a mean over them).
+Data = namedtuple("Data", "stream val_source val_ids n_train masked")
 FRESH = {"step": 0, "init_loss": None, "last_val_loss": None}  # the loop's state before its first step
 
 
@@ -136,7 +136,7 @@ def _build(cfg, resumed, log):
                  "params": model.num_parameters(), "trained_params": sum(p.data.size for p in trained),
                  "train_windows": data.n_train, "val_windows": len(data.val_ids) if data.val_source else 0,
                  "ranks": group.size,
-                 "tokens_per_step": group.size * cfg.grad_accum * cfg.batch_size * data.sequences * cfg.seq_len,
+                 "tokens_per_step": group.size * cfg.grad_accum * cfg.batch_size * cfg.sequences * cfg.seq_len,
                  "memory_estimate": estimate and {**asdict(estimate), "peak": estimate.peak}}, state["step"])
     return Run(cfg, Parts(group, model, adapters, trained, objective, data, optimizer, shards, files, state,
                           start_time), say)
@@ -321,4 +321,4 @@ def _data(cfg, vocab):
         count = len(val_source) - first
         val_ids = list(range(first, first + min(count, cfg.eval_windows or count)))
     return Data(TrainStream(windows, n_train, cfg.data_order, cfg.seed), val_source, val_ids, n_train,
-                not pairs and windows.masks is not None, 2 if pairs else 1)
+                not pairs and windows.masks is not None)

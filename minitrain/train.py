@@ -59,7 +59,7 @@ class Run:
         self.objective, self.data, self.optimizer, self.shards = parts.objective, parts.data, parts.optimizer, parts.shards
         self.files, self.state, self.start_time = parts.files, parts.state, parts.start_time
         self.micro_per_step = self.group.size * cfg.grad_accum  # micro-batches of a step, all ranks
-        self.tokens_per_step = self.micro_per_step * cfg.batch_size * self.data.sequences * cfg.seq_len
+        self.tokens_per_step = self.micro_per_step * cfg.batch_size * cfg.sequences * cfg.seq_len
         self.step_targets = None  # the last step's targets with loss masks (metrics.jsonl target_tokens)
 
     # --- the loop ---------------------------------------------------------------------------
@@ -177,8 +177,8 @@ class Run:
     # --- evaluation -------------------------------------------------------------------------
 
     def evaluate(self):
-        """(the mean loss over the validation windows' targets -- or pairs --, the means of the
-        objective's terms) in batches of batch_size, or None without any. Rank r evaluates batches
+        """[the mean loss over the validation windows' targets (or pairs), then the means of the
+        objective's val_terms] in batches of batch_size, or None without any. Rank r evaluates batches
         r, r+N, ...; the sums run over all batches in batch order."""
         source, val_ids = self.data.val_source, self.data.val_ids
         if source is None:
